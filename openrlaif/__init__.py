@@ -1,0 +1,1 @@
+"""openrlaif: Ray-based RLHF/RLAIF."""

@@ -1,0 +1,5 @@
+import sys
+
+from openrlaif.cli import main
+
+sys.exit(main())

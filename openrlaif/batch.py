@@ -1,0 +1,75 @@
+"""The one container that crosses role boundaries: named tensors with a shared first dim, plus per-sample lists.
+
+Fields used by the online loop (B samples, P prompt positions, R response positions):
+    input_ids        (B, P+R) long   prompt left-padded to P, response right-padded to R
+    attention_mask   (B, P+R) long   1 on real tokens
+    response_mask    (B, R)   float  1 on real response tokens
+    sample_mask      (B,)     float  0 where the sample takes no part in the loss (e.g. judge failure)
+    group_ids        (B,)     long   which prompt a sample answers (GRPO groups)
+    rollout_logprobs (B, R)   float  log π of each sampled token as the rollout engine saw it
+    ref_logprobs     (B, R)   float  log π_ref
+    old_logprobs     (B, R)   float  log π_old as the trainer computes it
+    rewards          (B,)     float
+    advantages       (B,)     float
+Lists in `meta` (length B): prompt, response text, ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, list] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = {k: v.shape[0] for k, v in self.tensors.items()} | {k: len(v) for k, v in self.meta.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"Batch fields disagree on the number of samples: {sizes}")
+
+    def __len__(self) -> int:
+        for value in self.tensors.values():
+            return value.shape[0]
+        for value in self.meta.values():
+            return len(value)
+        return 0
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def __setitem__(self, name: str, value: Tensor) -> None:
+        if len(self) and value.shape[0] != len(self):
+            raise ValueError(f"field {name!r} has {value.shape[0]} rows, the batch has {len(self)}")
+        self.tensors[name] = value
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors or name in self.meta
+
+    def select(self, indices: Tensor | list[int]) -> Batch:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return Batch({k: v[index] for k, v in self.tensors.items()},
+                     {k: [v[i] for i in index.tolist()] for k, v in self.meta.items()})
+
+    def split(self, num_chunks: int) -> list[Batch]:
+        """Contiguous, near-equal chunks (the first len % n chunks get one extra sample)."""
+        if num_chunks < 1 or num_chunks > max(len(self), 1):
+            raise ValueError(f"cannot split a batch of {len(self)} samples into {num_chunks} chunks")
+        bounds = torch.linspace(0, len(self), num_chunks + 1).round().long().tolist()
+        return [self.select(list(range(lo, hi))) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def chunks_of(self, size: int) -> list[Batch]:
+        return [self.select(list(range(lo, min(lo + size, len(self))))) for lo in range(0, len(self), size)]
+
+    @staticmethod
+    def concat(batches: list[Batch]) -> Batch:
+        batches = [b for b in batches if b is not None]
+        tensor_keys, meta_keys = batches[0].tensors.keys(), batches[0].meta.keys()
+        return Batch({k: torch.cat([b.tensors[k] for b in batches]) for k in tensor_keys},
+                     {k: [x for b in batches for x in b.meta[k]] for k in meta_keys})
+
+    def to(self, device: str | torch.device) -> Batch:
+        return Batch({k: v.to(device) for k, v in self.tensors.items()}, dict(self.meta))

@@ -1,0 +1,69 @@
+"""`openrlaif <command> [hydra overrides]`. Commands: train.
+
+    openrlaif train                                   # the embedded default (SmolLM2 + SmolLM2 judge, GRPO)
+    openrlaif train model.path=/ckpt/my-model rollout.engine=hf steps=20
+    openrlaif train --cfg job                         # print the composed config (any Hydra flag works)
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = {"train": "run an online RL job (pipeline=online_rl)"}
+
+
+def _config_dir() -> str:
+    """configs/ beside the package (source checkout, editable install) or $OPENRLAIF_CONFIG_DIR."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.environ.get("OPENRLAIF_CONFIG_DIR") or os.path.join(os.path.dirname(here), "configs")
+
+
+def _train(overrides: list[str]) -> int:
+    import hydra
+    from omegaconf import OmegaConf
+
+    from openrlaif.config import Config, ConfigError, register_configs, validate
+
+    register_configs()
+    config_dir = _config_dir()
+    if not os.path.isfile(os.path.join(config_dir, "config.yaml")):
+        print(f"error: no configs/config.yaml under {config_dir}. Fix: run from a source checkout, or set "
+              "OPENRLAIF_CONFIG_DIR to the configs folder.", file=sys.stderr)
+        return 2
+    outcome = {"code": 0}
+
+    @hydra.main(version_base=None, config_path=config_dir, config_name="config")
+    def main(cfg) -> None:
+        try:
+            config: Config = OmegaConf.to_object(cfg)
+            validate(config)
+            from openrlaif.pipelines.online_rl import train
+            train(config)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            outcome["code"] = 2
+
+    sys.argv = ["openrlaif train", *overrides]
+    try:
+        main()
+    except SystemExit as exit_:   # Hydra exits 1 on a bad override after printing why
+        return int(exit_.code or 0)
+    return outcome["code"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        for name, what in COMMANDS.items():
+            print(f"  {name:10s} {what}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return _train(rest)
+    print(f"error: unknown command {command!r}. Commands: {', '.join(COMMANDS)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Typed configuration: the one place defaults live. YAML under configs/ only overrides these.
+
+Hydra validates key names and value types when it parses overrides; `validate()` checks choices, ranges and
+cross-field rules once at start-up, before any process is started, and raises ConfigError naming the key and
+the fix. Nothing here rewrites a user's value.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, reported at start-up with the key and the fix."""
+
+
+@dataclass
+class RoleResources:
+    """How many Ray workers a role gets and what each one reserves. Each role is its own placement group."""
+    num_workers: int = 1
+    num_cpus: float = 1.0   # per worker
+    num_gpus: float = 0.0   # per worker; 0 on CPU machines
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2-135m-instruct"   # an HF model folder, or a short name (see openrlaif/models/registry.py)
+    dtype: str = "float32"                # float32 | bfloat16
+    trust_remote_code: bool = False
+    cache_dir: str = ""                   # where short names are materialised; "" -> $OPENRLAIF_CACHE or ~/.cache/openrlaif
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "demo"                 # a jsonl file of {"prompt": ...} or {"messages": [...]}; "demo" = the shipped file
+    prompts_per_step: int = 4
+    max_prompt_tokens: int = 256
+    system_prompt: str = ""               # prepended as a system message when a row has none ("" = the template's default)
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"                  # vllm | hf
+    samples_per_prompt: int = 4           # the GRPO group size
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    dtype: str = "float32"                # keep float32 on CPU when the trainer compares logprobs with the engine's
+    kv_cache_gib: float = 1.0             # vLLM KV-cache size on CPU
+    gpu_memory_utilization: float = 0.5   # vLLM on GPU
+    enforce_eager: bool = True            # skip CUDA graphs / torch.compile (slow start, little gain for small models)
+    resources: RoleResources = field(default_factory=RoleResources)
+
+
+@dataclass
+class ActorConfig:
+    """The trained policy: DeepSpeed ZeRO engines, one per worker (data parallel)."""
+    zero_stage: int = 2
+    offload: bool = False                 # ZeRO-Offload of optimizer (and params at stage 3) to CPU
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4             # samples per forward/backward on one worker
+    mini_batch_size: int = 0              # samples per optimizer step, all workers together; 0 = the whole step batch
+    epochs: int = 1                       # passes over each step's batch
+    gradient_checkpointing: bool = False
+    resources: RoleResources = field(default_factory=RoleResources)
+
+
+@dataclass
+class ReferenceConfig:
+    micro_batch_size: int = 8
+    resources: RoleResources = field(default_factory=RoleResources)
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    advantage: str = "grpo"               # key of algorithms.ADVANTAGE_ESTIMATORS
+    policy_loss: str = "ppo_clip"         # key of algorithms.POLICY_LOSSES
+    clip_eps: float = 0.2
+    kl_coef: float = 0.04                 # β of GRPO (DeepSeekMath); 0 turns the reference role off
+    kl_estimator: str = "k3"              # k1 | k2 | k3
+    normalize_std: bool = True            # divide by the group std (False = Dr. GRPO numerator)
+
+
+@dataclass
+class JudgeConfig:
+    model: str = ""                       # model folder or short name; "" = the policy's starting model
+    mode: str = "expected_score"          # expected_score (probabilities of the score tokens) | generate (parse a reply)
+    rubric: str = ("Rate how helpful, correct and concise the response is for the user's message, "
+                   "on a scale from {score_min} (useless) to {score_max} (excellent).")
+    score_min: int = 1
+    score_max: int = 9
+    min_label_mass: float = 0.01          # expected_score: below this probability on the score tokens = unparseable
+    max_new_tokens: int = 8               # generate mode
+    max_prompt_tokens: int = 1024
+    micro_batch_size: int = 8
+    resources: RoleResources = field(default_factory=RoleResources)
+
+
+@dataclass
+class FeedbackConfig:
+    source: str = "judge"                 # judge | function
+    function: str = ""                    # "package.module:callable" taking (prompts, responses, **kwargs) -> list[float | None]
+    function_kwargs: dict[str, Any] = field(default_factory=dict)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""                     # "" = start a local Ray on 127.0.0.1; "auto" or host:port = join a cluster
+    num_cpus: int = 0                     # local cluster only; 0 = what the roles reserve
+    dist_backend: str = "auto"            # auto (nccl with GPUs, gloo without) | gloo | nccl
+    threads_per_worker: int = 0           # torch threads in each worker; 0 = all cores of the machine (roles run one after another)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    overwrite: bool = False               # consent to replace a checkpoint already in `dir`
+    save_final: bool = True               # write <dir>/checkpoint as an HF folder at the end
+
+
+@dataclass
+class Config:
+    pipeline: str = "online_rl"
+    steps: int = 4
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {sorted(choices)}. Fix: pass e.g. {key}={sorted(choices)[0]}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value} must be {bound}.")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field and range checks. Model and data files are checked by their loaders (they name the file)."""
+    from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
+
+    _choice("pipeline", cfg.pipeline, {"online_rl"})
+    _choice("algorithm.advantage", cfg.algorithm.advantage, ADVANTAGE_ESTIMATORS)
+    _choice("algorithm.policy_loss", cfg.algorithm.policy_loss, POLICY_LOSSES)
+    _choice("algorithm.kl_estimator", cfg.algorithm.kl_estimator, KL_ESTIMATORS)
+    _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
+    _choice("feedback.source", cfg.feedback.source, {"judge", "function"})
+    _choice("feedback.judge.mode", cfg.feedback.judge.mode, {"expected_score", "generate"})
+    _choice("cluster.dist_backend", cfg.cluster.dist_backend, {"auto", "gloo", "nccl"})
+    for key, value in (("model.dtype", cfg.model.dtype), ("rollout.dtype", cfg.rollout.dtype)):
+        _choice(key, value, {"float32", "bfloat16"})
+    if cfg.actor.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"actor.zero_stage={cfg.actor.zero_stage} must be 0, 1, 2 or 3.")
+    _positive("steps", cfg.steps)
+    _positive("data.prompts_per_step", cfg.data.prompts_per_step)
+    _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
+    _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    _positive("rollout.temperature", cfg.rollout.temperature)
+    _positive("actor.lr", cfg.actor.lr)
+    _positive("actor.micro_batch_size", cfg.actor.micro_batch_size)
+    _positive("actor.epochs", cfg.actor.epochs)
+    _positive("algorithm.kl_coef", cfg.algorithm.kl_coef, allow_zero=True)
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
+    if cfg.rollout.samples_per_prompt < 2 and cfg.algorithm.advantage == "grpo":
+        raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: GRPO needs a group of "
+                          "at least 2 samples per prompt to form its baseline. Fix: rollout.samples_per_prompt=4")
+    for role in ("rollout", "actor", "reference"):
+        res: RoleResources = getattr(cfg, role).resources
+        _positive(f"{role}.resources.num_workers", res.num_workers)
+        _positive(f"{role}.resources.num_cpus", res.num_cpus, allow_zero=True)
+        _positive(f"{role}.resources.num_gpus", res.num_gpus, allow_zero=True)
+
+    step_batch = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
+    world = cfg.actor.resources.num_workers
+    mini = cfg.actor.mini_batch_size or step_batch
+    if step_batch % mini:
+        raise ConfigError(f"actor.mini_batch_size={mini} must divide the step batch "
+                          f"(data.prompts_per_step × rollout.samples_per_prompt = {step_batch}).")
+    if mini % world or (mini // world) % cfg.actor.micro_batch_size:
+        raise ConfigError(
+            f"each of the actor.resources.num_workers={world} workers gets {mini / world:g} samples per optimizer "
+            f"step, which must be a whole multiple of actor.micro_batch_size={cfg.actor.micro_batch_size}. "
+            f"Fix: choose actor.micro_batch_size dividing {mini // world if mini % world == 0 else 'it'}, or change "
+            "actor.mini_batch_size / data.prompts_per_step.")
+
+    judge = cfg.feedback.judge
+    if cfg.feedback.source == "function" and ":" not in cfg.feedback.function:
+        raise ConfigError(f"feedback.function={cfg.feedback.function!r} must name a callable as 'package.module:name' "
+                          "when feedback.source=function. Fix: feedback.function=openrlaif.feedback.rules:brevity")
+    if cfg.feedback.source == "judge":
+        if judge.score_min >= judge.score_max:
+            raise ConfigError(f"feedback.judge.score_min={judge.score_min} must be below score_max={judge.score_max}.")
+        if judge.mode == "expected_score" and (judge.score_min < 0 or judge.score_max > 9):
+            raise ConfigError(
+                f"feedback.judge.score_min/score_max={judge.score_min}..{judge.score_max}: expected_score reads the "
+                "next-token probability of each score, so every score must be one digit token (0..9). "
+                "Fix: feedback.judge.score_max=9, or feedback.judge.mode=generate to parse longer numbers.")
+        if not 0 <= judge.min_label_mass < 1:
+            raise ConfigError(f"feedback.judge.min_label_mass={judge.min_label_mass} must be in [0, 1).")
+        try:
+            judge.rubric.format(score_min=judge.score_min, score_max=judge.score_max)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"feedback.judge.rubric has a bad placeholder ({err}); only {{score_min}} and "
+                              "{score_max} are filled in. Write literal braces as {{ and }}.") from None
+
+
+def cache_dir(cfg: ModelConfig) -> str:
+    return cfg.cache_dir or os.environ.get("OPENRLAIF_CACHE") or os.path.expanduser("~/.cache/openrlaif")

@@ -1,0 +1,89 @@
+"""Prompt datasets: jsonl rows of {"prompt": "..."} or {"messages": [{"role", "content"}, ...]}, rendered with
+the model's chat template. Every problem is reported with the file and line and the fix."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from openrlaif.config import ConfigError
+
+DEMO_PROMPTS = os.path.join(os.path.dirname(__file__), "demo_prompts.jsonl")
+
+
+@dataclass
+class Prompt:
+    text: str              # the last user message, as the judge shows it
+    token_ids: list[int]   # the chat-templated prompt, ending with the assistant generation prompt
+
+
+def _messages(row, where: str, system_prompt: str) -> list[dict]:
+    if not isinstance(row, dict) or not ({"prompt", "messages"} & row.keys()):
+        raise ConfigError(f"{where}: each row must be an object with a \"prompt\" string or a \"messages\" list, "
+                          f"got {str(row)[:80]!r}.")
+    if "messages" in row:
+        messages = row["messages"]
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)):
+            raise ConfigError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects.")
+        if messages[-1]["role"] != "user":
+            raise ConfigError(f"{where}: the last message must come from the user (the policy answers it), "
+                              f"got role {messages[-1]['role']!r}.")
+    else:
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise ConfigError(f"{where}: \"prompt\" must be a non-empty string.")
+        messages = [{"role": "user", "content": row["prompt"]}]
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: str = "") -> list[Prompt]:
+    path = DEMO_PROMPTS if path == "demo" else path
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.prompts={path!r}: no such file. Fix: point data.prompts at a jsonl file of "
+                          "{\"prompt\": ...} rows, or use data.prompts=demo.")
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{where}: not valid JSON ({err.msg}). Each line must be one JSON object.") from None
+            messages = _messages(row, where, system_prompt)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            if len(ids) > max_prompt_tokens:
+                raise ConfigError(f"{where}: the templated prompt has {len(ids)} tokens, more than "
+                                  f"data.max_prompt_tokens={max_prompt_tokens}. Fix: raise data.max_prompt_tokens "
+                                  "or shorten the prompt.")
+            prompts.append(Prompt(messages[-1]["content"], ids))
+    if not prompts:
+        raise ConfigError(f"data.prompts={path!r} holds no prompts. Fix: add {{\"prompt\": ...}} rows, one per line.")
+    return prompts
+
+
+class PromptStream:
+    """Endless, seeded pass over the prompts: reshuffled each epoch; `position` is enough to resume."""
+
+    def __init__(self, prompts: list[Prompt], batch_size: int, seed: int, shuffle: bool = True) -> None:
+        self.prompts, self.batch_size, self.seed, self.shuffle = prompts, batch_size, seed, shuffle
+        self.position = 0  # prompts handed out so far
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> list[Prompt]:
+        batch = []
+        while len(batch) < self.batch_size:
+            epoch, offset = divmod(self.position, len(self.prompts))
+            batch.append(self.prompts[self._order(epoch)[offset]])
+            self.position += 1
+        return batch

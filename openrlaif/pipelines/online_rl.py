@@ -1,0 +1,283 @@
+"""Online RL with AI or rule feedback (GRPO). `train()` is the loop; the helpers below it do one phase each."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+
+import ray
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from openrlaif.algorithms import ADVANTAGE_ESTIMATORS
+from openrlaif.batch import Batch
+from openrlaif.config import Config, ConfigError, cache_dir
+from openrlaif.data import PromptStream, load_prompts
+from openrlaif.feedback import Feedback
+from openrlaif.metrics import MetricsLogger, summary_line, timer
+from openrlaif.models import resolve_model_path
+from openrlaif.rollout.collate import completions_to_batch
+from openrlaif.rollout.types import SamplingSpec
+from openrlaif.runtime import ray_session
+from openrlaif.workers.group import WorkerGroup, check_cluster_fits
+
+
+def train(cfg: Config) -> dict:
+    """Run `cfg.steps` online steps; returns {"checkpoint": path | None, "metrics": last step's metrics}."""
+    run = prepare_run(cfg)                     # paths, tokenizer, prompts: every input checked before Ray starts
+    with ray_session(cfg.cluster, run.cpus_needed):
+        roles = start_roles(cfg, run)
+        stream = PromptStream(run.prompts, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
+        logger = MetricsLogger(run.out_dir)
+        metrics: dict[str, float] = {}
+        for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
+            metrics, step_start = {}, time.perf_counter()
+            prompts = stream.next_batch()
+            with timer(metrics, "rollout"):        # 1. sample a group of responses per prompt
+                batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
+            with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
+                feedback = roles.feedback.score(batch.meta["prompt"], batch.meta["response"])
+                batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
+            with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, launched together
+                add_logprobs(roles, batch, cfg)
+            with timer(metrics, "advantage"):      # 4. group-normalised advantages, on the driver
+                batch["advantages"] = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage](
+                    batch["rewards"], batch["group_ids"], feedback.valid, normalize_std=cfg.algorithm.normalize_std)
+            with timer(metrics, "update"):         # 5. DeepSpeed update on the actor workers
+                train_metrics = update_actor(roles, batch)
+            with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
+                metrics["sync/engine_s"] = sync_weights(roles, cfg)
+            metrics["time/step_s"] = time.perf_counter() - step_start
+            metrics |= step_metrics(batch, feedback, train_metrics, metrics)
+            logger.log(step, metrics)
+            tqdm.write(summary_line(step, metrics))
+        logger.close()
+        checkpoint = save_checkpoint(roles, cfg, run) if cfg.output.save_final else None
+    if checkpoint:
+        print(f"[openrlaif] checkpoint (HF format): {checkpoint}")
+    print(f"[openrlaif] metrics: {logger.path}")
+    return {"checkpoint": checkpoint, "metrics": metrics, "out_dir": run.out_dir}
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+
+@dataclass
+class RunInputs:
+    out_dir: str
+    model_path: str
+    judge_path: str | None
+    tokenizer: object
+    prompts: list
+    cpus_needed: float
+
+
+@dataclass
+class Roles:
+    actor: WorkerGroup
+    reference: WorkerGroup | None
+    rollout: WorkerGroup
+    feedback: Feedback
+    judge: WorkerGroup | None
+
+
+def prepare_run(cfg: Config) -> RunInputs:
+    from transformers import AutoTokenizer
+
+    out_dir = os.path.abspath(cfg.output.dir)
+    if cfg.output.save_final and os.path.exists(os.path.join(out_dir, "checkpoint")) and not cfg.output.overwrite:
+        raise ConfigError(f"{out_dir}/checkpoint already exists and would be replaced. Fix: output.overwrite=true "
+                          "to replace it, or a new output.dir.")
+    model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
+    judge_path = None
+    if cfg.feedback.source == "judge":
+        judge_path = resolve_model_path(cfg.feedback.judge.model or cfg.model.path, cache_dir(cfg.model),
+                                        key="feedback.judge.model")
+    else:
+        from openrlaif.feedback.rules import load_function
+        load_function(cfg.feedback.function)   # fail now on a bad name, not after the models are loaded
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model.path={cfg.model.path!r}: the tokenizer has no chat template. Fix: use an instruct "
+                          "model, or add a chat_template to its tokenizer_config.json.")
+    prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.yaml"), "w") as handle:
+        handle.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    roles = [cfg.actor.resources, cfg.rollout.resources]
+    roles += [cfg.reference.resources] if cfg.algorithm.kl_coef > 0 else []
+    roles += [cfg.feedback.judge.resources] if judge_path else []
+    cpus = sum(r.num_cpus * r.num_workers for r in roles)
+    return RunInputs(out_dir, model_path, judge_path, tokenizer, prompts, cpus)
+
+
+def start_roles(cfg: Config, run: RunInputs) -> Roles:
+    """Each role in its own placement group; all models load in parallel, then we wait once."""
+    from openrlaif.feedback.judge import JudgeFeedback, JudgeWorker
+    from openrlaif.feedback.rules import FunctionFeedback
+    from openrlaif.workers.actor import ActorWorker
+    from openrlaif.workers.reference import ReferenceWorker
+    from openrlaif.workers.rollout import RolloutWorker
+
+    plan = {"actor": cfg.actor.resources, "rollout": cfg.rollout.resources}
+    if cfg.algorithm.kl_coef > 0:
+        plan["reference"] = cfg.reference.resources
+    if run.judge_path:
+        plan["judge"] = cfg.feedback.judge.resources
+    check_cluster_fits(plan)
+    cores = os.cpu_count() or 1
+
+    def threads(role: str) -> int:
+        return cfg.cluster.threads_per_worker or max(1, cores // plan[role].num_workers)
+
+    any_gpu = cfg.actor.resources.num_gpus > 0
+    backend = cfg.cluster.dist_backend if cfg.cluster.dist_backend != "auto" else ("nccl" if any_gpu else "gloo")
+    step_batch = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
+    trust = cfg.model.trust_remote_code
+    temperature = cfg.rollout.temperature
+    master_addr, master_port = "127.0.0.1", _free_port()
+    if cfg.cluster.address:   # multi-node: rank 0's node must be reachable by the others
+        master_addr = ray.util.get_node_ip_address()
+
+    actor = WorkerGroup("actor", ActorWorker, cfg.actor.resources, lambda rank: dict(
+        model_path=run.model_path, cfg=cfg.actor, algo=cfg.algorithm, rank=rank,
+        world_size=cfg.actor.resources.num_workers, master_addr=master_addr, master_port=master_port,
+        backend=backend, dtype=cfg.model.dtype, step_batch_size=step_batch, temperature=temperature,
+        threads=threads("actor"), seed=cfg.seed, trust_remote_code=trust))
+    rollout = WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
+        model_path=run.model_path, cfg=cfg.rollout,
+        max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+        threads=threads("rollout"), seed=cfg.seed + rank, trust_remote_code=trust))
+    reference = None
+    if "reference" in plan:
+        reference = WorkerGroup("reference", ReferenceWorker, cfg.reference.resources, lambda rank: dict(
+            model_path=run.model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.reference.micro_batch_size,
+            temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust))
+    judge = None
+    if run.judge_path:
+        judge = WorkerGroup("judge", JudgeWorker, cfg.feedback.judge.resources, lambda rank: dict(
+            model_path=run.judge_path, cfg=cfg.feedback.judge, dtype=cfg.model.dtype, threads=threads("judge"),
+            seed=cfg.seed, trust_remote_code=trust))
+        feedback = JudgeFeedback(judge)
+    else:
+        feedback = FunctionFeedback(cfg.feedback.function, cfg.feedback.function_kwargs)
+    groups = [g for g in (actor, rollout, reference, judge) if g is not None]
+    ray.get([ref for g in groups for ref in g.call(lambda w: w.ready.remote())])
+    return Roles(actor, reference, rollout, feedback, judge)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------- phases
+
+def generate(roles: Roles, prompts: list, cfg: Config, tokenizer, seed: int) -> Batch:
+    """Spread the prompts over the engines; every engine samples `samples_per_prompt` responses per prompt."""
+    spec = SamplingSpec(n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
+                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
+    engines = min(len(roles.rollout), len(prompts))
+    bounds = [round(i * len(prompts) / engines) for i in range(engines + 1)]
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    refs = roles.rollout.map(
+        lambda worker, span: worker.generate.remote([p.token_ids for p in prompts[span[0]:span[1]]],
+                                                    SamplingSpec(**{**spec.__dict__, "seed": seed + span[0]})),
+        spans)
+    completions = []
+    for (lo, _), shard in zip(spans, ray.get(refs)):
+        for completion in shard:
+            completion.prompt_index += lo
+            completions.append(completion)
+    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+    return completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,
+                                tokenizer.pad_token_id)
+
+
+def on_policy(cfg: Config) -> bool:
+    """One epoch with one optimizer step: log π_old equals log π_θ, no separate pass needed."""
+    step_batch = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
+    return cfg.actor.epochs == 1 and (cfg.actor.mini_batch_size in (0, step_batch))
+
+
+def add_logprobs(roles: Roles, batch: Batch, cfg: Config) -> None:
+    model_inputs = Batch({k: batch[k] for k in ("input_ids", "attention_mask", "response_mask")})
+    ref_refs = []
+    if roles.reference is not None:
+        ref_refs = roles.reference.map(lambda w, shard: w.logprobs.remote(shard),
+                                       model_inputs.split(min(len(roles.reference), len(batch))))
+    old_refs = []
+    if not on_policy(cfg):
+        old_refs = roles.actor.map(lambda w, shard: w.logprobs.remote(shard), model_inputs.split(len(roles.actor)))
+    results = ray.get(ref_refs + old_refs)
+    if ref_refs:
+        batch["ref_logprobs"] = torch.cat(results[:len(ref_refs)])
+    if old_refs:
+        batch["old_logprobs"] = torch.cat(results[len(ref_refs):])
+
+
+def update_actor(roles: Roles, batch: Batch) -> dict[str, float]:
+    fields = ["input_ids", "attention_mask", "response_mask", "sample_mask", "advantages"]
+    fields += [k for k in ("ref_logprobs", "old_logprobs") if k in batch]
+    train_batch = Batch({k: batch[k] for k in fields})
+    per_rank = ray.get(roles.actor.map(lambda w, shard: w.train_step.remote(shard),
+                                       train_batch.split(len(roles.actor))))
+    total = {key: sum(r[key] for r in per_rank) for key in per_rank[0]}
+    total["seconds"] = max(r["seconds"] for r in per_rank)
+    total["grad_norm"] = per_rank[0]["grad_norm"]
+    return total
+
+
+def sync_weights(roles: Roles, cfg: Config) -> float:
+    """Rank 0 gathers full weights (a collective under ZeRO-3), the engines load them from the object store."""
+    state_refs = roles.actor.call(lambda w: w.full_state_dict.remote(cfg.rollout.dtype))
+    load_refs = roles.rollout.call(lambda w: w.update_weights.remote(state_refs[0]))
+    results = ray.get(state_refs[1:] + load_refs)   # ranks > 0 return None; engines return their load time
+    return max(results[len(state_refs) - 1:])
+
+
+def save_checkpoint(roles: Roles, cfg: Config, run: RunInputs) -> str:
+    """HF folder at <out>/checkpoint, written to a temp folder first so a crash never leaves half a checkpoint."""
+    final = os.path.join(run.out_dir, "checkpoint")
+    staging = final + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    ray.get(roles.actor.call(lambda w: w.save_hf.remote(staging, run.model_path)))
+    if os.path.exists(final):   # consent was checked at start-up (output.overwrite)
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    return final
+
+
+def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[str, float]) -> dict[str, float]:
+    valid = feedback.valid
+    rewards = feedback.rewards[valid]
+    response_tokens = float(batch["response_mask"].sum())
+    all_tokens = float(batch["attention_mask"].sum())
+    out = {
+        "reward/mean": float(rewards.mean()) if len(rewards) else float("nan"),
+        "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "feedback/failures": float((~valid).sum()),
+        "feedback/failure_rate": float((~valid).float().mean()),
+        "response/length_mean": response_tokens / len(batch),
+        "response/finished_fraction": float(batch["finished"].float().mean()),
+        "train/loss": train["loss"], "train/policy_loss": train["policy_loss"], "train/kl": train["kl"],
+        "train/clip_fraction": train["clip_fraction_x_tokens"] / max(train["response_tokens"], 1.0),
+        "train/grad_norm": train["grad_norm"],
+        "throughput/rollout_tokens_per_s": response_tokens / max(times["time/rollout_s"], 1e-9),
+        "throughput/logprobs_tokens_per_s": all_tokens / max(times["time/logprobs_s"], 1e-9),
+        "throughput/update_tokens_per_s": train["tokens"] / max(times["time/update_s"], 1e-9),
+    }
+    for kind, count in feedback.failures.items():
+        out[f"feedback/failures/{kind}"] = float(count)
+    for key, value in feedback.metrics.items():
+        out[f"feedback/{key}"] = value
+    if "judge_prompt_tokens" in feedback.metrics:
+        judge_tokens = feedback.metrics["judge_prompt_tokens"] + feedback.metrics["judge_generated_tokens"]
+        out["throughput/feedback_tokens_per_s"] = judge_tokens / max(times["time/feedback_s"], 1e-9)
+        out["feedback/judge_tokens_per_policy_token"] = judge_tokens / max(response_tokens, 1.0)
+    return out

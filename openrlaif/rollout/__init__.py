@@ -1,0 +1,1 @@
+"""Generation engines behind one interface (`generate`, `update_weights`), chosen by `rollout.engine`."""

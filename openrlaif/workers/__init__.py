@@ -1,0 +1,1 @@
+"""Ray actors, one class per role, and the WorkerGroup that places and drives them."""

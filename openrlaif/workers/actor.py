@@ -1,0 +1,177 @@
+"""The policy role: one DeepSpeed ZeRO engine per Ray worker, data parallel over the workers."""
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+import torch
+
+from openrlaif.algorithms import POLICY_LOSSES
+from openrlaif.batch import Batch
+from openrlaif.config import ActorConfig, AlgorithmConfig
+from openrlaif.workers.common import load_causal_lm, response_logprobs, setup_process, trim_to_content
+
+
+def deepspeed_config(cfg: ActorConfig, world_size: int, micro_batch: int, accumulation: int, bf16: bool) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.offload and cfg.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_distributed(backend: str):
+    """Module-level on purpose: Ray pickles actor methods by value, and one that touches both `torch` and an
+    attribute named `ops` makes cloudpickle try to pickle `torch.ops`."""
+    if backend == "gloo":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    # On CPU, init_distributed JIT-compiles a shared-memory comm op (~26 s, needs a compiler); gloo is enough.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend)
+    return deepspeed
+
+
+@ray.remote
+class ActorWorker:
+    """Verbs: logprobs, train_step, full_state_dict, save_hf."""
+
+    def __init__(self, model_path: str, cfg: ActorConfig, algo: AlgorithmConfig, *, rank: int, world_size: int,
+                 master_addr: str, master_port: int, backend: str, dtype: str, step_batch_size: int,
+                 temperature: float, threads: int, seed: int, trust_remote_code: bool = False) -> None:
+        setup_process(threads, seed)
+        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port))
+        deepspeed = init_distributed(backend)
+
+        self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
+        self.temperature = temperature
+        self.bf16 = dtype == "bfloat16"
+        model = load_causal_lm(model_path, "float32", trust_remote_code)  # fp32 master weights; bf16 via DeepSpeed
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        mini = cfg.mini_batch_size or step_batch_size
+        self.per_rank_mini = mini // world_size
+        self.accumulation = self.per_rank_mini // cfg.micro_batch_size
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer,
+            config=deepspeed_config(cfg, world_size, cfg.micro_batch_size, self.accumulation, self.bf16))
+        self.device = self.engine.device
+
+    def ready(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        self.engine.eval()
+        out = torch.zeros_like(batch["response_mask"])
+        for start in range(0, len(batch), self.cfg.micro_batch_size):
+            index = list(range(start, min(start + self.cfg.micro_batch_size, len(batch))))
+            micro = trim_to_content(batch.select(index)).to(self.device)
+            values = response_logprobs(self.engine, micro, self.temperature).float().cpu()
+            out[start:start + len(index), :values.shape[1]] = values
+        return out
+
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """All epochs and optimizer steps on this worker's shard of one step's batch.
+
+        `batch` holds advantages, sample_mask and ref_logprobs (when kl_coef > 0), and old_logprobs unless the
+        update is on-policy (one epoch, one optimizer step), where log π_old = log π_θ detached exactly.
+        """
+        self.engine.train()
+        loss_fn = POLICY_LOSSES[self.algo.policy_loss]
+        start_time = time.perf_counter()
+        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio": 0.0}
+        micro_steps, tokens_seen = 0, 0
+        grad_norm = 0.0
+        for _ in range(self.cfg.epochs):
+            for mini in batch.chunks_of(self.per_rank_mini):
+                mask = mini["response_mask"] * mini["sample_mask"].unsqueeze(-1)
+                # Token count of the global mini-batch, so the loss is the exact big-batch token mean.
+                num_tokens = _all_reduce_sum(mask.sum(), self.device)
+                for micro in mini.chunks_of(self.cfg.micro_batch_size):
+                    micro = trim_to_content(micro).to(self.device)
+                    logprobs = response_logprobs(self.engine, micro, self.temperature)
+                    old = micro["old_logprobs"] if "old_logprobs" in micro else logprobs.detach()
+                    out = loss_fn(logprobs, old, micro["advantages"],
+                                  micro["response_mask"] * micro["sample_mask"].unsqueeze(-1),
+                                  clip_eps=self.algo.clip_eps,
+                                  ref_logprobs=micro["ref_logprobs"] if self.algo.kl_coef > 0 else None,
+                                  kl_coef=self.algo.kl_coef, kl_estimator=self.algo.kl_estimator,
+                                  num_tokens=max(float(num_tokens), 1.0))
+                    # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
+                    self.engine.backward(out.loss * self.accumulation * self.world_size)
+                    self.engine.step()
+                    micro_tokens = float(micro["response_mask"].sum())
+                    tokens_seen += int(micro["attention_mask"].sum())
+                    micro_steps += 1
+                    for key, value in (("loss", out.loss), ("policy_loss", out.policy_loss), ("kl", out.kl)):
+                        sums[key] += float(value.detach())
+                    sums["clip_fraction"] += float(out.clip_fraction) * micro_tokens
+                    sums["ratio"] += float(out.ratio_mean) * micro_tokens
+                norm = self.engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else 0.0
+        response_tokens = float(batch["response_mask"].sum()) * self.cfg.epochs
+        updates = self.cfg.epochs * len(batch.chunks_of(self.per_rank_mini))
+        return {
+            # Each micro-step's pieces are normalised by the global mini-batch token count: summed over
+            # micro-steps and ranks they give the mini-batch value; averaged here over optimizer steps.
+            "loss": sums["loss"] / updates,
+            "policy_loss": sums["policy_loss"] / updates,
+            "kl": sums["kl"] / updates,
+            "clip_fraction_x_tokens": sums["clip_fraction"],
+            "ratio_x_tokens": sums["ratio"],
+            "response_tokens": response_tokens,
+            "tokens": float(tokens_seen),
+            "grad_norm": grad_norm,
+            "seconds": time.perf_counter() - start_time,
+        }
+
+    def full_state_dict(self, dtype: str = "float32") -> dict[str, torch.Tensor] | None:
+        """HF-named full weights on rank 0 (None elsewhere). Collective under ZeRO-3: call it on every rank."""
+        import deepspeed
+        target = getattr(torch, dtype)
+        state = {}
+        for name, param in self.engine.module.named_parameters():
+            if self.cfg.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if self.rank == 0:
+                        state[name] = param.data.detach().to("cpu", target).clone()
+            elif self.rank == 0:
+                state[name] = param.data.detach().to("cpu", target).clone()
+        if self.rank != 0:
+            return None
+        # Tied weights (lm_head = embed_tokens) appear once in named_parameters; engines load them by either name.
+        return state
+
+    def save_hf(self, path: str, tokenizer_path: str) -> str | None:
+        """Write an HF folder (config, safetensors, tokenizer) that transformers and vLLM load. Collective."""
+        state = self.full_state_dict("float32")
+        if self.rank != 0:
+            return None
+        from transformers import AutoTokenizer
+        self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+        return path
+
+
+def _all_reduce_sum(value: torch.Tensor, device) -> torch.Tensor:
+    import torch.distributed as dist
+    value = value.detach().to(device, torch.float32).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    return value.cpu()

@@ -1,0 +1,58 @@
+"""Helpers every model-holding worker uses: process set-up, model loading, response log-probs."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from openrlaif.batch import Batch
+
+
+def setup_process(threads: int, seed: int) -> None:
+    """Ray sets OMP_NUM_THREADS=1 in actors; roles run one after another, so each may use several cores."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+
+def load_causal_lm(path: str, dtype: str, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                trust_remote_code=trust_remote_code)
+
+
+def response_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """log π(response token | prefix) for every response position, (B, R); zeros past the end of a response.
+
+    input_ids is [left-padded prompt | right-padded response]; position ids count real tokens only, so a
+    padded row sees the same positions as the unpadded sequence (and as the rollout engine did).
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    response_len = batch["response_mask"].shape[1]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    logits = logits[:, -response_len - 1:-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, -response_len:]
+    logprobs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logprobs * batch["response_mask"]
+
+
+def trim_to_content(batch: Batch) -> Batch:
+    """Drop columns that are padding in every row (left of the longest prompt, right of the longest response)."""
+    mask = batch["attention_mask"]
+    response_len = batch["response_mask"].shape[1]
+    prompt_len = mask.shape[1] - response_len
+    first = int((mask[:, :prompt_len].sum(0) > 0).nonzero()[0]) if prompt_len else 0
+    last_response = int(batch["response_mask"].sum(1).max())
+    keep_response = max(last_response, 1)
+    trimmed = Batch(dict(batch.tensors), dict(batch.meta))
+    for name in ("input_ids", "attention_mask"):
+        trimmed[name] = batch[name][:, first:prompt_len + keep_response]
+    for name, value in batch.tensors.items():
+        if value.dim() == 2 and value.shape[1] == response_len and name not in ("input_ids", "attention_mask"):
+            trimmed[name] = value[:, :keep_response]
+    return trimmed

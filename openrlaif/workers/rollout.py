@@ -1,0 +1,39 @@
+"""The rollout role: one generation engine (vLLM or HF) per Ray worker."""
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from openrlaif.config import RolloutConfig
+from openrlaif.rollout.types import Completion, SamplingSpec
+from openrlaif.workers.common import setup_process
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, max_model_len: int, threads: int, seed: int,
+                 trust_remote_code: bool = False) -> None:
+        setup_process(threads, seed)
+        if cfg.engine == "vllm":
+            from openrlaif.rollout.vllm_engine import VLLMEngine
+            self.engine = VLLMEngine(model_path, dtype=cfg.dtype, max_model_len=max_model_len, seed=seed,
+                                     kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                     enforce_eager=cfg.enforce_eager, trust_remote_code=trust_remote_code)
+        else:
+            from openrlaif.rollout.hf_engine import HFEngine
+            self.engine = HFEngine(model_path, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
+        self.dtype = cfg.dtype
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        return self.engine.generate(prompt_ids, spec)
+
+    def update_weights(self, state: dict[str, torch.Tensor]) -> float:
+        """Load new weights in place (no restart); returns the seconds it took."""
+        start = time.perf_counter()
+        self.engine.update_weights(list(state.items()))
+        return time.perf_counter() - start
