@@ -23,7 +23,8 @@ def grpo_advantages(rewards: Tensor, group_ids: Tensor, valid: Tensor, eps: floa
         centered = group_rewards - group_rewards.mean()
         if normalize_std:
             std = group_rewards.std(unbiased=True) if count > 1 else torch.zeros((), dtype=rewards.dtype)
-            centered = centered / (std + eps)
+            # equal rewards: centred values are exactly 0; keep them 0 rather than 0/0 when eps is 0
+            centered = centered / (std + eps) if float(std + eps) > 0 else torch.zeros_like(centered)
         advantages[in_group] = centered
     return advantages * valid_f
 

@@ -13,7 +13,7 @@ class PolicyLossOutput:
     loss: Tensor            # scalar to back-propagate
     policy_loss: Tensor     # scalar, the clipped surrogate part
     kl: Tensor              # scalar, mean per-token KL estimate (0 when kl_coef == 0 and no ref given)
-    clip_fraction: Tensor   # scalar, share of tokens where the clip was active
+    clip_fraction: Tensor   # scalar, share of tokens whose loss came from the clipped term
     ratio_mean: Tensor      # scalar
 
 
@@ -47,7 +47,8 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
         kl = torch.zeros((), dtype=logprobs.dtype)
     loss = policy_loss + kl_coef * kl
     with torch.no_grad():
-        clip_fraction = masked_mean((clipped != unclipped).to(logprobs.dtype), mask)
+        # the clip is active where the clipped term wins the min (PPO's clipfrac)
+        clip_fraction = masked_mean((clipped < unclipped).to(logprobs.dtype), mask)
         ratio_mean = masked_mean(ratio, mask)
     return PolicyLossOutput(loss, policy_loss.detach(), kl.detach(), clip_fraction, ratio_mean)
 

@@ -30,36 +30,45 @@ def train(cfg: Config) -> dict:
     run = prepare_run(cfg)                     # paths, tokenizer, prompts: every input checked before Ray starts
     with ray_session(cfg.cluster, run.cpus_needed):
         roles = start_roles(cfg, run)
-        stream = PromptStream(run.prompts, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
-        logger = MetricsLogger(run.out_dir)
-        metrics: dict[str, float] = {}
-        for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
-            metrics, step_start = {}, time.perf_counter()
-            prompts = stream.next_batch()
-            with timer(metrics, "rollout"):        # 1. sample a group of responses per prompt
-                batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
-            with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
-                feedback = roles.feedback.score(batch.meta["prompt"], batch.meta["response"])
-                batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
-            with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, launched together
-                add_logprobs(roles, batch, cfg)
-            with timer(metrics, "advantage"):      # 4. group-normalised advantages, on the driver
-                batch["advantages"] = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage](
-                    batch["rewards"], batch["group_ids"], feedback.valid, normalize_std=cfg.algorithm.normalize_std)
-            with timer(metrics, "update"):         # 5. DeepSpeed update on the actor workers
-                train_metrics = update_actor(roles, batch)
-            with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
-                metrics["sync/engine_s"] = sync_weights(roles, cfg)
-            metrics["time/step_s"] = time.perf_counter() - step_start
-            metrics |= step_metrics(batch, feedback, train_metrics, metrics)
-            logger.log(step, metrics)
-            tqdm.write(summary_line(step, metrics))
-        logger.close()
-        checkpoint = save_checkpoint(roles, cfg, run) if cfg.output.save_final else None
+        try:
+            checkpoint, metrics, log_path = train_loop(cfg, run, roles)
+        finally:
+            roles.shutdown()       # frees the placement groups also when the cluster outlives the run
     if checkpoint:
         print(f"[openrlaif] checkpoint (HF format): {checkpoint}")
-    print(f"[openrlaif] metrics: {logger.path}")
+    print(f"[openrlaif] metrics: {log_path}")
     return {"checkpoint": checkpoint, "metrics": metrics, "out_dir": run.out_dir}
+
+
+def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, dict[str, float], str]:
+    """prompts -> rollout -> feedback -> reference log-probs -> advantages -> actor update -> weight sync."""
+    stream = PromptStream(run.prompts, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    logger = MetricsLogger(run.out_dir)
+    metrics: dict[str, float] = {}
+    for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
+        metrics, step_start = {}, time.perf_counter()
+        prompts = stream.next_batch()
+        with timer(metrics, "rollout"):        # 1. sample a group of responses per prompt
+            batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
+        with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
+            feedback = roles.feedback.score(batch.meta["prompt"], batch.meta["response"])
+            batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
+        with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, launched together
+            add_logprobs(roles, batch, cfg)
+        with timer(metrics, "advantage"):      # 4. group-normalised advantages, on the driver
+            batch["advantages"] = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage](
+                batch["rewards"], batch["group_ids"], feedback.valid, normalize_std=cfg.algorithm.normalize_std)
+        with timer(metrics, "update"):         # 5. DeepSpeed update on the actor workers
+            train_metrics = update_actor(roles, batch)
+        with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
+            metrics["sync/engine_s"] = sync_weights(roles, cfg)
+        metrics["time/step_s"] = time.perf_counter() - step_start
+        metrics |= step_metrics(batch, feedback, train_metrics, metrics)
+        logger.log(step, metrics)
+        tqdm.write(summary_line(step, metrics))
+    logger.close()
+    checkpoint = save_checkpoint(roles, cfg, run) if cfg.output.save_final else None
+    return checkpoint, metrics, logger.path
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -81,6 +90,11 @@ class Roles:
     rollout: WorkerGroup
     feedback: Feedback
     judge: WorkerGroup | None
+
+    def shutdown(self) -> None:
+        for group in (self.actor, self.reference, self.rollout, self.judge):
+            if group is not None:
+                group.shutdown()
 
 
 def prepare_run(cfg: Config) -> RunInputs:

@@ -1,0 +1,71 @@
+"""The CLI as a user runs it: bad input fails at start-up with the key and the fix; a tiny run succeeds."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cli(*args, env_extra=None, timeout=300):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "openrlaif", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def cache_env(model_cache, tiny_model):
+    return {"OPENRLAIF_CACHE": model_cache}
+
+
+def test_help_lists_commands():
+    out = cli("--help")
+    assert out.returncode == 0 and "train" in out.stdout
+
+
+def test_unknown_command():
+    out = cli("trian")
+    assert out.returncode == 2 and "unknown command 'trian'" in out.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model.path=/no/such/model"], "model.path='/no/such/model' is neither"),
+    (["actor.nonsense=1"], "nonsense"),
+    (["actor.lr=fast"], "actor.lr"),
+    (["rollout.engine=magic"], "rollout.engine='magic' is not one of"),
+    (["data.prompts=/no/prompts.jsonl", "model=tiny"], "data.prompts='/no/prompts.jsonl': no such file"),
+])
+def test_bad_input_fails_at_start_up_naming_the_key(cache_env, args, needle, tmp_path):
+    out = cli("train", f"output.dir={tmp_path}", *args, env_extra=cache_env)
+    assert out.returncode != 0
+    assert needle in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_empty_and_malformed_prompt_files(cache_env, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{oops}\n')
+    out = cli("train", "model=tiny", f"data.prompts={empty}", f"output.dir={tmp_path}/a", env_extra=cache_env)
+    assert out.returncode == 2 and "holds no prompts" in out.stderr
+    out = cli("train", "model=tiny", f"data.prompts={bad}", f"output.dir={tmp_path}/b", env_extra=cache_env)
+    assert out.returncode == 2 and "bad.jsonl:2: not valid JSON" in out.stderr
+
+
+def test_tiny_run_then_refuses_to_overwrite_without_consent(cache_env, tmp_path):
+    args = ["train", "model=tiny", "feedback=function", "steps=1", "rollout.engine=hf", "rollout.max_new_tokens=8",
+            "data.prompts_per_step=2", "rollout.samples_per_prompt=2", "actor.micro_batch_size=2",
+            f"output.dir={tmp_path}"]
+    out = cli(*args, env_extra=cache_env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "checkpoint" / "config.json")
+    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 1
+    assert "step 1:" in out.stdout + out.stderr
+    before = os.path.getmtime(tmp_path / "checkpoint" / "model.safetensors")
+
+    again = cli(*args, env_extra=cache_env)
+    assert again.returncode == 2 and "output.overwrite=true" in again.stderr
+    assert os.path.getmtime(tmp_path / "checkpoint" / "model.safetensors") == before

@@ -1,0 +1,56 @@
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from openrlaif.config import Config, ConfigError, register_configs, validate
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
+
+def composed(*overrides) -> Config:
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.abspath(CONFIG_DIR), version_base=None):
+        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_default_config_is_valid():
+    cfg = composed()
+    validate(cfg)
+    assert cfg.model.path == "smollm2-135m-instruct" and cfg.algorithm.name == "grpo"
+
+
+@pytest.mark.parametrize("group", ["feedback=function", "feedback=judge", "model=tiny", "algorithm=grpo"])
+def test_every_shipped_group_composes_and_validates(group):
+    validate(composed(group))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("rollout.engine=sglang", "rollout.engine"),
+    ("actor.zero_stage=4", "actor.zero_stage"),
+    ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
+    ("actor.micro_batch_size=3", "actor.micro_batch_size"),
+    ("feedback.judge.score_max=10", "feedback.judge.score_min/score_max"),
+    ("algorithm.kl_estimator=k9", "algorithm.kl_estimator"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+])
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(composed(override))
+    assert key in str(err.value)
+
+
+def test_unknown_key_is_rejected_by_the_schema():
+    with pytest.raises(Exception, match="nonsense"):
+        composed("actor.nonsense=1")
+
+
+def test_bad_type_is_rejected_by_the_schema():
+    with pytest.raises(Exception, match="actor.lr|lr"):
+        composed("actor.lr=fast")
+
+
+def test_function_feedback_needs_module_and_name():
+    with pytest.raises(ConfigError, match="feedback.function"):
+        validate(composed("feedback=function", "feedback.function=brevity"))

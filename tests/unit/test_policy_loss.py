@@ -1,0 +1,81 @@
+import math
+
+import torch
+
+from openrlaif.algorithms import kl_k1, kl_k2, kl_k3, masked_mean, ppo_clip_loss
+
+
+def test_ppo_clip_hand_computed():
+    # three tokens of one sequence: ratios 1.5, 0.5, 1.5; advantages +1, +1, -1; eps 0.2
+    old = torch.zeros(3, 3)
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.5]] * 3))
+    advantages = torch.tensor([[1.0, 1.0, -1.0]] * 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    out = ppo_clip_loss(logprobs, old, advantages, mask, clip_eps=0.2)
+    # token 1: min(1.5, 1.2)=1.2 -> -1.2 ; token 2: min(0.5, 0.8)=0.5 -> -0.5 ; token 3: min(-1.5, -1.2) -> +1.5
+    assert math.isclose(float(out.loss), (-1.2 - 0.5 + 1.5) / 3, rel_tol=1e-6)
+    assert math.isclose(float(out.clip_fraction), 1 / 3, rel_tol=1e-6)   # only token 1 is clipped
+
+
+def test_on_policy_gradient_is_advantage_weighted_logprob_gradient():
+    logits = torch.randn(2, 4, requires_grad=True)
+    logprobs = logits.log_softmax(-1)[:, :3]
+    advantages = torch.tensor([0.7, -0.3])
+    mask = torch.ones(2, 3)
+    out = ppo_clip_loss(logprobs, logprobs.detach(), advantages, mask)
+    (grad,) = torch.autograd.grad(out.loss, logits, retain_graph=True)
+    reference = -(advantages.unsqueeze(-1) * logprobs).sum() / mask.sum()
+    (expected,) = torch.autograd.grad(reference, logits)
+    assert torch.allclose(grad, expected, atol=1e-6)
+    assert math.isclose(float(out.ratio_mean), 1.0)
+
+
+def test_kl_estimators_hand_computed():
+    logp, ref = torch.tensor([-1.0]), torch.tensor([-2.0])
+    assert math.isclose(float(kl_k1(logp, ref)), 1.0)
+    assert math.isclose(float(kl_k2(logp, ref)), 0.5)
+    assert math.isclose(float(kl_k3(logp, ref)), math.exp(-1.0) + 1.0 - 1.0, rel_tol=1e-6)
+    assert float(kl_k3(ref, ref)) == 0.0
+
+
+def test_k3_is_unbiased_estimate_of_true_kl():
+    torch.manual_seed(0)
+    p = torch.tensor([0.6, 0.3, 0.1])
+    q = torch.tensor([0.3, 0.3, 0.4])
+    true_kl = float((p * (p / q).log()).sum())
+    samples = torch.multinomial(p, 200_000, replacement=True)
+    estimate = float(kl_k3(p.log()[samples], q.log()[samples]).mean())
+    assert abs(estimate - true_kl) < 0.01
+
+
+def test_kl_term_enters_loss_with_its_coefficient():
+    logp = torch.full((1, 2), -1.0)
+    ref = torch.full((1, 2), -2.0)
+    out = ppo_clip_loss(logp, logp, torch.zeros(1), torch.ones(1, 2), ref_logprobs=ref, kl_coef=0.1)
+    assert math.isclose(float(out.loss), 0.1 * math.exp(-1.0), rel_tol=1e-6)
+
+
+def test_micro_batches_with_global_token_count_equal_the_full_batch():
+    """Gradient accumulation invariant: two micro-batches normalised by the global count = one big batch."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 7, requires_grad=True)
+    actions = torch.randint(0, 7, (4, 5))
+    logprobs = logits.log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    old = logprobs.detach() + 0.1 * torch.randn(4, 5)
+    ref = logprobs.detach() - 0.2
+    advantages = torch.randn(4)
+    mask = (torch.rand(4, 5) > 0.3).float()
+    full = ppo_clip_loss(logprobs, old, advantages, mask, ref_logprobs=ref, kl_coef=0.05).loss
+    (full_grad,) = torch.autograd.grad(full, logits, retain_graph=True)
+    total = float(mask.sum())
+    parts = [ppo_clip_loss(logprobs[i:i + 2], old[i:i + 2], advantages[i:i + 2], mask[i:i + 2],
+                           ref_logprobs=ref[i:i + 2], kl_coef=0.05, num_tokens=total).loss for i in (0, 2)]
+    (split_grad,) = torch.autograd.grad(sum(parts), logits)
+    assert torch.allclose(sum(parts), full, atol=1e-6)
+    assert torch.allclose(split_grad, full_grad, atol=1e-6)
+
+
+def test_masked_mean_ignores_masked_values_and_empty_mask_is_zero():
+    values = torch.tensor([1.0, 100.0, 3.0])
+    assert float(masked_mean(values, torch.tensor([1.0, 0.0, 1.0]))) == 2.0
+    assert float(masked_mean(values, torch.zeros(3))) == 0.0
