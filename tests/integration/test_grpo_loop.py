@@ -4,12 +4,16 @@ import math
 import os
 
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 
 from openrlaif.config import (ActorConfig, AlgorithmConfig, ClusterConfig, Config, DataConfig, FeedbackConfig,
                               JudgeConfig, ModelConfig, OutputConfig, RoleResources, RolloutConfig, validate)
 from openrlaif.pipelines.online_rl import train
+from openrlaif.rollout.types import SamplingSpec
+from openrlaif.workers.group import WorkerGroup
+from openrlaif.workers.rollout import RolloutWorker
 
 
 def loop_config(tiny_model, out_dir, engine, zero_stage, feedback, workers=2) -> Config:
@@ -58,3 +62,11 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
     from transformers import AutoModelForCausalLM, AutoTokenizer
     AutoModelForCausalLM.from_pretrained(checkpoint)    # loads as a plain HF folder
     AutoTokenizer.from_pretrained(checkpoint)
+    if engine == "vllm":                                 # and vLLM serves it
+        group = WorkerGroup("checkpoint-vllm", RolloutWorker, RoleResources(), lambda rank: dict(
+            model_path=checkpoint, cfg=RolloutConfig(kv_cache_gib=0.05), max_model_len=128, threads=1, seed=0))
+        try:
+            completions = ray.get(group.workers[0].generate.remote([[1, 5, 6]], SamplingSpec(n=2, max_new_tokens=4)))
+        finally:
+            group.shutdown()
+        assert len(completions) == 2 and all(c.token_ids for c in completions)

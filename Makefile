@@ -1,0 +1,33 @@
+# openrlaif: `make demo` and `make test` are all a newcomer needs (each installs what is missing into .venv).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast test-integration test-e2e bench clean
+
+install:
+	@bash scripts/install.sh
+
+demo: install
+	$(VENV)/bin/openrlaif train $(ARGS)
+
+# The whole suite: unit (seconds), integration (Ray + DeepSpeed + vLLM on tiny models), e2e (the CLI).
+test: install
+	$(PYTEST) tests -q
+
+test-fast: install
+	$(PYTEST) tests/unit -q
+
+test-integration: install
+	$(PYTEST) tests/integration -q
+
+test-e2e: install
+	$(PYTEST) tests/e2e -q
+
+bench: install
+	$(PY) benchmarks/rollout_throughput.py
+
+clean:
+	rm -rf $(VENV) runs outputs

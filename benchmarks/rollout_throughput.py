@@ -1,0 +1,111 @@
+"""Rollout throughput: our vLLM engine vs our HF engine on the same model, prompts, n and max tokens.
+
+Each (model, engine) pair runs in a fresh process (engines set thread counts and allocator state). Reports
+generated tokens/s (median of `--repeats` after one warm-up) and the time of one in-place weight update.
+Prints a table and writes benchmarks/results/rollout_throughput.json.
+
+    .venv/bin/python benchmarks/rollout_throughput.py                # SmolLM2-135M and the tiny model
+    .venv/bin/python benchmarks/rollout_throughput.py --models tiny-random-llama --max-new-tokens 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def measure(model: str, engine: str, prompts: int, n: int, max_new_tokens: int, repeats: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from openrlaif.config import cache_dir, ModelConfig
+    from openrlaif.data import load_prompts
+    from openrlaif.models import resolve_model_path
+    from openrlaif.rollout.types import SamplingSpec
+
+    path = resolve_model_path(model, cache_dir(ModelConfig()))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt_ids = [p.token_ids for p in load_prompts("demo", tokenizer, 512)][:prompts]
+    start = time.perf_counter()
+    if engine == "vllm":
+        from openrlaif.rollout.vllm_engine import VLLMEngine
+        llm = VLLMEngine(path, max_model_len=512 + max_new_tokens, kv_cache_gib=1.0)
+    else:
+        from openrlaif.rollout.hf_engine import HFEngine
+        llm = HFEngine(path)
+    startup = time.perf_counter() - start
+    spec = SamplingSpec(n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=0)
+    llm.generate(prompt_ids, spec)                      # warm-up (oneDNN builds kernels per shape)
+    rates, tokens = [], 0
+    for repeat in range(repeats):
+        spec.seed = repeat + 1
+        start = time.perf_counter()
+        completions = llm.generate(prompt_ids, spec)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(c.token_ids) for c in completions)
+        rates.append(tokens / seconds)
+    from transformers import AutoModelForCausalLM
+    state = list(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict().items())
+    start = time.perf_counter()
+    llm.update_weights(state)
+    sync = time.perf_counter() - start
+    return {"model": model, "engine": engine, "prompts": len(prompt_ids), "n": n, "max_new_tokens": max_new_tokens,
+            "generated_tokens": tokens, "tokens_per_s": statistics.median(rates), "startup_s": startup,
+            "weight_update_s": sync, "torch_threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "tiny-random-llama"])
+    parser.add_argument("--engines", nargs="+", default=["vllm", "hf"])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        row = measure(*args.worker, args.prompts, args.n, args.max_new_tokens, args.repeats)
+        print("RESULT " + json.dumps(row))
+        return
+    rows = []
+    for model in args.models:
+        for engine in args.engines:
+            cmd = [sys.executable, __file__, "--worker", model, engine, "--prompts", str(args.prompts), "--n",
+                   str(args.n), "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
+            env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="ERROR")
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if out.returncode or not result:
+                print(f"{model} / {engine} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(result[-1][len("RESULT "):]))
+    by_model = {}
+    print(f"\n{'model':24s} {'engine':6s} {'tok/s':>9s} {'vs hf':>6s} {'tokens':>7s} {'start s':>8s} {'sync s':>7s}")
+    for row in rows:
+        by_model.setdefault(row["model"], {})[row["engine"]] = row
+    for model, engines in by_model.items():
+        hf = engines.get("hf", {}).get("tokens_per_s")
+        for engine, row in engines.items():
+            ratio = f"{row['tokens_per_s'] / hf:.2f}" if hf else "-"
+            print(f"{model:24s} {engine:6s} {row['tokens_per_s']:9.1f} {ratio:>6s} {row['generated_tokens']:7d} "
+                  f"{row['startup_s']:8.1f} {row['weight_update_s']:7.3f}")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "worker"}
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "python": platform.python_version(), "settings": settings, "rows": rows}
+    path = os.path.join(HERE, "results", "rollout_throughput.json")
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
