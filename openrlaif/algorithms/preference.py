@@ -1,0 +1,79 @@
+"""Direct preference losses. Keys of PREFERENCE_LOSSES are the names users type (`algorithm.loss=ipo`).
+
+Inputs are per-sequence sums of token log-probs, shape (B,):
+    chosen_logps, rejected_logps            log π_θ(y_w|x), log π_θ(y_l|x)
+    ref_chosen_logps, ref_rejected_logps    log π_ref(...)  (reference-free losses ignore them)
+    chosen_lengths, rejected_lengths        response token counts (length-normalised losses)
+Each returns the per-pair loss, shape (B,); the caller averages.
+Notation: h = [log π/π_ref](y_w) − [log π/π_ref](y_l), ℓ(z) = −log σ(z).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _margin(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
+            ref_rejected_logps: Tensor) -> Tensor:
+    return (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
+             label_smoothing: float = 0.0, **_) -> Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7): ℓ(βh). With label_smoothing ε it is cDPO:
+    (1−ε)·ℓ(βh) + ε·ℓ(−βh), the loss under labels flipped with probability ε (soft label p = 1−ε)."""
+    logits = beta * _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def robust_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
+                    label_smoothing: float = 0.1, **_) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024, eq. 8): [(1−ε)·ℓ(βh) − ε·ℓ(−βh)] / (1−2ε), an unbiased loss under a
+    known flip rate ε (here `label_smoothing`, as in TRL's `robust`)."""
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust_dpo needs a flip rate in [0, 0.5), got {label_smoothing}")
+    logits = beta * _margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    eps = label_smoothing
+    return ((1 - eps) * -F.logsigmoid(logits) - eps * -F.logsigmoid(-logits)) / (1 - 2 * eps)
+
+
+def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+             rejected_lengths, beta: float = 0.1, **_) -> Tensor:
+    """IPO (Azar et al. 2023, eq. 17): (h − 1/(2β))², with h on length-averaged log-probs as TRL computes it."""
+    h = ((chosen_logps - ref_chosen_logps) / chosen_lengths
+         - (rejected_logps - ref_rejected_logps) / rejected_lengths)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta: float = 2.0,
+               gamma: float = 0.5, **_) -> Tensor:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free: ℓ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)."""
+    logits = beta * (chosen_logps / chosen_lengths - rejected_logps / rejected_lengths) - gamma
+    return -F.logsigmoid(logits)
+
+
+def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta: float = 0.1, **_) -> Tensor:
+    """ORPO (Hong et al. 2024, eq. 6-7), reference-free: NLL(y_w) + λ·ℓ(log odds(y_w) − log odds(y_l)),
+    odds(y) = P/(1−P) with P = exp(mean token log-prob); λ = `beta`."""
+    chosen_mean, rejected_mean = chosen_logps / chosen_lengths, rejected_logps / rejected_lengths
+    # log odds = log P − log(1 − P), computed stably from log P < 0
+    log_odds = (chosen_mean - torch.log1p(-torch.exp(chosen_mean).clamp(max=1 - 1e-6))) \
+        - (rejected_mean - torch.log1p(-torch.exp(rejected_mean).clamp(max=1 - 1e-6)))
+    return -chosen_mean - beta * F.logsigmoid(log_odds)
+
+
+PREFERENCE_LOSSES = {
+    "dpo": dpo_loss,
+    "cdpo": dpo_loss,            # dpo with algorithm.label_smoothing > 0
+    "robust_dpo": robust_dpo_loss,
+    "ipo": ipo_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
+}
+REFERENCE_FREE = {"simpo", "orpo"}
+
+
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | float = 0.0) -> Tensor:
+    """Bradley–Terry reward-model loss (Ouyang et al. 2022; margin as in Llama 2): −log σ(r_w − r_l − m)."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards - margin)

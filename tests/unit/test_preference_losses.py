@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openrlaif.algorithms.preference import (PREFERENCE_LOSSES, bradley_terry_loss, dpo_loss, ipo_loss, orpo_loss,
+                                             robust_dpo_loss, simpo_loss)
+
+
+def pair(h: float):
+    """Log-probs whose DPO margin h is given: chosen gains h over the reference, rejected stays put."""
+    return dict(chosen_logps=torch.tensor([-10.0 + h]), rejected_logps=torch.tensor([-12.0]),
+                ref_chosen_logps=torch.tensor([-10.0]), ref_rejected_logps=torch.tensor([-12.0]))
+
+
+def test_dpo_is_ln2_at_zero_margin_and_hand_computed():
+    assert float(dpo_loss(**pair(0.0))) == pytest.approx(math.log(2))
+    assert float(dpo_loss(**pair(1.0), beta=0.1)) == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))))
+
+
+def test_cdpo_is_the_expected_loss_under_flipped_labels():
+    eps, beta, h = 0.2, 0.5, 2.0
+    expected = (1 - eps) * -math.log(1 / (1 + math.exp(-beta * h))) + eps * -math.log(1 / (1 + math.exp(beta * h)))
+    assert float(dpo_loss(**pair(h), beta=beta, label_smoothing=eps)) == pytest.approx(expected)
+
+
+def test_robust_dpo_equals_dpo_without_flips_and_is_debiased():
+    assert float(robust_dpo_loss(**pair(1.3), label_smoothing=0.0)) == pytest.approx(float(dpo_loss(**pair(1.3))))
+    eps, beta, h = 0.1, 0.1, 1.0
+    ell = lambda z: -math.log(1 / (1 + math.exp(-z)))   # noqa: E731
+    assert float(robust_dpo_loss(**pair(h), beta=beta, label_smoothing=eps)) == pytest.approx(
+        ((1 - eps) * ell(beta * h) - eps * ell(-beta * h)) / (1 - 2 * eps))
+    with pytest.raises(ValueError):
+        robust_dpo_loss(**pair(1.0), label_smoothing=0.5)
+
+
+def test_ipo_minimum_is_at_margin_one_over_two_beta():
+    beta = 0.25
+    lengths = dict(chosen_lengths=torch.tensor([1.0]), rejected_lengths=torch.tensor([1.0]))
+    h = torch.tensor([1 / (2 * beta)], requires_grad=True)
+    loss = ipo_loss(chosen_logps=-10.0 + h, rejected_logps=torch.tensor([-12.0]),
+                    ref_chosen_logps=torch.tensor([-10.0]), ref_rejected_logps=torch.tensor([-12.0]),
+                    beta=beta, **lengths)
+    (grad,) = torch.autograd.grad(loss.sum(), h)
+    assert float(loss) == pytest.approx(0.0, abs=1e-10) and float(grad) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_simpo_and_orpo_hand_computed():
+    chosen, rejected = torch.tensor([-4.0]), torch.tensor([-9.0])
+    lengths = dict(chosen_lengths=torch.tensor([2.0]), rejected_lengths=torch.tensor([3.0]))
+    # SimPO: logits = 2·(−2 − (−3)) − 0.5 = 1.5
+    assert float(simpo_loss(chosen, rejected, beta=2.0, gamma=0.5, **lengths)) == pytest.approx(
+        -math.log(1 / (1 + math.exp(-1.5))))
+    # ORPO: mean log-probs −2 and −3; log odds = m − log(1 − e^m)
+    odds = lambda m: m - math.log(1 - math.exp(m))   # noqa: E731
+    expected = 2.0 - 0.1 * math.log(1 / (1 + math.exp(-(odds(-2.0) - odds(-3.0)))))
+    assert float(orpo_loss(chosen, rejected, beta=0.1, **lengths)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_matches_trl_documented_formulas_on_random_logprobs():
+    """TRL's dpo_trainer computes sigmoid / robust / ipo from logits = h (length-averaged for ipo)."""
+    torch.manual_seed(0)
+    chosen, rejected, ref_chosen, ref_rejected = (-torch.rand(64) * 50 for _ in range(4))
+    lengths_w, lengths_l = torch.randint(1, 40, (64,)).float(), torch.randint(1, 40, (64,)).float()
+    beta, eps = 0.1, 0.15
+    logits = (chosen - rejected) - (ref_chosen - ref_rejected)
+    trl_sigmoid = -F.logsigmoid(beta * logits) * (1 - eps) - F.logsigmoid(-beta * logits) * eps
+    trl_robust = (-F.logsigmoid(beta * logits) * (1 - eps) + F.logsigmoid(-beta * logits) * eps) / (1 - 2 * eps)
+    ipo_logits = (chosen / lengths_w - rejected / lengths_l) - (ref_chosen / lengths_w - ref_rejected / lengths_l)
+    trl_ipo = (ipo_logits - 1 / (2 * beta)) ** 2
+    args = (chosen, rejected, ref_chosen, ref_rejected)
+    assert torch.allclose(dpo_loss(*args, beta=beta, label_smoothing=eps), trl_sigmoid, atol=1e-6)
+    assert torch.allclose(robust_dpo_loss(*args, beta=beta, label_smoothing=eps), trl_robust, atol=1e-6)
+    assert torch.allclose(ipo_loss(*args, chosen_lengths=lengths_w, rejected_lengths=lengths_l, beta=beta),
+                          trl_ipo, atol=1e-5)
+
+
+def test_bradley_terry_margin_and_registry_names():
+    assert float(bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0]))) == pytest.approx(math.log(2))
+    assert float(bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0]), margin=1.0)) == pytest.approx(math.log(2))
+    assert {"dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo"} <= PREFERENCE_LOSSES.keys()
