@@ -184,9 +184,10 @@ def validate(cfg: Config) -> None:
     _positive("algorithm.kl_coef", cfg.algorithm.kl_coef, allow_zero=True)
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
-    if cfg.rollout.samples_per_prompt < 2 and cfg.algorithm.advantage == "grpo":
-        raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: GRPO needs a group of "
-                          "at least 2 samples per prompt to form its baseline. Fix: rollout.samples_per_prompt=4")
+    if cfg.rollout.samples_per_prompt < 2 and cfg.algorithm.advantage in ("grpo", "dr_grpo", "rloo"):
+        raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: "
+                          f"{cfg.algorithm.advantage} needs a group of at least 2 samples per prompt to form its "
+                          "baseline. Fix: rollout.samples_per_prompt=4")
     for role, res in (("rollout", cfg.rollout.resources), ("actor", cfg.actor.resources),
                       ("reference", cfg.reference.resources), ("feedback.judge", cfg.feedback.judge.resources)):
         _positive(f"{role}.resources.num_workers", res.num_workers)

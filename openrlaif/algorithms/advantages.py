@@ -29,4 +29,80 @@ def grpo_advantages(rewards: Tensor, group_ids: Tensor, valid: Tensor, eps: floa
     return advantages * valid_f
 
 
-ADVANTAGE_ESTIMATORS = {"grpo": grpo_advantages}
+def dr_grpo_advantages(rewards: Tensor, group_ids: Tensor, valid: Tensor, **_) -> Tensor:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): r_i − mean(r_group), no std division."""
+    return grpo_advantages(rewards, group_ids, valid, normalize_std=False)
+
+
+def rloo_advantages(rewards: Tensor, group_ids: Tensor, valid: Tensor, **_) -> Tensor:
+    """RLOO (Ahmadian et al. 2024): A_i = r_i − mean_{j≠i} r_j over the valid samples of i's group."""
+    advantages = torch.zeros_like(rewards)
+    for group in torch.unique(group_ids):
+        in_group = (group_ids == group) & valid
+        count = int(in_group.sum())
+        if count < 2:
+            continue   # no other sample to form a baseline
+        group_rewards = rewards[in_group]
+        advantages[in_group] = group_rewards - (group_rewards.sum() - group_rewards) / (count - 1)
+    return advantages
+
+
+def remax_advantages(rewards: Tensor, baseline_rewards: Tensor, valid: Tensor, **_) -> Tensor:
+    """ReMax (Li et al. 2024, eq. 5): A = r(x, y) − r(x, ŷ_greedy), the greedy response's reward per prompt
+    (`baseline_rewards`, already broadcast to each sample)."""
+    return (rewards - baseline_rewards) * valid.to(rewards.dtype)
+
+
+def whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x − mean) / std over the unmasked entries (global normalisation, REINFORCE++)."""
+    mask_f = mask.to(values.dtype)
+    count = mask_f.sum().clamp(min=1.0)
+    mean = (values * mask_f).sum() / count
+    var = (((values - mean) * mask_f) ** 2).sum() / count
+    return (values - mean) * torch.rsqrt(var + eps) * mask_f
+
+
+def reinforce_pp_advantages(rewards: Tensor, token_mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0,
+                            group_ids: Tensor | None = None, valid: Tensor | None = None,
+                            baseline: bool = False, **_) -> Tensor:
+    """REINFORCE++ (Hu 2025): per-token returns G_t = Σ_{k≥t} r_k with r_k = −β·KL_k plus the sequence reward on
+    the last token (γ = 1), then whitened over all tokens of the batch. baseline=True is REINFORCE++-baseline:
+    the group mean reward is subtracted first. Shapes: rewards (B,), token_mask/kl (B, T); returns (B, T)."""
+    mask = token_mask.to(rewards.dtype)
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
+    if baseline:
+        if group_ids is None:
+            raise ValueError("reinforce_pp with baseline needs group_ids")
+        centred = rewards.clone()
+        for group in torch.unique(group_ids):
+            in_group = (group_ids == group) & valid
+            if in_group.any():
+                centred[in_group] = rewards[in_group] - rewards[in_group].mean()
+        rewards = centred
+    token_rewards = -kl_coef * kl * mask if kl is not None else torch.zeros_like(mask)
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)   # last response token per row
+    token_rewards = token_rewards + last.to(rewards.dtype) * rewards.unsqueeze(-1)
+    returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * mask
+    return whiten(returns, mask * valid.unsqueeze(-1).to(mask.dtype))
+
+
+def gae_advantages(token_rewards: Tensor, values: Tensor, token_mask: Tensor, gamma: float = 1.0,
+                   lam: float = 0.95, **_) -> tuple[Tensor, Tensor]:
+    """GAE (Schulman et al. 2016, eq. 16): δ_t = r_t + γV_{t+1} − V_t, A_t = Σ_l (γλ)^l δ_{t+l}; returns = A + V.
+    Shapes (B, T); positions past a response's end have mask 0 and contribute nothing."""
+    mask = token_mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+# Outcome estimators sharing the signature (rewards, group_ids, valid) -> (B,): usable in the online loop as is.
+# reinforce_pp, remax and gae need extra inputs (token KL, a greedy baseline, critic values); they are pure
+# functions here and not yet wired into the loop.
+ADVANTAGE_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}

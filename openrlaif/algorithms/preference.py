@@ -63,6 +63,54 @@ def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, be
     return -chosen_mean - beta * F.logsigmoid(log_odds)
 
 
+def kto_loss(logps: Tensor, ref_logps: Tensor, desirable: Tensor, kl_logps: Tensor, ref_kl_logps: Tensor,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Tensor:
+    """KTO (Ethayarajh et al. 2024, eq. 8), unpaired good/bad samples, shape (B,) each.
+
+    r = log π/π_ref(y); z₀ = max(0, mean log π/π_ref on mismatched (x, y′) pairs), no gradient (as TRL).
+    desirable: w_D·(1 − σ(β(r − z₀)));  undesirable: w_U·(1 − σ(β(z₀ − r))).
+    """
+    z0 = (kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    log_ratio = logps - ref_logps
+    good = desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - log_ratio)))
+    return torch.where(desirable, good, bad)
+
+
+def bco_loss(logps: Tensor, ref_logps: Tensor, desirable: Tensor, delta: Tensor | float,
+             beta: float = 0.1) -> Tensor:
+    """BCO (Jung et al. 2024, eq. 9): a binary classifier on the implicit reward r = β·log π/π_ref with the
+    reward shift δ (the caller keeps a running mean of r, `bco_rewards`): −log σ(r − δ) for desirable samples,
+    −log σ(−(r − δ)) for undesirable ones."""
+    rewards = beta * (logps - ref_logps)
+    return torch.where(desirable, -F.logsigmoid(rewards - delta), -F.logsigmoid(-(rewards - delta)))
+
+
+def bco_rewards(logps: Tensor, ref_logps: Tensor, beta: float = 0.1) -> Tensor:
+    """The implicit rewards whose running mean is BCO's δ (detached)."""
+    return (beta * (logps - ref_logps)).detach()
+
+
+def lipo_lambda_loss(logps: Tensor, ref_logps: Tensor, labels: Tensor, beta: float = 0.1,
+                     mask: Tensor | None = None) -> Tensor:
+    """LiPO-λ (Liu et al. 2024, eq. 11), listwise over K responses per prompt, shapes (B, K) -> (B,).
+
+    s_i = β·log π/π_ref(y_i); loss = −Σ_{ψ_i > ψ_j} Δ_ij · log σ(s_i − s_j), with the LambdaLoss weight
+    Δ_ij = |G_i − G_j| · |1/D(τ_i) − 1/D(τ_j)|, G = 2^ψ − 1, D(τ) = log2(1 + τ), τ = rank of s_i (1 = best,
+    from the current scores, no gradient). `mask` (B, K) drops padded list entries.
+    """
+    scores = beta * (logps - ref_logps)
+    mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.bool()
+    ranking_scores = scores.detach().masked_fill(~mask, float("-inf"))
+    ranks = ranking_scores.argsort(-1, descending=True).argsort(-1).to(scores.dtype) + 1
+    gain = 2.0 ** labels.to(scores.dtype) - 1
+    discount = 1.0 / torch.log2(1 + ranks)
+    delta = (gain.unsqueeze(-1) - gain.unsqueeze(-2)).abs() * (discount.unsqueeze(-1) - discount.unsqueeze(-2)).abs()
+    better = (labels.unsqueeze(-1) > labels.unsqueeze(-2)) & mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    pair_loss = -F.logsigmoid(scores.unsqueeze(-1) - scores.unsqueeze(-2))
+    return (delta * pair_loss * better).sum((-1, -2))
+
+
 PREFERENCE_LOSSES = {
     "dpo": dpo_loss,
     "cdpo": dpo_loss,            # dpo with algorithm.label_smoothing > 0
@@ -72,6 +120,9 @@ PREFERENCE_LOSSES = {
     "orpo": orpo_loss,
 }
 REFERENCE_FREE = {"simpo", "orpo"}
+# Unpaired (KTO, BCO) and listwise (LiPO-λ) losses take other inputs; they are registered by data shape.
+UNPAIRED_LOSSES = {"kto": kto_loss, "bco": bco_loss}
+LISTWISE_LOSSES = {"lipo": lipo_lambda_loss}
 
 
 def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | float = 0.0) -> Tensor:

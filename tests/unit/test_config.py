@@ -21,7 +21,8 @@ def test_default_config_is_valid():
     assert cfg.model.path == "smollm2-135m-instruct" and cfg.algorithm.name == "grpo"
 
 
-@pytest.mark.parametrize("group", ["feedback=function", "feedback=judge", "model=tiny", "algorithm=grpo"])
+@pytest.mark.parametrize("group", ["feedback=function", "feedback=judge", "model=tiny", "algorithm=grpo",
+                                   "algorithm=rloo", "algorithm=dr_grpo"])
 def test_every_shipped_group_composes_and_validates(group):
     validate(composed(group))
 

@@ -43,7 +43,7 @@ def test_ipo_minimum_is_at_margin_one_over_two_beta():
                     ref_chosen_logps=torch.tensor([-10.0]), ref_rejected_logps=torch.tensor([-12.0]),
                     beta=beta, **lengths)
     (grad,) = torch.autograd.grad(loss.sum(), h)
-    assert float(loss) == pytest.approx(0.0, abs=1e-10) and float(grad) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-10) and float(grad) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_simpo_and_orpo_hand_computed():
@@ -80,3 +80,46 @@ def test_bradley_terry_margin_and_registry_names():
     assert float(bradley_terry_loss(torch.tensor([1.0]), torch.tensor([1.0]))) == pytest.approx(math.log(2))
     assert float(bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0]), margin=1.0)) == pytest.approx(math.log(2))
     assert {"dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo"} <= PREFERENCE_LOSSES.keys()
+
+
+from openrlaif.algorithms.preference import bco_loss, bco_rewards, kto_loss, lipo_lambda_loss  # noqa: E402
+
+
+def test_kto_hand_computed_with_reference_point():
+    logps, ref = torch.tensor([-5.0, -5.0]), torch.tensor([-6.0, -4.0])       # log ratios +1 and -1
+    desirable = torch.tensor([True, False])
+    kl_logps, ref_kl = torch.tensor([-3.0, -3.0]), torch.tensor([-3.5, -3.5])  # z0 = 0.5
+    loss = kto_loss(logps, ref, desirable, kl_logps, ref_kl, beta=1.0, undesirable_weight=2.0)
+    sig = lambda z: 1 / (1 + math.exp(-z))   # noqa: E731
+    assert loss.tolist() == pytest.approx([1 - sig(1.0 - 0.5), 2.0 * (1 - sig(0.5 - (-1.0)))])
+    # a negative batch KL estimate is clamped to 0
+    clamped = kto_loss(logps, ref, desirable, kl_logps, kl_logps + 1.0, beta=1.0)
+    assert clamped.tolist() == pytest.approx([1 - sig(1.0), 1 - sig(1.0)])
+
+
+def test_bco_shifts_by_delta_and_matches_dpo_shape():
+    logps, ref = torch.tensor([-5.0, -5.0]), torch.tensor([-6.0, -4.0])
+    desirable = torch.tensor([True, False])
+    rewards = bco_rewards(logps, ref, beta=0.5)
+    assert rewards.tolist() == [0.5, -0.5]
+    loss = bco_loss(logps, ref, desirable, delta=rewards.mean(), beta=0.5)
+    ell = lambda z: -math.log(1 / (1 + math.exp(-z)))   # noqa: E731
+    assert loss.tolist() == pytest.approx([ell(0.5), ell(0.5)])
+
+
+def test_lipo_with_two_responses_is_dpo_scaled_by_the_lambda_weight():
+    logps, ref = torch.tensor([[-4.0, -6.0]]), torch.tensor([[-5.0, -5.5]])
+    loss = lipo_lambda_loss(logps, ref, labels=torch.tensor([[1.0, 0.0]]), beta=0.1)
+    dpo = dpo_loss(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], beta=0.1)
+    weight = 1.0 * abs(1 / math.log2(2) - 1 / math.log2(3))      # |G1 - G0| · |1/D(1) - 1/D(2)|
+    assert float(loss) == pytest.approx(weight * float(dpo))
+
+
+def test_lipo_ignores_ties_and_masked_entries():
+    logps = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.zeros(1, 3)
+    assert float(lipo_lambda_loss(logps, ref, labels=torch.tensor([[2.0, 2.0, 2.0]]))) == 0.0
+    masked = lipo_lambda_loss(logps, ref, labels=torch.tensor([[2.0, 1.0, 0.0]]),
+                              mask=torch.tensor([[True, True, False]]))
+    two = lipo_lambda_loss(logps[:, :2], ref[:, :2], labels=torch.tensor([[2.0, 1.0]]))
+    assert float(masked) == pytest.approx(float(two))
