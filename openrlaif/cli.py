@@ -2,6 +2,7 @@
 
     openrlaif train                                   # the embedded default (SmolLM2 + SmolLM2 judge, GRPO)
     openrlaif train model.path=/ckpt/my-model rollout.engine=hf steps=20
+    openrlaif train pipeline=preference algorithm=dpo data.pairs=pairs.jsonl
     openrlaif train --cfg job                         # print the composed config (any Hydra flag works)
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-COMMANDS = {"train": "run an online RL job (pipeline=online_rl)"}
+COMMANDS = {"train": "run a training job: pipeline=online_rl (default, GRPO/RLOO/Dr. GRPO) or pipeline=preference"}
 
 
 def _config_dir() -> str:
@@ -37,8 +38,8 @@ def _train(overrides: list[str]) -> int:
         try:
             config: Config = OmegaConf.to_object(cfg)
             validate(config)
-            from openrlaif.pipelines.online_rl import train
-            train(config)
+            from openrlaif.pipelines import run
+            run(config)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             outcome["code"] = 2

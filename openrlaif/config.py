@@ -40,6 +40,8 @@ class DataConfig:
     max_prompt_tokens: int = 256
     system_prompt: str = ""               # prepended as a system message when a row has none ("" = the template's default)
     shuffle: bool = True
+    pairs: str = "demo"                   # pipeline=preference: jsonl of {"prompt", "chosen", "rejected"}; "demo" = shipped
+    max_response_tokens: int = 256        # pipeline=preference: answers are cut to this many tokens
 
 
 @dataclass
@@ -86,6 +88,11 @@ class AlgorithmConfig:
     kl_coef: float = 0.04                 # β of GRPO (DeepSeekMath); 0 turns the reference role off
     kl_estimator: str = "k3"              # k1 | k2 | k3
     normalize_std: bool = True            # divide by the group std (False = Dr. GRPO numerator)
+    # pipeline=preference
+    loss: str = "dpo"                     # key of algorithms.PREFERENCE_LOSSES
+    beta: float = 0.1                     # DPO/IPO/cDPO/rDPO β; SimPO β (paper default 2.0); ORPO λ
+    label_smoothing: float = 0.0          # cDPO ε (> 0), robust DPO flip rate ε (< 0.5)
+    simpo_gamma: float = 0.5              # SimPO target margin γ
 
 
 @dataclass
@@ -161,7 +168,13 @@ def validate(cfg: Config) -> None:
     """Cross-field and range checks. Model and data files are checked by their loaders (they name the file)."""
     from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
 
-    _choice("pipeline", cfg.pipeline, {"online_rl"})
+    from openrlaif.algorithms import PREFERENCE_LOSSES
+
+    from openrlaif.pipelines import PIPELINES
+    _choice("pipeline", cfg.pipeline, PIPELINES)
+    if cfg.pipeline == "preference":
+        _validate_preference(cfg, PREFERENCE_LOSSES)
+        return
     _choice("algorithm.advantage", cfg.algorithm.advantage, ADVANTAGE_ESTIMATORS)
     _choice("algorithm.policy_loss", cfg.algorithm.policy_loss, POLICY_LOSSES)
     _choice("algorithm.kl_estimator", cfg.algorithm.kl_estimator, KL_ESTIMATORS)
@@ -229,6 +242,28 @@ def validate(cfg: Config) -> None:
         except (KeyError, IndexError, ValueError) as err:
             raise ConfigError(f"feedback.judge.rubric has a bad placeholder ({err}); only {{score_min}} and "
                               "{score_max} are filled in. Write literal braces as {{ and }}.") from None
+
+
+def _validate_preference(cfg: Config, losses) -> None:
+    algo = cfg.algorithm
+    _choice("algorithm.loss", algo.loss, losses)
+    _choice("model.dtype", cfg.model.dtype, {"float32", "bfloat16"})
+    if cfg.actor.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"actor.zero_stage={cfg.actor.zero_stage} must be 0, 1, 2 or 3.")
+    for key, value in (("steps", cfg.steps), ("data.prompts_per_step", cfg.data.prompts_per_step),
+                       ("actor.lr", cfg.actor.lr), ("actor.micro_batch_size", cfg.actor.micro_batch_size),
+                       ("algorithm.beta", algo.beta), ("data.max_response_tokens", cfg.data.max_response_tokens)):
+        _positive(key, value)
+    if algo.loss == "cdpo" and algo.label_smoothing <= 0:
+        raise ConfigError("algorithm.loss=cdpo needs algorithm.label_smoothing > 0 (the assumed label-noise rate). "
+                          "Fix: algorithm.label_smoothing=0.1")
+    if not 0 <= algo.label_smoothing < 0.5:
+        raise ConfigError(f"algorithm.label_smoothing={algo.label_smoothing} must be in [0, 0.5).")
+    world, pairs = cfg.actor.resources.num_workers, cfg.data.prompts_per_step
+    if pairs % world or (pairs // world) % cfg.actor.micro_batch_size:
+        raise ConfigError(f"data.prompts_per_step={pairs} pairs per step must split evenly over the "
+                          f"actor.resources.num_workers={world} workers in micro-batches of "
+                          f"actor.micro_batch_size={cfg.actor.micro_batch_size} pairs.")
 
 
 def cache_dir(cfg: ModelConfig) -> str:

@@ -37,6 +37,7 @@ class MetricsLogger:
 
 def summary_line(step: int, metrics: dict[str, float]) -> str:
     keys = [("reward/mean", "reward"), ("train/kl", "kl"), ("train/loss", "loss"), ("feedback/failures", "fail"),
+            ("train/reward_accuracy", "pair acc"), ("train/reward_margin", "margin"),
             ("throughput/rollout_tokens_per_s", "gen tok/s"), ("time/step_s", "step s")]
     parts = [f"{label} {metrics[key]:.4g}" for key, label in keys if key in metrics]
     return f"step {step}: " + " | ".join(parts)

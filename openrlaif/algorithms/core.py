@@ -1,5 +1,4 @@
 """Masked reductions shared by every loss."""
-import torch
 from torch import Tensor
 
 

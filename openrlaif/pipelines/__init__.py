@@ -1,1 +1,8 @@
-"""Driver loops, one per pipeline."""
+"""Driver loops, one module per pipeline; `pipeline=<name>` picks the module whose train(cfg) runs."""
+import importlib
+
+PIPELINES = {"online_rl": "openrlaif.pipelines.online_rl", "preference": "openrlaif.pipelines.preference"}
+
+
+def run(cfg) -> dict:
+    return importlib.import_module(PIPELINES[cfg.pipeline]).train(cfg)

@@ -1,26 +1,24 @@
 """Online RL with AI or rule feedback (GRPO). `train()` is the loop; the helpers below it do one phase each."""
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import time
 from dataclasses import dataclass
 
 import ray
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS
 from openrlaif.batch import Batch
-from openrlaif.config import Config, ConfigError, cache_dir
+from openrlaif.config import Config, cache_dir
 from openrlaif.data import PromptStream, load_prompts
 from openrlaif.feedback import Feedback
 from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
 from openrlaif.rollout.collate import completions_to_batch
 from openrlaif.rollout.types import SamplingSpec
+from openrlaif.pipelines.common import (load_tokenizer, prepare_output_dir, save_checkpoint, start_actor,
+                                        threads_per_worker)
 from openrlaif.runtime import ray_session
 from openrlaif.workers.group import WorkerGroup, check_cluster_fits
 
@@ -67,7 +65,7 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, d
         logger.log(step, metrics)
         tqdm.write(summary_line(step, metrics))
     logger.close()
-    checkpoint = save_checkpoint(roles, cfg, run) if cfg.output.save_final else None
+    checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path) if cfg.output.save_final else None
     return checkpoint, metrics, logger.path
 
 
@@ -98,12 +96,6 @@ class Roles:
 
 
 def prepare_run(cfg: Config) -> RunInputs:
-    from transformers import AutoTokenizer
-
-    out_dir = os.path.abspath(cfg.output.dir)
-    if cfg.output.save_final and os.path.exists(os.path.join(out_dir, "checkpoint")) and not cfg.output.overwrite:
-        raise ConfigError(f"{out_dir}/checkpoint already exists and would be replaced. Fix: output.overwrite=true "
-                          "to replace it, or a new output.dir.")
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
     judge_path = None
     if cfg.feedback.source == "judge":
@@ -112,16 +104,9 @@ def prepare_run(cfg: Config) -> RunInputs:
     else:
         from openrlaif.feedback.rules import load_function
         load_function(cfg.feedback.function)   # fail now on a bad name, not after the models are loaded
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        raise ConfigError(f"model.path={cfg.model.path!r}: the tokenizer has no chat template. Fix: use an instruct "
-                          "model, or add a chat_template to its tokenizer_config.json.")
+    tokenizer = load_tokenizer(model_path, cfg)
     prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.yaml"), "w") as handle:
-        handle.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    out_dir = prepare_output_dir(cfg)
     roles = [cfg.actor.resources, cfg.rollout.resources]
     roles += [cfg.reference.resources] if cfg.algorithm.kl_coef > 0 else []
     roles += [cfg.feedback.judge.resources] if judge_path else []
@@ -133,7 +118,6 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     """Each role in its own placement group; all models load in parallel, then we wait once."""
     from openrlaif.feedback.judge import JudgeFeedback, JudgeWorker
     from openrlaif.feedback.rules import FunctionFeedback
-    from openrlaif.workers.actor import ActorWorker
     from openrlaif.workers.reference import ReferenceWorker
     from openrlaif.workers.rollout import RolloutWorker
 
@@ -143,25 +127,14 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     if run.judge_path:
         plan["judge"] = cfg.feedback.judge.resources
     check_cluster_fits(plan)
-    cores = os.cpu_count() or 1
 
     def threads(role: str) -> int:
-        return cfg.cluster.threads_per_worker or max(1, cores // plan[role].num_workers)
+        return threads_per_worker(cfg, plan[role].num_workers)
 
-    any_gpu = cfg.actor.resources.num_gpus > 0
-    backend = cfg.cluster.dist_backend if cfg.cluster.dist_backend != "auto" else ("nccl" if any_gpu else "gloo")
     step_batch = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
     trust = cfg.model.trust_remote_code
     temperature = cfg.rollout.temperature
-    master_addr, master_port = "127.0.0.1", _free_port()
-    if cfg.cluster.address:   # multi-node: rank 0's node must be reachable by the others
-        master_addr = ray.util.get_node_ip_address()
-
-    actor = WorkerGroup("actor", ActorWorker, cfg.actor.resources, lambda rank: dict(
-        model_path=run.model_path, cfg=cfg.actor, algo=cfg.algorithm, rank=rank,
-        world_size=cfg.actor.resources.num_workers, master_addr=master_addr, master_port=master_port,
-        backend=backend, dtype=cfg.model.dtype, step_batch_size=step_batch, temperature=temperature,
-        threads=threads("actor"), seed=cfg.seed, trust_remote_code=trust))
+    actor = start_actor(cfg, run.model_path, step_batch, temperature)
     rollout = WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
         model_path=run.model_path, cfg=cfg.rollout,
         max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
@@ -182,12 +155,6 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     groups = [g for g in (actor, rollout, reference, judge) if g is not None]
     ray.get([ref for g in groups for ref in g.call(lambda w: w.ready.remote())])
     return Roles(actor, reference, rollout, feedback, judge)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------- phases
@@ -253,18 +220,6 @@ def sync_weights(roles: Roles, cfg: Config) -> float:
     load_refs = roles.rollout.call(lambda w: w.update_weights.remote(state_refs[0]))
     results = ray.get(state_refs[1:] + load_refs)   # ranks > 0 return None; engines return their load time
     return max(results[len(state_refs) - 1:])
-
-
-def save_checkpoint(roles: Roles, cfg: Config, run: RunInputs) -> str:
-    """HF folder at <out>/checkpoint, written to a temp folder first so a crash never leaves half a checkpoint."""
-    final = os.path.join(run.out_dir, "checkpoint")
-    staging = final + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    ray.get(roles.actor.call(lambda w: w.save_hf.remote(staging, run.model_path)))
-    if os.path.exists(final):   # consent was checked at start-up (output.overwrite)
-        shutil.rmtree(final)
-    os.rename(staging, final)
-    return final
 
 
 def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[str, float]) -> dict[str, float]:

@@ -1,5 +1,4 @@
 """The CLI as a user runs it: bad input fails at start-up with the key and the fix; a tiny run succeeds."""
-import json
 import os
 import subprocess
 import sys
@@ -70,3 +69,21 @@ def test_tiny_run_then_refuses_to_overwrite_without_consent(cache_env, tmp_path)
     again = cli(*args, env_extra=cache_env)
     assert again.returncode == 2 and "output.overwrite=true" in again.stderr
     assert os.path.getmtime(tmp_path / "checkpoint" / "model.safetensors") == before
+
+
+def test_preference_pipeline_from_the_cli(cache_env, tmp_path):
+    out = cli("train", "pipeline=preference", "algorithm=simpo", "model=tiny", "steps=2", "data.pairs=demo",
+              "data.prompts_per_step=4", "actor.micro_batch_size=2", f"output.dir={tmp_path}", env_extra=cache_env,
+              timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 2
+    assert os.path.isfile(tmp_path / "checkpoint" / "model.safetensors")
+
+
+def test_preference_pipeline_bad_input(cache_env, tmp_path):
+    out = cli("train", "pipeline=preference", "algorithm=cdpo", "algorithm.label_smoothing=0", "model=tiny",
+              f"output.dir={tmp_path}", env_extra=cache_env)
+    assert out.returncode == 2 and "algorithm.label_smoothing > 0" in out.stderr
+    out = cli("train", "pipeline=preference", "model=tiny", "data.pairs=/no/pairs.jsonl", f"output.dir={tmp_path}",
+              env_extra=cache_env)
+    assert out.returncode == 2 and "data.pairs='/no/pairs.jsonl': no such file" in out.stderr

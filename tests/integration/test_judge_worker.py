@@ -1,6 +1,5 @@
 """The pointwise judge as a Ray worker on the tiny model: every verdict is a score in [0, 1] or a typed failure."""
 import pytest
-import ray
 
 from openrlaif.config import JudgeConfig, RoleResources
 from openrlaif.feedback.judge import JudgeFeedback, JudgeWorker

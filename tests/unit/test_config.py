@@ -55,3 +55,15 @@ def test_bad_type_is_rejected_by_the_schema():
 def test_function_feedback_needs_module_and_name():
     with pytest.raises(ConfigError, match="feedback.function"):
         validate(composed("feedback=function", "feedback.function=brevity"))
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo"])
+def test_preference_configs_compose_and_validate(algorithm):
+    cfg = composed("pipeline=preference", f"algorithm={algorithm}")
+    validate(cfg)
+    assert cfg.algorithm.loss == algorithm
+
+
+def test_preference_pairs_must_split_over_workers():
+    with pytest.raises(ConfigError, match="pairs per step"):
+        validate(composed("pipeline=preference", "algorithm=dpo", "data.prompts_per_step=3"))

@@ -1,0 +1,116 @@
+"""Preference pairs: jsonl rows of {"prompt", "chosen", "rejected"} (strings) or TRL's conversational form
+{"chosen": [messages...], "rejected": [messages...]} whose last message is the assistant's answer and whose
+earlier messages are the shared prompt. Rendered with the model's chat template."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from openrlaif.batch import Batch
+from openrlaif.config import ConfigError
+
+DEMO_PAIRS = os.path.join(os.path.dirname(__file__), "demo_pairs.jsonl")
+
+
+@dataclass
+class Pair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    ref_chosen_logp: float = 0.0      # Σ log π_ref(chosen), filled once by the reference role
+    ref_rejected_logp: float = 0.0
+
+
+def _split_conversation(messages, where: str, key: str) -> tuple[list[dict], str]:
+    if (not isinstance(messages, list) or len(messages) < 2
+            or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
+            or messages[-1]["role"] != "assistant"):
+        raise ConfigError(f"{where}: \"{key}\" must be a list of {{\"role\", \"content\"}} messages ending with the "
+                          "assistant's answer.")
+    return messages[:-1], messages[-1]["content"]
+
+
+def _encode_response(tokenizer, prompt_messages: list[dict], response: str) -> tuple[list[int], list[int]]:
+    """Prompt ids (with the generation prompt) and response ids (the answer plus the end-of-turn token)."""
+    prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    full = tokenizer.apply_chat_template(prompt_messages + [{"role": "assistant", "content": response}],
+                                         tokenize=True)
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    if full[:len(prompt)] != prompt:   # templates that rewrite earlier turns: fall back to plain concatenation
+        full = prompt + tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+    response_ids = full[len(prompt):]
+    # keep the answer through its end-of-turn token; drop trailing newlines some templates add after it
+    if tokenizer.eos_token_id in response_ids:
+        response_ids = response_ids[:response_ids.index(tokenizer.eos_token_id) + 1]
+    return prompt, response_ids
+
+
+def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> list[Pair]:
+    path = DEMO_PAIRS if path == "demo" else path
+    if not path or not os.path.isfile(path):
+        raise ConfigError(f"data.pairs={path!r}: no such file. Fix: point data.pairs at a jsonl file of "
+                          "{\"prompt\", \"chosen\", \"rejected\"} rows, or use data.pairs=demo.")
+    pairs = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{where}: not valid JSON ({err.msg}). Each line must be one JSON object.") from None
+            if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
+                raise ConfigError(f"{where}: each row needs \"chosen\" and \"rejected\" (and \"prompt\" unless they "
+                                  "are message lists).")
+            if isinstance(row["chosen"], list):
+                prompt_messages, chosen = _split_conversation(row["chosen"], where, "chosen")
+                rejected_prompt, rejected = _split_conversation(row["rejected"], where, "rejected")
+                if rejected_prompt != prompt_messages:
+                    raise ConfigError(f"{where}: \"chosen\" and \"rejected\" must share the same prompt messages.")
+            else:
+                if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "chosen", "rejected")):
+                    raise ConfigError(f"{where}: \"prompt\", \"chosen\" and \"rejected\" must be non-empty strings.")
+                prompt_messages, chosen, rejected = [{"role": "user", "content": row["prompt"]}], row["chosen"], row["rejected"]
+            prompt_ids, chosen_ids = _encode_response(tokenizer, prompt_messages, chosen)
+            _, rejected_ids = _encode_response(tokenizer, prompt_messages, rejected)
+            if len(prompt_ids) > max_prompt_tokens:
+                raise ConfigError(f"{where}: the templated prompt has {len(prompt_ids)} tokens, more than "
+                                  f"data.max_prompt_tokens={max_prompt_tokens}. Fix: raise it or shorten the prompt.")
+            pairs.append(Pair(prompt_ids, chosen_ids[:max_response_tokens], rejected_ids[:max_response_tokens]))
+    if not pairs:
+        raise ConfigError(f"data.pairs={path!r} holds no pairs. Fix: add {{\"prompt\", \"chosen\", \"rejected\"}} rows.")
+    return pairs
+
+
+def pairs_to_batch(pairs: list[Pair], pad_id: int) -> Batch:
+    """One row per pair; chosen and rejected share the column layout [left-padded prompt | right-padded answer]
+    so a worker can run them through the model in one concatenated forward pass."""
+    prompt_width = max(len(p.prompt_ids) for p in pairs)
+    response_width = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    tensors = {}
+    for side in ("chosen", "rejected"):
+        input_ids = torch.full((len(pairs), prompt_width + response_width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        response_mask = torch.zeros((len(pairs), response_width))
+        for row, pair in enumerate(pairs):
+            response = getattr(pair, f"{side}_ids")
+            input_ids[row, prompt_width - len(pair.prompt_ids):prompt_width] = torch.tensor(pair.prompt_ids)
+            input_ids[row, prompt_width:prompt_width + len(response)] = torch.tensor(response)
+            attention_mask[row, prompt_width - len(pair.prompt_ids):prompt_width + len(response)] = 1
+            response_mask[row, :len(response)] = 1
+        tensors |= {f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention_mask,
+                    f"{side}_response_mask": response_mask}
+    tensors["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logp for p in pairs])
+    tensors["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logp for p in pairs])
+    return Batch(tensors)
+
+
+def both_sides(batch: Batch) -> Batch:
+    """Chosen rows then rejected rows, as one model batch (input_ids, attention_mask, response_mask)."""
+    return Batch({name: torch.cat([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
+                  for name in ("input_ids", "attention_mask", "response_mask")})

@@ -1,0 +1,76 @@
+"""Set-up both pipelines share: output folder and consent, tokenizer, the actor group, the final checkpoint."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import ray
+from omegaconf import OmegaConf
+
+from openrlaif.config import Config, ConfigError
+from openrlaif.workers.group import WorkerGroup
+
+
+def prepare_output_dir(cfg: Config) -> str:
+    """The absolute output folder, with the resolved config written into it; refuses to replace a checkpoint
+    without output.overwrite=true."""
+    out_dir = os.path.abspath(cfg.output.dir)
+    if cfg.output.save_final and os.path.exists(os.path.join(out_dir, "checkpoint")) and not cfg.output.overwrite:
+        raise ConfigError(f"{out_dir}/checkpoint already exists and would be replaced. Fix: output.overwrite=true "
+                          "to replace it, or a new output.dir.")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.yaml"), "w") as handle:
+        handle.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return out_dir
+
+
+def load_tokenizer(model_path: str, cfg: Config):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model.path={cfg.model.path!r}: the tokenizer has no chat template. Fix: use an instruct "
+                          "model, or add a chat_template to its tokenizer_config.json.")
+    return tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def threads_per_worker(cfg: Config, num_workers: int) -> int:
+    """Roles run one after another, so each may use every core unless the config says otherwise."""
+    return cfg.cluster.threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
+
+
+def start_actor(cfg: Config, model_path: str, step_batch_size: int, temperature: float = 1.0) -> WorkerGroup:
+    """The DeepSpeed policy workers, with their torch.distributed rendezvous."""
+    from openrlaif.workers.actor import ActorWorker
+    resources = cfg.actor.resources
+    backend = cfg.cluster.dist_backend if cfg.cluster.dist_backend != "auto" else (
+        "nccl" if resources.num_gpus > 0 else "gloo")
+    master_addr, master_port = "127.0.0.1", free_port()
+    if cfg.cluster.address:   # multi-node: rank 0's node must be reachable by the others
+        master_addr = ray.util.get_node_ip_address()
+    return WorkerGroup("actor", ActorWorker, resources, lambda rank: dict(
+        model_path=model_path, cfg=cfg.actor, algo=cfg.algorithm, rank=rank, world_size=resources.num_workers,
+        master_addr=master_addr, master_port=master_port, backend=backend, dtype=cfg.model.dtype,
+        step_batch_size=step_batch_size, temperature=temperature,
+        threads=threads_per_worker(cfg, resources.num_workers), seed=cfg.seed,
+        trust_remote_code=cfg.model.trust_remote_code))
+
+
+def save_checkpoint(actor: WorkerGroup, out_dir: str, tokenizer_path: str) -> str:
+    """HF folder at <out>/checkpoint, written to a temp folder first so a crash never leaves half a checkpoint."""
+    final = os.path.join(out_dir, "checkpoint")
+    staging = final + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    ray.get(actor.call(lambda w: w.save_hf.remote(staging, tokenizer_path)))
+    if os.path.exists(final):   # consent was checked at start-up (output.overwrite)
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    return final

@@ -1,0 +1,48 @@
+"""pipeline=preference through the real driver: reference role, DeepSpeed actor (2 workers), each loss family."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from openrlaif.config import (ActorConfig, AlgorithmConfig, ClusterConfig, Config, DataConfig, ModelConfig,
+                              OutputConfig, RoleResources, validate)
+from openrlaif.pipelines import run
+
+PAIRS = [{"prompt": f"question {i}", "chosen": "the sun is a star", "rejected": "blue blue cat dog"}
+         for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in PAIRS))
+    return str(path)
+
+
+@pytest.mark.parametrize("loss,beta,smoothing,stage", [("dpo", 0.1, 0.0, 2), ("robust_dpo", 0.1, 0.1, 3),
+                                                       ("ipo", 0.1, 0.0, 2), ("simpo", 2.0, 0.0, 2),
+                                                       ("orpo", 0.1, 0.0, 2)])
+def test_loss_falls_on_a_fixed_set_of_pairs(ray_cluster, tiny_model, pairs_file, tmp_path, loss, beta, smoothing,
+                                            stage):
+    cfg = Config(pipeline="preference", steps=4, seed=0, model=ModelConfig(path=tiny_model),
+                 data=DataConfig(pairs=pairs_file, prompts_per_step=8, shuffle=False),
+                 actor=ActorConfig(zero_stage=stage, lr=1e-3, micro_batch_size=2,
+                                   resources=RoleResources(num_workers=2)),
+                 algorithm=AlgorithmConfig(loss=loss, beta=beta, label_smoothing=smoothing),
+                 cluster=ClusterConfig(threads_per_worker=1), output=OutputConfig(dir=str(tmp_path)))
+    validate(cfg)
+    result = run(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = [row["train/loss"] for row in rows]
+    assert all(math.isfinite(value) for value in losses)
+    assert losses[-1] < losses[0], losses
+    assert rows[-1]["train/reward_margin"] > rows[0]["train/reward_margin"]
+    if loss == "dpo":   # policy == reference at step 1: margin 0, loss ln 2 exactly
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
+        assert rows[-1]["train/reward_accuracy"] == 1.0
+    trained = load_file(os.path.join(result["checkpoint"], "model.safetensors"))
+    initial = load_file(os.path.join(tiny_model, "model.safetensors"))
+    assert any(not torch.equal(initial[name], trained[name]) for name in initial)
