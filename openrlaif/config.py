@@ -41,7 +41,9 @@ class DataConfig:
     system_prompt: str = ""               # prepended as a system message when a row has none ("" = the template's default)
     shuffle: bool = True
     pairs: str = "demo"                   # pipeline=preference: jsonl of {"prompt", "chosen", "rejected"}; "demo" = shipped
-    max_response_tokens: int = 256        # pipeline=preference: answers are cut to this many tokens
+    max_response_tokens: int = 256        # pipeline=preference|sft: answers are cut to this many tokens
+    sft: str = "demo"                     # pipeline=sft: jsonl of {"prompt", "response"} or {"messages"}; "demo" = shipped
+    pack_length: int = 0                  # pipeline=sft: pack short examples into rows of this many tokens (0 = off)
 
 
 @dataclass
@@ -172,8 +174,8 @@ def validate(cfg: Config) -> None:
 
     from openrlaif.pipelines import PIPELINES
     _choice("pipeline", cfg.pipeline, PIPELINES)
-    if cfg.pipeline == "preference":
-        _validate_preference(cfg, PREFERENCE_LOSSES)
+    if cfg.pipeline in ("preference", "sft"):
+        _validate_offline(cfg, PREFERENCE_LOSSES)
         return
     _choice("algorithm.advantage", cfg.algorithm.advantage, ADVANTAGE_ESTIMATORS)
     _choice("algorithm.policy_loss", cfg.algorithm.policy_loss, POLICY_LOSSES)
@@ -244,9 +246,12 @@ def validate(cfg: Config) -> None:
                               "{score_max} are filled in. Write literal braces as {{ and }}.") from None
 
 
-def _validate_preference(cfg: Config, losses) -> None:
+def _validate_offline(cfg: Config, losses) -> None:
+    """pipeline=preference and pipeline=sft: one actor group, no rollout."""
     algo = cfg.algorithm
-    _choice("algorithm.loss", algo.loss, losses)
+    if cfg.pipeline == "preference":
+        _choice("algorithm.loss", algo.loss, losses)
+    _positive("data.pack_length", cfg.data.pack_length, allow_zero=True)
     _choice("model.dtype", cfg.model.dtype, {"float32", "bfloat16"})
     if cfg.actor.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"actor.zero_stage={cfg.actor.zero_stage} must be 0, 1, 2 or 3.")
@@ -254,16 +259,16 @@ def _validate_preference(cfg: Config, losses) -> None:
                        ("actor.lr", cfg.actor.lr), ("actor.micro_batch_size", cfg.actor.micro_batch_size),
                        ("algorithm.beta", algo.beta), ("data.max_response_tokens", cfg.data.max_response_tokens)):
         _positive(key, value)
-    if algo.loss == "cdpo" and algo.label_smoothing <= 0:
+    if cfg.pipeline == "preference" and algo.loss == "cdpo" and algo.label_smoothing <= 0:
         raise ConfigError("algorithm.loss=cdpo needs algorithm.label_smoothing > 0 (the assumed label-noise rate). "
                           "Fix: algorithm.label_smoothing=0.1")
     if not 0 <= algo.label_smoothing < 0.5:
         raise ConfigError(f"algorithm.label_smoothing={algo.label_smoothing} must be in [0, 0.5).")
     world, pairs = cfg.actor.resources.num_workers, cfg.data.prompts_per_step
     if pairs % world or (pairs // world) % cfg.actor.micro_batch_size:
-        raise ConfigError(f"data.prompts_per_step={pairs} pairs per step must split evenly over the "
+        raise ConfigError(f"data.prompts_per_step={pairs} examples per step must split evenly over the "
                           f"actor.resources.num_workers={world} workers in micro-batches of "
-                          f"actor.micro_batch_size={cfg.actor.micro_batch_size} pairs.")
+                          f"actor.micro_batch_size={cfg.actor.micro_batch_size}.")
 
 
 def cache_dir(cfg: ModelConfig) -> str:

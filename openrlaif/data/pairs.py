@@ -24,7 +24,7 @@ class Pair:
     ref_rejected_logp: float = 0.0
 
 
-def _split_conversation(messages, where: str, key: str) -> tuple[list[dict], str]:
+def split_conversation(messages, where: str, key: str) -> tuple[list[dict], str]:
     if (not isinstance(messages, list) or len(messages) < 2
             or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
             or messages[-1]["role"] != "assistant"):
@@ -33,7 +33,7 @@ def _split_conversation(messages, where: str, key: str) -> tuple[list[dict], str
     return messages[:-1], messages[-1]["content"]
 
 
-def _encode_response(tokenizer, prompt_messages: list[dict], response: str) -> tuple[list[int], list[int]]:
+def encode_response(tokenizer, prompt_messages: list[dict], response: str) -> tuple[list[int], list[int]]:
     """Prompt ids (with the generation prompt) and response ids (the answer plus the end-of-turn token)."""
     prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=True)
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
@@ -68,16 +68,16 @@ def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens
                 raise ConfigError(f"{where}: each row needs \"chosen\" and \"rejected\" (and \"prompt\" unless they "
                                   "are message lists).")
             if isinstance(row["chosen"], list):
-                prompt_messages, chosen = _split_conversation(row["chosen"], where, "chosen")
-                rejected_prompt, rejected = _split_conversation(row["rejected"], where, "rejected")
+                prompt_messages, chosen = split_conversation(row["chosen"], where, "chosen")
+                rejected_prompt, rejected = split_conversation(row["rejected"], where, "rejected")
                 if rejected_prompt != prompt_messages:
                     raise ConfigError(f"{where}: \"chosen\" and \"rejected\" must share the same prompt messages.")
             else:
                 if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "chosen", "rejected")):
                     raise ConfigError(f"{where}: \"prompt\", \"chosen\" and \"rejected\" must be non-empty strings.")
                 prompt_messages, chosen, rejected = [{"role": "user", "content": row["prompt"]}], row["chosen"], row["rejected"]
-            prompt_ids, chosen_ids = _encode_response(tokenizer, prompt_messages, chosen)
-            _, rejected_ids = _encode_response(tokenizer, prompt_messages, rejected)
+            prompt_ids, chosen_ids = encode_response(tokenizer, prompt_messages, chosen)
+            _, rejected_ids = encode_response(tokenizer, prompt_messages, rejected)
             if len(prompt_ids) > max_prompt_tokens:
                 raise ConfigError(f"{where}: the templated prompt has {len(prompt_ids)} tokens, more than "
                                   f"data.max_prompt_tokens={max_prompt_tokens}. Fix: raise it or shorten the prompt.")

@@ -1,7 +1,8 @@
 """Driver loops, one module per pipeline; `pipeline=<name>` picks the module whose train(cfg) runs."""
 import importlib
 
-PIPELINES = {"online_rl": "openrlaif.pipelines.online_rl", "preference": "openrlaif.pipelines.preference"}
+PIPELINES = {"online_rl": "openrlaif.pipelines.online_rl", "preference": "openrlaif.pipelines.preference",
+             "sft": "openrlaif.pipelines.sft"}
 
 
 def run(cfg) -> dict:

@@ -190,6 +190,43 @@ class ActorWorker:
                 "rejected_reward_x_pairs": sums["rejected_reward"], "tokens": float(tokens_seen),
                 "grad_norm": grad_norm, "seconds": time.perf_counter() - start_time}
 
+    def sft_step(self, batch: Batch, pad_id: int, pack_length: int = 0) -> dict[str, float]:
+        """Next-token cross-entropy on answer tokens only, exact mean over the global mini-batch's answer tokens.
+
+        `batch.meta` holds prompt_ids / response_ids lists. Each micro-batch of examples is packed into rows of
+        at most `pack_length` tokens (0: one per row) with a block-diagonal causal mask, so packed examples
+        never attend to each other and keep their own position ids.
+        """
+        import torch.nn.functional as F
+
+        from openrlaif.data.sft import block_causal_mask, pack_examples
+        self.engine.train()
+        start_time = time.perf_counter()
+        loss_sum, tokens_seen, slots, grad_norm = 0.0, 0, 0, 0.0
+        for _ in range(self.cfg.epochs):
+            for mini in batch.chunks_of(self.per_rank_mini):
+                answer_tokens = sum(len(r) for r in mini.meta["response_ids"])
+                num_tokens = float(_all_reduce_sum(torch.tensor(float(answer_tokens)), self.device))
+                for micro in mini.chunks_of(self.cfg.micro_batch_size):
+                    packed = pack_examples(micro.meta["prompt_ids"], micro.meta["response_ids"], pad_id, pack_length)
+                    packed = {k: v.to(self.device) for k, v in packed.items()}
+                    logits = self.engine(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                                         attention_mask=block_causal_mask(packed["segment_ids"]),
+                                         use_cache=False).logits[:, :-1].float()
+                    targets = packed["input_ids"][:, 1:]
+                    token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+                    loss = (token_loss * packed["loss_mask"][:, :-1]).sum() / max(num_tokens, 1.0)
+                    self.engine.backward(loss * self.accumulation * self.world_size)
+                    self.engine.step()
+                    loss_sum += float(loss.detach())
+                    tokens_seen += int((packed["segment_ids"] > 0).sum())
+                    slots += packed["input_ids"].numel()
+                norm = self.engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else 0.0
+        updates = self.cfg.epochs * len(batch.chunks_of(self.per_rank_mini))
+        return {"loss": loss_sum / updates, "tokens": float(tokens_seen), "slots": float(slots),
+                "grad_norm": grad_norm, "seconds": time.perf_counter() - start_time}
+
     def full_state_dict(self, dtype: str = "float32") -> dict[str, torch.Tensor] | None:
         """HF-named full weights on rank 0 (None elsewhere). Collective under ZeRO-3: call it on every rank."""
         import deepspeed

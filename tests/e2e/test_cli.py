@@ -87,3 +87,9 @@ def test_preference_pipeline_bad_input(cache_env, tmp_path):
     out = cli("train", "pipeline=preference", "model=tiny", "data.pairs=/no/pairs.jsonl", f"output.dir={tmp_path}",
               env_extra=cache_env)
     assert out.returncode == 2 and "data.pairs='/no/pairs.jsonl': no such file" in out.stderr
+
+
+def test_sft_bad_input(cache_env, tmp_path):
+    out = cli("train", "pipeline=sft", "model=tiny", "data.sft=/no/sft.jsonl", f"output.dir={tmp_path}",
+              env_extra=cache_env)
+    assert out.returncode == 2 and "data.sft='/no/sft.jsonl': no such file" in out.stderr

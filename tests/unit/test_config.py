@@ -65,5 +65,9 @@ def test_preference_configs_compose_and_validate(algorithm):
 
 
 def test_preference_pairs_must_split_over_workers():
-    with pytest.raises(ConfigError, match="pairs per step"):
+    with pytest.raises(ConfigError, match="examples per step"):
         validate(composed("pipeline=preference", "algorithm=dpo", "data.prompts_per_step=3"))
+
+
+def test_sft_config_validates():
+    validate(composed("pipeline=sft", "algorithm=sft", "data.pack_length=512"))
