@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -87,6 +87,10 @@ class AlgorithmConfig:
     advantage: str = "grpo"               # key of algorithms.ADVANTAGE_ESTIMATORS
     policy_loss: str = "ppo_clip"         # key of algorithms.POLICY_LOSSES
     clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None  # DAPO clip-higher: upper ε (null = clip_eps)
+    dual_clip: Optional[float] = None     # dual-clip c > 1 (Ye et al. 2020) for negative advantages; null = off
+    entropy_coef: float = 0.0             # entropy bonus coefficient
+    loss_agg: str = "token_mean"          # token_mean | seq_mean_token_mean
     kl_coef: float = 0.04                 # β of GRPO (DeepSeekMath); 0 turns the reference role off
     kl_estimator: str = "k3"              # k1 | k2 | k3
     normalize_std: bool = True            # divide by the group std (False = Dr. GRPO numerator)
@@ -169,6 +173,7 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field and range checks. Model and data files are checked by their loaders (they name the file)."""
     from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
+    from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
 
     from openrlaif.algorithms import PREFERENCE_LOSSES
 
@@ -180,6 +185,12 @@ def validate(cfg: Config) -> None:
     _choice("algorithm.advantage", cfg.algorithm.advantage, ADVANTAGE_ESTIMATORS)
     _choice("algorithm.policy_loss", cfg.algorithm.policy_loss, POLICY_LOSSES)
     _choice("algorithm.kl_estimator", cfg.algorithm.kl_estimator, KL_ESTIMATORS)
+    _choice("algorithm.loss_agg", cfg.algorithm.loss_agg, LOSS_AGGREGATIONS)
+    if cfg.algorithm.dual_clip is not None and cfg.algorithm.dual_clip <= 1:
+        raise ConfigError(f"algorithm.dual_clip={cfg.algorithm.dual_clip} must be > 1 (the paper uses 3), or null.")
+    if cfg.algorithm.clip_eps_high is not None and cfg.algorithm.clip_eps_high < 0:
+        raise ConfigError(f"algorithm.clip_eps_high={cfg.algorithm.clip_eps_high} must be >= 0, or null.")
+    _positive("algorithm.entropy_coef", cfg.algorithm.entropy_coef, allow_zero=True)
     _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
     _choice("feedback.source", cfg.feedback.source, {"judge", "function"})
     _choice("feedback.judge.mode", cfg.feedback.judge.mode, {"expected_score", "generate"})

@@ -241,6 +241,8 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
         "throughput/logprobs_tokens_per_s": all_tokens / max(times["time/logprobs_s"], 1e-9),
         "throughput/update_tokens_per_s": train["tokens"] / max(times["time/update_s"], 1e-9),
     }
+    if "entropy" in train:   # computed only when algorithm.entropy_coef > 0
+        out["train/entropy"] = train["entropy"]
     for kind, count in feedback.failures.items():
         out[f"feedback/failures/{kind}"] = float(count)
     for key, value in feedback.metrics.items():

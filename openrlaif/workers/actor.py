@@ -95,31 +95,39 @@ class ActorWorker:
         self.engine.train()
         loss_fn = POLICY_LOSSES[self.algo.policy_loss]
         start_time = time.perf_counter()
-        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "ratio": 0.0}
+        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "ratio": 0.0}
+        algo = self.algo
         micro_steps, tokens_seen = 0, 0
         grad_norm = 0.0
         for _ in range(self.cfg.epochs):
             for mini in batch.chunks_of(self.per_rank_mini):
                 mask = mini["response_mask"] * mini["sample_mask"].unsqueeze(-1)
-                # Token count of the global mini-batch, so the loss is the exact big-batch token mean.
-                num_tokens = _all_reduce_sum(mask.sum(), self.device)
+                # Normaliser of the global mini-batch (#tokens, or #sequences), so the loss is the big-batch value.
+                local = mask.sum() if algo.loss_agg == "token_mean" else (mask.sum(-1) > 0).sum()
+                normalizer = _all_reduce_sum(local, self.device)
                 for micro in mini.chunks_of(self.cfg.micro_batch_size):
                     micro = trim_to_content(micro).to(self.device)
-                    logprobs = response_logprobs(self.engine, micro, self.temperature)
+                    entropy = None
+                    if algo.entropy_coef > 0:
+                        logprobs, entropy = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)
+                    else:
+                        logprobs = response_logprobs(self.engine, micro, self.temperature)
                     old = micro["old_logprobs"] if "old_logprobs" in micro else logprobs.detach()
                     out = loss_fn(logprobs, old, micro["advantages"],
                                   micro["response_mask"] * micro["sample_mask"].unsqueeze(-1),
-                                  clip_eps=self.algo.clip_eps,
-                                  ref_logprobs=micro["ref_logprobs"] if self.algo.kl_coef > 0 else None,
-                                  kl_coef=self.algo.kl_coef, kl_estimator=self.algo.kl_estimator,
-                                  num_tokens=max(float(num_tokens), 1.0))
+                                  clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
+                                  ref_logprobs=micro["ref_logprobs"] if algo.kl_coef > 0 else None,
+                                  kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+                                  entropy=entropy, entropy_coef=algo.entropy_coef, loss_agg=algo.loss_agg,
+                                  num_tokens=max(float(normalizer), 1.0))
                     # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
                     self.engine.backward(out.loss * self.accumulation * self.world_size)
                     self.engine.step()
                     micro_tokens = float(micro["response_mask"].sum())
                     tokens_seen += int(micro["attention_mask"].sum())
                     micro_steps += 1
-                    for key, value in (("loss", out.loss), ("policy_loss", out.policy_loss), ("kl", out.kl)):
+                    for key, value in (("loss", out.loss), ("policy_loss", out.policy_loss), ("kl", out.kl),
+                                       ("entropy", out.entropy)):
                         sums[key] += float(value.detach())
                     sums["clip_fraction"] += float(out.clip_fraction) * micro_tokens
                     sums["ratio"] += float(out.ratio_mean) * micro_tokens
@@ -133,6 +141,7 @@ class ActorWorker:
             "loss": sums["loss"] / updates,
             "policy_loss": sums["policy_loss"] / updates,
             "kl": sums["kl"] / updates,
+            **({"entropy": sums["entropy"] / updates} if algo.entropy_coef > 0 else {}),
             "clip_fraction_x_tokens": sums["clip_fraction"],
             "ratio_x_tokens": sums["ratio"],
             "response_tokens": response_tokens,

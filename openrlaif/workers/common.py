@@ -22,8 +22,9 @@ def load_causal_lm(path: str, dtype: str, trust_remote_code: bool = False):
                                                 trust_remote_code=trust_remote_code)
 
 
-def response_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+def response_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = False):
     """log π(response token | prefix) for every response position, (B, R); zeros past the end of a response.
+    with_entropy=True also returns the entropy of π at each response position, (B, R).
 
     input_ids is [left-padded prompt | right-padded response]; position ids count real tokens only, so a
     padded row sees the same positions as the unpadded sequence (and as the rollout engine did).
@@ -37,8 +38,12 @@ def response_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Te
     if temperature != 1.0:
         logits = logits / temperature
     targets = input_ids[:, -response_len:]
-    logprobs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logprobs * batch["response_mask"]
+    all_logprobs = logits.log_softmax(-1)
+    logprobs = all_logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
+    if not with_entropy:
+        return logprobs
+    entropy = -(all_logprobs.exp() * all_logprobs).sum(-1) * batch["response_mask"]
+    return logprobs, entropy
 
 
 def trim_to_content(batch: Batch) -> Batch:

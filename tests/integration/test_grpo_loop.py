@@ -16,7 +16,7 @@ from openrlaif.workers.group import WorkerGroup
 from openrlaif.workers.rollout import RolloutWorker
 
 
-def loop_config(tiny_model, out_dir, engine, zero_stage, feedback, workers=2) -> Config:
+def loop_config(tiny_model, out_dir, engine, zero_stage, feedback, algorithm, workers=2) -> Config:
     cfg = Config(
         steps=2, seed=1,
         model=ModelConfig(path=tiny_model),
@@ -24,7 +24,7 @@ def loop_config(tiny_model, out_dir, engine, zero_stage, feedback, workers=2) ->
         rollout=RolloutConfig(engine=engine, samples_per_prompt=4, max_new_tokens=12, kv_cache_gib=0.05),
         actor=ActorConfig(zero_stage=zero_stage, lr=1e-3, micro_batch_size=4,
                           resources=RoleResources(num_workers=workers, num_cpus=1)),
-        algorithm=AlgorithmConfig(kl_coef=0.05),
+        algorithm=algorithm,
         feedback=feedback,
         cluster=ClusterConfig(threads_per_worker=1),
         output=OutputConfig(dir=str(out_dir)))
@@ -34,15 +34,19 @@ def loop_config(tiny_model, out_dir, engine, zero_stage, feedback, workers=2) ->
 
 CASES = {
     "vllm-zero2-rule": ("vllm", 2, FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
-                                                  function_kwargs={"target_words": 2})),
-    "hf-zero3-judge": ("hf", 3, FeedbackConfig(source="judge", judge=JudgeConfig(min_label_mass=0.0))),
+                                                  function_kwargs={"target_words": 2}),
+                        AlgorithmConfig(kl_coef=0.05)),
+    # RLOO with every policy-loss option on: clip-higher, dual-clip, entropy bonus, sequence-mean aggregation
+    "hf-zero3-judge": ("hf", 3, FeedbackConfig(source="judge", judge=JudgeConfig(min_label_mass=0.0)),
+                       AlgorithmConfig(advantage="rloo", kl_coef=0.05, clip_eps_high=0.28, dual_clip=3.0,
+                                       entropy_coef=0.01, loss_agg="seq_mean_token_mean")),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, case):
-    engine, stage, feedback = CASES[case]
-    result = train(loop_config(tiny_model, tmp_path / case, engine, stage, feedback))
+    engine, stage, feedback, algorithm = CASES[case]
+    result = train(loop_config(tiny_model, tmp_path / case, engine, stage, feedback, algorithm))
 
     rows = [json.loads(line) for line in open(tmp_path / case / "metrics.jsonl")]
     assert [row["step"] for row in rows] == [1, 2]
@@ -52,6 +56,10 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
         for phase in ("rollout", "feedback", "logprobs", "update", "sync"):
             assert row[f"time/{phase}_s"] > 0
     assert rows[1]["train/kl"] > 0          # step 2 samples from the updated policy, the reference stayed put
+    if algorithm.entropy_coef > 0:
+        assert all(row["train/entropy"] > 0 for row in rows)
+    else:
+        assert "train/entropy" not in rows[0]
 
     checkpoint = result["checkpoint"]
     trained = load_file(os.path.join(checkpoint, "model.safetensors"))

@@ -71,3 +71,18 @@ def test_preference_pairs_must_split_over_workers():
 
 def test_sft_config_validates():
     validate(composed("pipeline=sft", "algorithm=sft", "data.pack_length=512"))
+
+
+@pytest.mark.parametrize("override,key", [("algorithm.dual_clip=1.0", "algorithm.dual_clip"),
+                                          ("algorithm.loss_agg=sum", "algorithm.loss_agg"),
+                                          ("algorithm.clip_eps_high=-0.1", "algorithm.clip_eps_high")])
+def test_policy_loss_options_are_validated(override, key):
+    with pytest.raises(ConfigError, match=key):
+        validate(composed(override))
+
+
+def test_policy_loss_options_compose():
+    cfg = composed("algorithm.clip_eps_high=0.28", "algorithm.dual_clip=3", "algorithm.entropy_coef=0.001",
+                   "algorithm.loss_agg=seq_mean_token_mean")
+    validate(cfg)
+    assert cfg.algorithm.clip_eps_high == 0.28 and cfg.algorithm.dual_clip == 3.0

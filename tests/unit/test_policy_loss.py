@@ -2,7 +2,10 @@ import math
 
 import torch
 
+import pytest
+
 from openrlaif.algorithms import kl_k1, kl_k2, kl_k3, masked_mean, ppo_clip_loss
+from openrlaif.algorithms.policy_loss import aggregate
 
 
 def test_ppo_clip_hand_computed():
@@ -79,3 +82,45 @@ def test_masked_mean_ignores_masked_values_and_empty_mask_is_zero():
     values = torch.tensor([1.0, 100.0, 3.0])
     assert float(masked_mean(values, torch.tensor([1.0, 0.0, 1.0]))) == 2.0
     assert float(masked_mean(values, torch.zeros(3))) == 0.0
+
+
+def one_token(ratio: float, advantage: float, **kwargs):
+    return ppo_clip_loss(torch.log(torch.tensor([[ratio]])), torch.zeros(1, 1), torch.tensor([advantage]),
+                         torch.ones(1, 1), **kwargs)
+
+
+def test_clip_higher_uses_its_own_upper_bound():
+    assert float(one_token(1.5, 1.0, clip_eps=0.2).loss) == pytest.approx(-1.2)
+    assert float(one_token(1.5, 1.0, clip_eps=0.2, clip_eps_high=0.28).loss) == pytest.approx(-1.28)
+    assert float(one_token(0.5, -1.0, clip_eps=0.2, clip_eps_high=0.28).loss) == pytest.approx(0.8)  # lower ε unchanged
+
+
+def test_dual_clip_caps_negative_advantage_losses():
+    assert float(one_token(5.0, -1.0).loss) == pytest.approx(5.0)
+    assert float(one_token(5.0, -1.0, dual_clip=3.0).loss) == pytest.approx(3.0)
+    assert float(one_token(5.0, 1.0, dual_clip=3.0).loss) == pytest.approx(-1.2)   # positive A: untouched
+
+
+def test_entropy_bonus_lowers_the_loss():
+    out = one_token(1.0, 0.0, entropy=torch.tensor([[2.0]]), entropy_coef=0.01)
+    assert float(out.loss) == pytest.approx(-0.02) and float(out.entropy) == pytest.approx(2.0)
+
+
+def test_sequence_mean_aggregation_weighs_sequences_equally():
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    assert float(aggregate(values, mask, "token_mean")) == pytest.approx(8 / 5)
+    assert float(aggregate(values, mask, "seq_mean_token_mean")) == pytest.approx((1.0 + 4.0) / 2)
+    with pytest.raises(ValueError):
+        aggregate(values, mask, "sum")
+
+
+def test_sequence_mean_micro_batches_with_global_sequence_count_equal_the_full_batch():
+    torch.manual_seed(1)
+    logprobs = torch.randn(4, 6, requires_grad=True)
+    old, advantages = logprobs.detach() + 0.05, torch.randn(4)
+    mask = torch.tensor([[1.0] * 6, [1.0] * 2 + [0.0] * 4, [1.0] * 5 + [0.0], [1.0] + [0.0] * 5])
+    full = ppo_clip_loss(logprobs, old, advantages, mask, loss_agg="seq_mean_token_mean").loss
+    parts = sum(ppo_clip_loss(logprobs[i:i + 2], old[i:i + 2], advantages[i:i + 2], mask[i:i + 2],
+                              loss_agg="seq_mean_token_mean", num_tokens=4.0).loss for i in (0, 2))
+    assert torch.allclose(parts, full, atol=1e-6)
