@@ -93,6 +93,7 @@ class AlgorithmConfig:
     loss_agg: str = "token_mean"          # token_mean | seq_mean_token_mean
     kl_coef: float = 0.04                 # β of GRPO (DeepSeekMath); 0 turns the reference role off
     kl_estimator: str = "k3"              # k1 | k2 | k3
+    kl_in_reward: bool = False            # True: −β·KL_t shapes the per-token rewards (REINFORCE++), not the loss
     normalize_std: bool = True            # divide by the group std (False = Dr. GRPO numerator)
     # pipeline=preference
     loss: str = "dpo"                     # key of algorithms.PREFERENCE_LOSSES
@@ -173,6 +174,7 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field and range checks. Model and data files are checked by their loaders (they name the file)."""
     from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
+    from openrlaif.algorithms.advantages import TOKEN_LEVEL
     from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
 
     from openrlaif.algorithms import PREFERENCE_LOSSES
@@ -188,6 +190,10 @@ def validate(cfg: Config) -> None:
     _choice("algorithm.loss_agg", cfg.algorithm.loss_agg, LOSS_AGGREGATIONS)
     if cfg.algorithm.dual_clip is not None and cfg.algorithm.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip={cfg.algorithm.dual_clip} must be > 1 (the paper uses 3), or null.")
+    if cfg.algorithm.kl_in_reward and cfg.algorithm.advantage not in TOKEN_LEVEL:
+        raise ConfigError(f"algorithm.kl_in_reward=true needs a token-level estimator ({', '.join(sorted(TOKEN_LEVEL))}"
+                          f"); algorithm.advantage={cfg.algorithm.advantage} uses one reward per sequence. Fix: "
+                          "algorithm.kl_in_reward=false (KL in the loss) or algorithm=reinforce_pp.")
     if cfg.algorithm.clip_eps_high is not None and cfg.algorithm.clip_eps_high < 0:
         raise ConfigError(f"algorithm.clip_eps_high={cfg.algorithm.clip_eps_high} must be >= 0, or null.")
     _positive("algorithm.entropy_coef", cfg.algorithm.entropy_coef, allow_zero=True)
@@ -210,7 +216,8 @@ def validate(cfg: Config) -> None:
     _positive("algorithm.kl_coef", cfg.algorithm.kl_coef, allow_zero=True)
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
-    if cfg.rollout.samples_per_prompt < 2 and cfg.algorithm.advantage in ("grpo", "dr_grpo", "rloo"):
+    if cfg.rollout.samples_per_prompt < 2 and cfg.algorithm.advantage in ("grpo", "dr_grpo", "rloo",
+                                                                          "reinforce_pp_baseline"):
         raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: "
                           f"{cfg.algorithm.advantage} needs a group of at least 2 samples per prompt to form its "
                           "baseline. Fix: rollout.samples_per_prompt=4")

@@ -4,7 +4,7 @@ from torch import Tensor
 
 
 def grpo_advantages(rewards: Tensor, group_ids: Tensor, valid: Tensor, eps: float = 1e-6,
-                    normalize_std: bool = True) -> Tensor:
+                    normalize_std: bool = True, **_) -> Tensor:
     """GRPO outcome advantages (DeepSeekMath §4.1.2): A_i = (r_i − mean(r_group)) / (std(r_group) + eps).
 
     rewards, group_ids, valid: (B,). Samples with valid=False (e.g. the judge failed) take no part in their
@@ -102,7 +102,20 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, token_mask: Tensor, ga
     return advantages, advantages + values
 
 
-# Outcome estimators sharing the signature (rewards, group_ids, valid) -> (B,): usable in the online loop as is.
-# reinforce_pp, remax and gae need extra inputs (token KL, a greedy baseline, critic values); they are pure
-# functions here and not yet wired into the loop.
-ADVANTAGE_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
+def reinforce_pp_baseline_advantages(rewards: Tensor, token_mask: Tensor, **kwargs) -> Tensor:
+    """REINFORCE++-baseline: group-mean-centred rewards, then KL-shaped returns, whitened over the batch."""
+    return reinforce_pp_advantages(rewards, token_mask, baseline=True, **kwargs)
+
+
+# What the online loop calls, by `algorithm.advantage`. Each takes keyword inputs from the step's batch
+# (rewards, group_ids, valid, token_mask, kl, kl_coef, normalize_std) and ignores what it does not need;
+# outcome estimators return (B,), token-level ones (B, T). remax and gae need inputs the loop does not
+# produce yet (a greedy baseline rollout, critic values): pure functions only for now.
+ADVANTAGE_ESTIMATORS = {
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
+}
+TOKEN_LEVEL = {"reinforce_pp", "reinforce_pp_baseline"}   # need token_mask and (with kl_in_reward) kl

@@ -8,7 +8,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from openrlaif.algorithms import ADVANTAGE_ESTIMATORS
+from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
 from openrlaif.batch import Batch
 from openrlaif.config import Config, cache_dir
 from openrlaif.data import PromptStream, load_prompts
@@ -53,9 +53,8 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, d
             batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
         with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, launched together
             add_logprobs(roles, batch, cfg)
-        with timer(metrics, "advantage"):      # 4. group-normalised advantages, on the driver
-            batch["advantages"] = ADVANTAGE_ESTIMATORS[cfg.algorithm.advantage](
-                batch["rewards"], batch["group_ids"], feedback.valid, normalize_std=cfg.algorithm.normalize_std)
+        with timer(metrics, "advantage"):      # 4. advantages (group baselines, KL-shaped returns), on the driver
+            batch["advantages"] = compute_advantages(batch, feedback.valid, cfg)
         with timer(metrics, "update"):         # 5. DeepSpeed update on the actor workers
             train_metrics = update_actor(roles, batch)
         with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
@@ -180,6 +179,16 @@ def generate(roles: Roles, prompts: list, cfg: Config, tokenizer, seed: int) -> 
                                 tokenizer.pad_token_id)
 
 
+def compute_advantages(batch: Batch, valid: torch.Tensor, cfg: Config) -> torch.Tensor:
+    algo = cfg.algorithm
+    kl = None
+    if algo.kl_in_reward:   # per-token KL of the sampling policy to the reference, a penalty in the reward
+        kl = KL_ESTIMATORS[algo.kl_estimator](batch["old_logprobs"], batch["ref_logprobs"]) * batch["response_mask"]
+    return ADVANTAGE_ESTIMATORS[algo.advantage](
+        rewards=batch["rewards"], group_ids=batch["group_ids"], valid=valid, token_mask=batch["response_mask"],
+        kl=kl, kl_coef=algo.kl_coef, normalize_std=algo.normalize_std)
+
+
 def on_policy(cfg: Config) -> bool:
     """One epoch with one optimizer step: log π_old equals log π_θ, no separate pass needed."""
     step_batch = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
@@ -193,7 +202,7 @@ def add_logprobs(roles: Roles, batch: Batch, cfg: Config) -> None:
         ref_refs = roles.reference.map(lambda w, shard: w.logprobs.remote(shard),
                                        model_inputs.split(min(len(roles.reference), len(batch))))
     old_refs = []
-    if not on_policy(cfg):
+    if not on_policy(cfg) or cfg.algorithm.kl_in_reward:   # KL in the reward needs log π_old before the update
         old_refs = roles.actor.map(lambda w, shard: w.logprobs.remote(shard), model_inputs.split(len(roles.actor)))
     results = ray.get(ref_refs + old_refs)
     if ref_refs:

@@ -116,8 +116,8 @@ class ActorWorker:
                     out = loss_fn(logprobs, old, micro["advantages"],
                                   micro["response_mask"] * micro["sample_mask"].unsqueeze(-1),
                                   clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
-                                  ref_logprobs=micro["ref_logprobs"] if algo.kl_coef > 0 else None,
-                                  kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+                                  ref_logprobs=micro["ref_logprobs"] if "ref_logprobs" in micro else None,
+                                  kl_coef=0.0 if algo.kl_in_reward else algo.kl_coef, kl_estimator=algo.kl_estimator,
                                   entropy=entropy, entropy_coef=algo.entropy_coef, loss_agg=algo.loss_agg,
                                   num_tokens=max(float(normalizer), 1.0))
                     # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.

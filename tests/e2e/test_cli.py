@@ -55,7 +55,8 @@ def test_empty_and_malformed_prompt_files(cache_env, tmp_path):
 
 
 def test_tiny_run_then_refuses_to_overwrite_without_consent(cache_env, tmp_path):
-    args = ["train", "model=tiny", "feedback=function", "algorithm=rloo", "steps=1", "rollout.engine=hf",
+    args = ["train", "model=tiny", "feedback=function", "algorithm=reinforce_pp_baseline", "steps=1",
+            "rollout.engine=hf",
             "rollout.max_new_tokens=8",
             "data.prompts_per_step=2", "rollout.samples_per_prompt=2", "actor.micro_batch_size=2",
             f"output.dir={tmp_path}"]

@@ -22,7 +22,8 @@ def test_default_config_is_valid():
 
 
 @pytest.mark.parametrize("group", ["feedback=function", "feedback=judge", "model=tiny", "algorithm=grpo",
-                                   "algorithm=rloo", "algorithm=dr_grpo"])
+                                   "algorithm=rloo", "algorithm=dr_grpo", "algorithm=reinforce_pp",
+                                   "algorithm=reinforce_pp_baseline"])
 def test_every_shipped_group_composes_and_validates(group):
     validate(composed(group))
 
@@ -86,3 +87,8 @@ def test_policy_loss_options_compose():
                    "algorithm.loss_agg=seq_mean_token_mean")
     validate(cfg)
     assert cfg.algorithm.clip_eps_high == 0.28 and cfg.algorithm.dual_clip == 3.0
+
+
+def test_kl_in_reward_needs_a_token_level_estimator():
+    with pytest.raises(ConfigError, match="kl_in_reward"):
+        validate(composed("algorithm=grpo", "algorithm.kl_in_reward=true"))
