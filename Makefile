@@ -28,6 +28,7 @@ test-e2e: install
 
 bench: install
 	$(PY) benchmarks/rollout_throughput.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) runs outputs

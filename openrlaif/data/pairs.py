@@ -3,7 +3,6 @@
 earlier messages are the shared prompt. Rendered with the model's chat template."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ import torch
 
 from openrlaif.batch import Batch
 from openrlaif.config import ConfigError
+from openrlaif.data.jsonl import check_prompt_length, read_jsonl
 
 DEMO_PAIRS = os.path.join(os.path.dirname(__file__), "demo_pairs.jsonl")
 
@@ -51,37 +51,24 @@ def encode_response(tokenizer, prompt_messages: list[dict], response: str) -> tu
 
 def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> list[Pair]:
     path = DEMO_PAIRS if path == "demo" else path
-    if not path or not os.path.isfile(path):
-        raise ConfigError(f"data.pairs={path!r}: no such file. Fix: point data.pairs at a jsonl file of "
-                          "{\"prompt\", \"chosen\", \"rejected\"} rows, or use data.pairs=demo.")
     pairs = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: not valid JSON ({err.msg}). Each line must be one JSON object.") from None
-            if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
-                raise ConfigError(f"{where}: each row needs \"chosen\" and \"rejected\" (and \"prompt\" unless they "
-                                  "are message lists).")
-            if isinstance(row["chosen"], list):
-                prompt_messages, chosen = split_conversation(row["chosen"], where, "chosen")
-                rejected_prompt, rejected = split_conversation(row["rejected"], where, "rejected")
-                if rejected_prompt != prompt_messages:
-                    raise ConfigError(f"{where}: \"chosen\" and \"rejected\" must share the same prompt messages.")
-            else:
-                if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "chosen", "rejected")):
-                    raise ConfigError(f"{where}: \"prompt\", \"chosen\" and \"rejected\" must be non-empty strings.")
-                prompt_messages, chosen, rejected = [{"role": "user", "content": row["prompt"]}], row["chosen"], row["rejected"]
-            prompt_ids, chosen_ids = encode_response(tokenizer, prompt_messages, chosen)
-            _, rejected_ids = encode_response(tokenizer, prompt_messages, rejected)
-            if len(prompt_ids) > max_prompt_tokens:
-                raise ConfigError(f"{where}: the templated prompt has {len(prompt_ids)} tokens, more than "
-                                  f"data.max_prompt_tokens={max_prompt_tokens}. Fix: raise it or shorten the prompt.")
-            pairs.append(Pair(prompt_ids, chosen_ids[:max_response_tokens], rejected_ids[:max_response_tokens]))
+    for where, row in read_jsonl(path, "data.pairs", '{"prompt", "chosen", "rejected"}'):
+        if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
+            raise ConfigError(f"{where}: each row needs \"chosen\" and \"rejected\" (and \"prompt\" unless they "
+                              "are message lists).")
+        if isinstance(row["chosen"], list):
+            prompt_messages, chosen = split_conversation(row["chosen"], where, "chosen")
+            rejected_prompt, rejected = split_conversation(row["rejected"], where, "rejected")
+            if rejected_prompt != prompt_messages:
+                raise ConfigError(f"{where}: \"chosen\" and \"rejected\" must share the same prompt messages.")
+        else:
+            if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "chosen", "rejected")):
+                raise ConfigError(f"{where}: \"prompt\", \"chosen\" and \"rejected\" must be non-empty strings.")
+            prompt_messages, chosen, rejected = [{"role": "user", "content": row["prompt"]}], row["chosen"], row["rejected"]
+        prompt_ids, chosen_ids = encode_response(tokenizer, prompt_messages, chosen)
+        _, rejected_ids = encode_response(tokenizer, prompt_messages, rejected)
+        check_prompt_length(where, len(prompt_ids), max_prompt_tokens)
+        pairs.append(Pair(prompt_ids, chosen_ids[:max_response_tokens], rejected_ids[:max_response_tokens]))
     if not pairs:
         raise ConfigError(f"data.pairs={path!r} holds no pairs. Fix: add {{\"prompt\", \"chosen\", \"rejected\"}} rows.")
     return pairs

@@ -2,12 +2,12 @@
 the model's chat template. Every problem is reported with the file and line and the fix."""
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
 
 from openrlaif.config import ConfigError
+from openrlaif.data.jsonl import check_prompt_length, read_jsonl
 
 DEMO_PROMPTS = os.path.join(os.path.dirname(__file__), "demo_prompts.jsonl")
 
@@ -41,27 +41,13 @@ def _messages(row, where: str, system_prompt: str) -> list[dict]:
 
 def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: str = "") -> list[Prompt]:
     path = DEMO_PROMPTS if path == "demo" else path
-    if not os.path.isfile(path):
-        raise ConfigError(f"data.prompts={path!r}: no such file. Fix: point data.prompts at a jsonl file of "
-                          "{\"prompt\": ...} rows, or use data.prompts=demo.")
     prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: not valid JSON ({err.msg}). Each line must be one JSON object.") from None
-            messages = _messages(row, where, system_prompt)
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-            if len(ids) > max_prompt_tokens:
-                raise ConfigError(f"{where}: the templated prompt has {len(ids)} tokens, more than "
-                                  f"data.max_prompt_tokens={max_prompt_tokens}. Fix: raise data.max_prompt_tokens "
-                                  "or shorten the prompt.")
-            prompts.append(Prompt(messages[-1]["content"], ids))
+    for where, row in read_jsonl(path, "data.prompts", '{"prompt": ...} or {"messages": [...]}'):
+        messages = _messages(row, where, system_prompt)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        check_prompt_length(where, len(ids), max_prompt_tokens)
+        prompts.append(Prompt(messages[-1]["content"], ids))
     if not prompts:
         raise ConfigError(f"data.prompts={path!r} holds no prompts. Fix: add {{\"prompt\": ...}} rows, one per line.")
     return prompts

@@ -2,13 +2,13 @@
 answer, the earlier ones the prompt). The loss is on answer tokens only; short samples can be packed."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from openrlaif.batch import Batch
 from openrlaif.config import ConfigError
+from openrlaif.data.jsonl import check_prompt_length, read_jsonl
 from openrlaif.data.pairs import encode_response, split_conversation
 
 DEMO_SFT = os.path.join(os.path.dirname(__file__), "demo_sft.jsonl")
@@ -17,33 +17,20 @@ DEMO_SFT = os.path.join(os.path.dirname(__file__), "demo_sft.jsonl")
 def load_sft(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> Batch:
     """A Batch of examples with per-sample token lists in meta: prompt_ids, response_ids."""
     path = DEMO_SFT if path == "demo" else path
-    if not path or not os.path.isfile(path):
-        raise ConfigError(f"data.sft={path!r}: no such file. Fix: point data.sft at a jsonl file of "
-                          "{\"prompt\", \"response\"} or {\"messages\"} rows, or use data.sft=demo.")
     prompts, responses = [], []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: not valid JSON ({err.msg}). Each line must be one JSON object.") from None
-            if isinstance(row, dict) and "messages" in row:
-                prompt_messages, response = split_conversation(row["messages"], where, "messages")
-            elif isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k].strip()
-                                               for k in ("prompt", "response")):
-                prompt_messages, response = [{"role": "user", "content": row["prompt"]}], row["response"]
-            else:
-                raise ConfigError(f"{where}: each row needs non-empty \"prompt\" and \"response\" strings, or a "
-                                  "\"messages\" list ending with the assistant's answer.")
-            prompt_ids, response_ids = encode_response(tokenizer, prompt_messages, response)
-            if len(prompt_ids) > max_prompt_tokens:
-                raise ConfigError(f"{where}: the templated prompt has {len(prompt_ids)} tokens, more than "
-                                  f"data.max_prompt_tokens={max_prompt_tokens}. Fix: raise it or shorten the prompt.")
-            prompts.append(prompt_ids)
-            responses.append(response_ids[:max_response_tokens])
+    for where, row in read_jsonl(path, "data.sft", '{"prompt", "response"} or {"messages": [...]}'):
+        if isinstance(row, dict) and "messages" in row:
+            prompt_messages, response = split_conversation(row["messages"], where, "messages")
+        elif isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k].strip()
+                                           for k in ("prompt", "response")):
+            prompt_messages, response = [{"role": "user", "content": row["prompt"]}], row["response"]
+        else:
+            raise ConfigError(f"{where}: each row needs non-empty \"prompt\" and \"response\" strings, or a "
+                              "\"messages\" list ending with the assistant's answer.")
+        prompt_ids, response_ids = encode_response(tokenizer, prompt_messages, response)
+        check_prompt_length(where, len(prompt_ids), max_prompt_tokens)
+        prompts.append(prompt_ids)
+        responses.append(response_ids[:max_response_tokens])
     if not prompts:
         raise ConfigError(f"data.sft={path!r} holds no examples. Fix: add {{\"prompt\", \"response\"}} rows.")
     return Batch({}, {"prompt_ids": prompts, "response_ids": responses})

@@ -74,3 +74,11 @@ def save_checkpoint(actor: WorkerGroup, out_dir: str, tokenizer_path: str) -> st
         shutil.rmtree(final)
     os.rename(staging, final)
     return final
+
+
+def finish(checkpoint: str | None, metrics_path: str, metrics: dict[str, float], out_dir: str) -> dict:
+    """Say where the results went; what every pipeline's train() returns."""
+    if checkpoint:
+        print(f"[openrlaif] checkpoint (HF format): {checkpoint}")
+    print(f"[openrlaif] metrics: {metrics_path}")
+    return {"checkpoint": checkpoint, "metrics": metrics, "out_dir": out_dir}

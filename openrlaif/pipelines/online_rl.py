@@ -17,8 +17,8 @@ from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
 from openrlaif.rollout.collate import completions_to_batch
 from openrlaif.rollout.types import SamplingSpec
-from openrlaif.pipelines.common import (load_tokenizer, prepare_output_dir, save_checkpoint, start_actor,
-                                        threads_per_worker)
+from openrlaif.pipelines.common import (finish, load_tokenizer, prepare_output_dir, save_checkpoint,
+                                        start_actor, threads_per_worker)
 from openrlaif.runtime import ray_session
 from openrlaif.workers.group import WorkerGroup, check_cluster_fits
 
@@ -32,10 +32,7 @@ def train(cfg: Config) -> dict:
             checkpoint, metrics, log_path = train_loop(cfg, run, roles)
         finally:
             roles.shutdown()       # frees the placement groups also when the cluster outlives the run
-    if checkpoint:
-        print(f"[openrlaif] checkpoint (HF format): {checkpoint}")
-    print(f"[openrlaif] metrics: {log_path}")
-    return {"checkpoint": checkpoint, "metrics": metrics, "out_dir": run.out_dir}
+    return finish(checkpoint, log_path, metrics, run.out_dir)
 
 
 def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, dict[str, float], str]:

@@ -15,8 +15,8 @@ from openrlaif.data import PromptStream
 from openrlaif.data.pairs import Pair, both_sides, load_pairs, pairs_to_batch
 from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
-from openrlaif.pipelines.common import (load_tokenizer, prepare_output_dir, save_checkpoint, start_actor,
-                                        threads_per_worker)
+from openrlaif.pipelines.common import (finish, load_tokenizer, prepare_output_dir, save_checkpoint,
+                                        start_actor, threads_per_worker)
 from openrlaif.runtime import ray_session
 from openrlaif.workers.group import WorkerGroup, check_cluster_fits
 
@@ -53,10 +53,7 @@ def train(cfg: Config) -> dict:
             checkpoint = save_checkpoint(actor, out_dir, model_path) if cfg.output.save_final else None
         finally:
             actor.shutdown()
-    if checkpoint:
-        print(f"[openrlaif] checkpoint (HF format): {checkpoint}")
-    print(f"[openrlaif] metrics: {logger.path}")
-    return {"checkpoint": checkpoint, "metrics": metrics, "out_dir": out_dir}
+    return finish(checkpoint, logger.path, metrics, out_dir)
 
 
 def add_reference_logps(cfg: Config, model_path: str, pairs: list[Pair], pad_id: int) -> None:

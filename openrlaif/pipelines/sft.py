@@ -4,13 +4,13 @@ from __future__ import annotations
 import ray
 from tqdm import tqdm
 
+from openrlaif.batch import Batch
 from openrlaif.config import Config, cache_dir
 from openrlaif.data import PromptStream
-from openrlaif.batch import Batch
 from openrlaif.data.sft import load_sft
 from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
-from openrlaif.pipelines.common import load_tokenizer, prepare_output_dir, save_checkpoint, start_actor
+from openrlaif.pipelines.common import finish, load_tokenizer, prepare_output_dir, save_checkpoint, start_actor
 from openrlaif.runtime import ray_session
 from openrlaif.workers.group import check_cluster_fits
 
@@ -47,7 +47,4 @@ def train(cfg: Config) -> dict:
             checkpoint = save_checkpoint(actor, out_dir, model_path) if cfg.output.save_final else None
         finally:
             actor.shutdown()
-    if checkpoint:
-        print(f"[openrlaif] checkpoint (HF format): {checkpoint}")
-    print(f"[openrlaif] metrics: {logger.path}")
-    return {"checkpoint": checkpoint, "metrics": metrics, "out_dir": out_dir}
+    return finish(checkpoint, logger.path, metrics, out_dir)
