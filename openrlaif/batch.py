@@ -21,6 +21,13 @@ import torch
 from torch import Tensor
 
 
+def split_evenly(total: int, parts: int) -> list[slice]:
+    """Contiguous near-equal slices of range(total) over at most `parts` workers (none empty when total > 0)."""
+    parts = max(1, min(parts, total))
+    bounds = [round(i * total / parts) for i in range(parts + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 @dataclass
 class Batch:
     tensors: dict[str, Tensor] = field(default_factory=dict)
@@ -58,8 +65,7 @@ class Batch:
         """Contiguous, near-equal chunks (the first len % n chunks get one extra sample)."""
         if num_chunks < 1 or num_chunks > max(len(self), 1):
             raise ValueError(f"cannot split a batch of {len(self)} samples into {num_chunks} chunks")
-        bounds = torch.linspace(0, len(self), num_chunks + 1).round().long().tolist()
-        return [self.select(list(range(lo, hi))) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return [self.select(list(range(span.start, span.stop))) for span in split_evenly(len(self), num_chunks)]
 
     def chunks_of(self, size: int) -> list[Batch]:
         return [self.select(list(range(lo, min(lo + size, len(self))))) for lo in range(0, len(self), size)]

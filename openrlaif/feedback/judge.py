@@ -6,6 +6,7 @@ import time
 import ray
 import torch
 
+from openrlaif.batch import split_evenly
 from openrlaif.config import JudgeConfig
 from openrlaif.feedback.base import FeedbackResult, JudgeFailure
 from openrlaif.feedback.judge_prompts import expected_score, normalise, parse_score, pointwise_messages
@@ -103,7 +104,7 @@ class JudgeFeedback:
         self.group = group
 
     def score(self, prompts: list[str], responses: list[str]) -> FeedbackResult:
-        shards = _split_evenly(len(prompts), len(self.group))
+        shards = split_evenly(len(prompts), len(self.group))
         refs = self.group.map(lambda worker, span: worker.score.remote(prompts[span], responses[span]), shards)
         scores, failures, stats = [], [], {}
         for shard_scores, shard_failures, shard_stats in ray.get(refs):
@@ -115,8 +116,3 @@ class JudgeFeedback:
         stats["judge_score_mean"] = stats.pop("judge_raw_score_sum") / max(len(valid), 1)
         return FeedbackResult.from_scores(scores, failures, stats)
 
-
-def _split_evenly(total: int, parts: int) -> list[slice]:
-    parts = max(1, min(parts, total))
-    bounds = [round(i * total / parts) for i in range(parts + 1)]
-    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 import torch
 from tqdm import tqdm
 
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
-from openrlaif.batch import Batch
-from openrlaif.config import Config, cache_dir
+from openrlaif.batch import Batch, split_evenly
+from openrlaif.config import Config, RoleResources, cache_dir
 from openrlaif.data import PromptStream, load_prompts
 from openrlaif.feedback import Feedback
 from openrlaif.metrics import MetricsLogger, summary_line, timer
@@ -74,6 +74,7 @@ class RunInputs:
     judge_path: str | None
     tokenizer: object
     prompts: list
+    plan: dict[str, RoleResources]
     cpus_needed: float
 
 
@@ -103,11 +104,19 @@ def prepare_run(cfg: Config) -> RunInputs:
     tokenizer = load_tokenizer(model_path, cfg)
     prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
     out_dir = prepare_output_dir(cfg)
-    roles = [cfg.actor.resources, cfg.rollout.resources]
-    roles += [cfg.reference.resources] if cfg.algorithm.kl_coef > 0 else []
-    roles += [cfg.feedback.judge.resources] if judge_path else []
-    cpus = sum(r.num_cpus * r.num_workers for r in roles)
-    return RunInputs(out_dir, model_path, judge_path, tokenizer, prompts, cpus)
+    plan = role_plan(cfg, judge_path)
+    cpus = sum(r.num_cpus * r.num_workers for r in plan.values())
+    return RunInputs(out_dir, model_path, judge_path, tokenizer, prompts, plan, cpus)
+
+
+def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
+    """The roles this run starts and what each reserves: no reference without a KL term, no judge for rules."""
+    plan = {"actor": cfg.actor.resources, "rollout": cfg.rollout.resources}
+    if cfg.algorithm.kl_coef > 0:
+        plan["reference"] = cfg.reference.resources
+    if judge_path:
+        plan["judge"] = cfg.feedback.judge.resources
+    return plan
 
 
 def start_roles(cfg: Config, run: RunInputs) -> Roles:
@@ -117,11 +126,7 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     from openrlaif.workers.reference import ReferenceWorker
     from openrlaif.workers.rollout import RolloutWorker
 
-    plan = {"actor": cfg.actor.resources, "rollout": cfg.rollout.resources}
-    if cfg.algorithm.kl_coef > 0:
-        plan["reference"] = cfg.reference.resources
-    if run.judge_path:
-        plan["judge"] = cfg.feedback.judge.resources
+    plan = run.plan
     check_cluster_fits(plan)
 
     def threads(role: str) -> int:
@@ -141,7 +146,7 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
             model_path=run.model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.reference.micro_batch_size,
             temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust))
     judge = None
-    if run.judge_path:
+    if "judge" in plan:
         judge = WorkerGroup("judge", JudgeWorker, cfg.feedback.judge.resources, lambda rank: dict(
             model_path=run.judge_path, cfg=cfg.feedback.judge, dtype=cfg.model.dtype, threads=threads("judge"),
             seed=cfg.seed, trust_remote_code=trust))
@@ -159,17 +164,14 @@ def generate(roles: Roles, prompts: list, cfg: Config, tokenizer, seed: int) -> 
     """Spread the prompts over the engines; every engine samples `samples_per_prompt` responses per prompt."""
     spec = SamplingSpec(n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
-    engines = min(len(roles.rollout), len(prompts))
-    bounds = [round(i * len(prompts) / engines) for i in range(engines + 1)]
-    spans = list(zip(bounds[:-1], bounds[1:]))
+    spans = split_evenly(len(prompts), len(roles.rollout))
     refs = roles.rollout.map(
-        lambda worker, span: worker.generate.remote([p.token_ids for p in prompts[span[0]:span[1]]],
-                                                    SamplingSpec(**{**spec.__dict__, "seed": seed + span[0]})),
-        spans)
+        lambda worker, span: worker.generate.remote([p.token_ids for p in prompts[span]],
+                                                    replace(spec, seed=seed + span.start)), spans)
     completions = []
-    for (lo, _), shard in zip(spans, ray.get(refs)):
+    for span, shard in zip(spans, ray.get(refs)):
         for completion in shard:
-            completion.prompt_index += lo
+            completion.prompt_index += span.start
             completions.append(completion)
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
     return completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,
