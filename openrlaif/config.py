@@ -173,54 +173,17 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field and range checks. Model and data files are checked by their loaders (they name the file)."""
-    from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-    from openrlaif.algorithms.advantages import TOKEN_LEVEL
-    from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
-
-    from openrlaif.algorithms import PREFERENCE_LOSSES
-
     from openrlaif.pipelines import PIPELINES
+
     _choice("pipeline", cfg.pipeline, PIPELINES)
-    if cfg.pipeline in ("preference", "sft"):
-        _validate_offline(cfg, PREFERENCE_LOSSES)
-        return
-    _choice("algorithm.advantage", cfg.algorithm.advantage, ADVANTAGE_ESTIMATORS)
-    _choice("algorithm.policy_loss", cfg.algorithm.policy_loss, POLICY_LOSSES)
-    _choice("algorithm.kl_estimator", cfg.algorithm.kl_estimator, KL_ESTIMATORS)
-    _choice("algorithm.loss_agg", cfg.algorithm.loss_agg, LOSS_AGGREGATIONS)
-    if cfg.algorithm.dual_clip is not None and cfg.algorithm.dual_clip <= 1:
-        raise ConfigError(f"algorithm.dual_clip={cfg.algorithm.dual_clip} must be > 1 (the paper uses 3), or null.")
-    if cfg.algorithm.kl_in_reward and cfg.algorithm.advantage not in TOKEN_LEVEL:
-        raise ConfigError(f"algorithm.kl_in_reward=true needs a token-level estimator ({', '.join(sorted(TOKEN_LEVEL))}"
-                          f"); algorithm.advantage={cfg.algorithm.advantage} uses one reward per sequence. Fix: "
-                          "algorithm.kl_in_reward=false (KL in the loss) or algorithm=reinforce_pp.")
-    if cfg.algorithm.clip_eps_high is not None and cfg.algorithm.clip_eps_high < 0:
-        raise ConfigError(f"algorithm.clip_eps_high={cfg.algorithm.clip_eps_high} must be >= 0, or null.")
-    _positive("algorithm.entropy_coef", cfg.algorithm.entropy_coef, allow_zero=True)
-    _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
-    _choice("feedback.source", cfg.feedback.source, {"judge", "function"})
-    _choice("feedback.judge.mode", cfg.feedback.judge.mode, {"expected_score", "generate"})
+    _choice("model.dtype", cfg.model.dtype, {"float32", "bfloat16"})
     _choice("cluster.dist_backend", cfg.cluster.dist_backend, {"auto", "gloo", "nccl"})
-    for key, value in (("model.dtype", cfg.model.dtype), ("rollout.dtype", cfg.rollout.dtype)):
-        _choice(key, value, {"float32", "bfloat16"})
     if cfg.actor.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"actor.zero_stage={cfg.actor.zero_stage} must be 0, 1, 2 or 3.")
-    _positive("steps", cfg.steps)
-    _positive("data.prompts_per_step", cfg.data.prompts_per_step)
-    _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
-    _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
-    _positive("rollout.temperature", cfg.rollout.temperature)
-    _positive("actor.lr", cfg.actor.lr)
-    _positive("actor.micro_batch_size", cfg.actor.micro_batch_size)
-    _positive("actor.epochs", cfg.actor.epochs)
-    _positive("algorithm.kl_coef", cfg.algorithm.kl_coef, allow_zero=True)
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
-    if cfg.rollout.samples_per_prompt < 2 and cfg.algorithm.advantage in ("grpo", "dr_grpo", "rloo",
-                                                                          "reinforce_pp_baseline"):
-        raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: "
-                          f"{cfg.algorithm.advantage} needs a group of at least 2 samples per prompt to form its "
-                          "baseline. Fix: rollout.samples_per_prompt=4")
+    for key, value in (("steps", cfg.steps), ("data.prompts_per_step", cfg.data.prompts_per_step),
+                       ("data.max_prompt_tokens", cfg.data.max_prompt_tokens), ("actor.lr", cfg.actor.lr),
+                       ("actor.micro_batch_size", cfg.actor.micro_batch_size), ("actor.epochs", cfg.actor.epochs)):
+        _positive(key, value)
     for role, res in (("rollout", cfg.rollout.resources), ("actor", cfg.actor.resources),
                       ("reference", cfg.reference.resources), ("feedback.judge", cfg.feedback.judge.resources)):
         _positive(f"{role}.resources.num_workers", res.num_workers)
@@ -229,6 +192,44 @@ def validate(cfg: Config) -> None:
         if res.num_cpus == 0 and res.num_gpus == 0:
             raise ConfigError(f"{role}.resources reserves neither CPUs nor GPUs; a placement bundle needs one. "
                               f"Fix: {role}.resources.num_cpus=1 (or num_gpus=1).")
+    if cfg.pipeline == "online_rl":
+        _validate_online(cfg)
+    else:
+        _validate_offline(cfg)
+
+
+def _validate_online(cfg: Config) -> None:
+    from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
+    from openrlaif.algorithms.advantages import GROUP_BASELINES, TOKEN_LEVEL
+    from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
+
+    algo = cfg.algorithm
+    _choice("algorithm.advantage", algo.advantage, ADVANTAGE_ESTIMATORS)
+    _choice("algorithm.policy_loss", algo.policy_loss, POLICY_LOSSES)
+    _choice("algorithm.kl_estimator", algo.kl_estimator, KL_ESTIMATORS)
+    _choice("algorithm.loss_agg", algo.loss_agg, LOSS_AGGREGATIONS)
+    if algo.dual_clip is not None and algo.dual_clip <= 1:
+        raise ConfigError(f"algorithm.dual_clip={algo.dual_clip} must be > 1 (the paper uses 3), or null.")
+    if algo.kl_in_reward and algo.advantage not in TOKEN_LEVEL:
+        raise ConfigError(f"algorithm.kl_in_reward=true needs a token-level estimator ({', '.join(sorted(TOKEN_LEVEL))}"
+                          f"); algorithm.advantage={algo.advantage} uses one reward per sequence. Fix: "
+                          "algorithm.kl_in_reward=false (KL in the loss) or algorithm=reinforce_pp.")
+    if algo.clip_eps_high is not None and algo.clip_eps_high < 0:
+        raise ConfigError(f"algorithm.clip_eps_high={algo.clip_eps_high} must be >= 0, or null.")
+    _positive("algorithm.entropy_coef", algo.entropy_coef, allow_zero=True)
+    _positive("algorithm.kl_coef", algo.kl_coef, allow_zero=True)
+    _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
+    _choice("rollout.dtype", cfg.rollout.dtype, {"float32", "bfloat16"})
+    _choice("feedback.source", cfg.feedback.source, {"judge", "function"})
+    _choice("feedback.judge.mode", cfg.feedback.judge.mode, {"expected_score", "generate"})
+    _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    _positive("rollout.temperature", cfg.rollout.temperature)
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
+    if cfg.rollout.samples_per_prompt < 2 and algo.advantage in GROUP_BASELINES:
+        raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: "
+                          f"{algo.advantage} needs a group of at least 2 samples per prompt to form its "
+                          "baseline. Fix: rollout.samples_per_prompt=4")
 
     step_batch = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
     world = cfg.actor.resources.num_workers
@@ -264,27 +265,24 @@ def validate(cfg: Config) -> None:
                               "{score_max} are filled in. Write literal braces as {{ and }}.") from None
 
 
-def _validate_offline(cfg: Config, losses) -> None:
+def _validate_offline(cfg: Config) -> None:
     """pipeline=preference and pipeline=sft: one actor group, no rollout."""
+    from openrlaif.algorithms import PREFERENCE_LOSSES
+
     algo = cfg.algorithm
     if cfg.pipeline == "preference":
-        _choice("algorithm.loss", algo.loss, losses)
+        _choice("algorithm.loss", algo.loss, PREFERENCE_LOSSES)
+        _positive("algorithm.beta", algo.beta)
+        if algo.loss == "cdpo" and algo.label_smoothing <= 0:
+            raise ConfigError("algorithm.loss=cdpo needs algorithm.label_smoothing > 0 (the assumed label-noise "
+                              "rate). Fix: algorithm.label_smoothing=0.1")
+        if not 0 <= algo.label_smoothing < 0.5:
+            raise ConfigError(f"algorithm.label_smoothing={algo.label_smoothing} must be in [0, 0.5).")
+    _positive("data.max_response_tokens", cfg.data.max_response_tokens)
     _positive("data.pack_length", cfg.data.pack_length, allow_zero=True)
-    _choice("model.dtype", cfg.model.dtype, {"float32", "bfloat16"})
-    if cfg.actor.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"actor.zero_stage={cfg.actor.zero_stage} must be 0, 1, 2 or 3.")
-    for key, value in (("steps", cfg.steps), ("data.prompts_per_step", cfg.data.prompts_per_step),
-                       ("actor.lr", cfg.actor.lr), ("actor.micro_batch_size", cfg.actor.micro_batch_size),
-                       ("algorithm.beta", algo.beta), ("data.max_response_tokens", cfg.data.max_response_tokens)):
-        _positive(key, value)
-    if cfg.pipeline == "preference" and algo.loss == "cdpo" and algo.label_smoothing <= 0:
-        raise ConfigError("algorithm.loss=cdpo needs algorithm.label_smoothing > 0 (the assumed label-noise rate). "
-                          "Fix: algorithm.label_smoothing=0.1")
-    if not 0 <= algo.label_smoothing < 0.5:
-        raise ConfigError(f"algorithm.label_smoothing={algo.label_smoothing} must be in [0, 0.5).")
-    world, pairs = cfg.actor.resources.num_workers, cfg.data.prompts_per_step
-    if pairs % world or (pairs // world) % cfg.actor.micro_batch_size:
-        raise ConfigError(f"data.prompts_per_step={pairs} examples per step must split evenly over the "
+    world, examples = cfg.actor.resources.num_workers, cfg.data.prompts_per_step
+    if examples % world or (examples // world) % cfg.actor.micro_batch_size:
+        raise ConfigError(f"data.prompts_per_step={examples} examples per step must split evenly over the "
                           f"actor.resources.num_workers={world} workers in micro-batches of "
                           f"actor.micro_batch_size={cfg.actor.micro_batch_size}.")
 

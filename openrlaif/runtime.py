@@ -13,10 +13,12 @@ WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "
               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
 
 
-def worker_env() -> dict[str, str]:
+def worker_env(local: bool) -> dict[str, str]:
+    """On a local machine without CUDA, pin DeepSpeed's accelerator (quiet and explicit). On a cluster the
+    driver's node says nothing about the workers' GPUs: the actor sets it from its own backend instead."""
     env = dict(WORKER_ENV)
     import torch
-    if not torch.cuda.is_available():
+    if local and not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     return env
 
@@ -26,7 +28,7 @@ def init_local_ray(num_cpus: int) -> None:
     import ray
     # Without this Ray advertises and listens on the machine's routable address even for a local cluster.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env()},
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env(local=True)},
              configure_logging=False)
 
 
@@ -37,7 +39,7 @@ def ray_session(cfg: ClusterConfig, num_cpus_needed: float):
         yield
         return
     if cfg.address:
-        ray.init(address=cfg.address, runtime_env={"env_vars": worker_env()})
+        ray.init(address=cfg.address, runtime_env={"env_vars": worker_env(local=False)})
     else:
         init_local_ray(cfg.num_cpus or max(1, math.ceil(num_cpus_needed)))
     try:

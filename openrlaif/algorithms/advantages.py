@@ -119,3 +119,4 @@ ADVANTAGE_ESTIMATORS = {
     "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
 }
 TOKEN_LEVEL = {"reinforce_pp", "reinforce_pp_baseline"}   # need token_mask and (with kl_in_reward) kl
+GROUP_BASELINES = {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"}   # need >= 2 samples per prompt

@@ -244,6 +244,7 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
         "response/finished_fraction": float(batch["finished"].float().mean()),
         "train/loss": train["loss"], "train/policy_loss": train["policy_loss"], "train/kl": train["kl"],
         "train/clip_fraction": train["clip_fraction_x_tokens"] / max(train["response_tokens"], 1.0),
+        "train/ratio_mean": train["ratio_x_tokens"] / max(train["response_tokens"], 1.0),
         "train/grad_norm": train["grad_norm"],
         "throughput/rollout_tokens_per_s": response_tokens / max(times["time/rollout_s"], 1e-9),
         "throughput/logprobs_tokens_per_s": all_tokens / max(times["time/logprobs_s"], 1e-9),

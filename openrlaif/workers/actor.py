@@ -97,8 +97,7 @@ class ActorWorker:
         start_time = time.perf_counter()
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "ratio": 0.0}
         algo = self.algo
-        micro_steps, tokens_seen = 0, 0
-        grad_norm = 0.0
+        tokens_seen, grad_norm = 0, 0.0
         for _ in range(self.cfg.epochs):
             for mini in batch.chunks_of(self.per_rank_mini):
                 mask = mini["response_mask"] * mini["sample_mask"].unsqueeze(-1)
@@ -125,7 +124,6 @@ class ActorWorker:
                     self.engine.step()
                     micro_tokens = float(micro["response_mask"].sum())
                     tokens_seen += int(micro["attention_mask"].sum())
-                    micro_steps += 1
                     for key, value in (("loss", out.loss), ("policy_loss", out.policy_loss), ("kl", out.kl),
                                        ("entropy", out.entropy)):
                         sums[key] += float(value.detach())

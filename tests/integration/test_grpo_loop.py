@@ -56,6 +56,8 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
         for phase in ("rollout", "feedback", "logprobs", "update", "sync"):
             assert row[f"time/{phase}_s"] > 0
     assert rows[1]["train/kl"] > 0          # step 2 samples from the updated policy, the reference stayed put
+    for row in rows:                        # one epoch, one optimizer step: log π_old is log π_θ, the ratio is 1
+        assert row["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     if algorithm.entropy_coef > 0:
         assert all(row["train/entropy"] > 0 for row in rows)
     else:
