@@ -18,7 +18,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ONLINE = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+ONLINE = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"]
 PREFERENCE = ["dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo"]
 PHASES = ["rollout", "feedback", "logprobs", "advantage", "update", "sync"]
 

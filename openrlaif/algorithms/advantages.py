@@ -109,14 +109,16 @@ def reinforce_pp_baseline_advantages(rewards: Tensor, token_mask: Tensor, **kwar
 
 # What the online loop calls, by `algorithm.advantage`. Each takes keyword inputs from the step's batch
 # (rewards, group_ids, valid, token_mask, kl, kl_coef, normalize_std) and ignores what it does not need;
-# outcome estimators return (B,), token-level ones (B, T). remax and gae need inputs the loop does not
-# produce yet (a greedy baseline rollout, critic values): pure functions only for now.
+# outcome estimators return (B,), token-level ones (B, T). remax reads baseline_rewards (the greedy response's
+# reward, which the loop adds for GREEDY_BASELINE estimators). gae needs critic values: pure function for now.
 ADVANTAGE_ESTIMATORS = {
     "grpo": grpo_advantages,
     "dr_grpo": dr_grpo_advantages,
     "rloo": rloo_advantages,
     "reinforce_pp": reinforce_pp_advantages,
     "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
+    "remax": remax_advantages,
 }
 TOKEN_LEVEL = {"reinforce_pp", "reinforce_pp_baseline"}   # need token_mask and (with kl_in_reward) kl
 GROUP_BASELINES = {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"}   # need >= 2 samples per prompt
+GREEDY_BASELINE = {"remax"}                     # need one greedy rollout per prompt, scored with the samples

@@ -9,10 +9,11 @@ import torch
 from tqdm import tqdm
 
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
+from openrlaif.algorithms.advantages import GREEDY_BASELINE
 from openrlaif.batch import Batch, split_evenly
 from openrlaif.config import Config, RoleResources, cache_dir
 from openrlaif.data import PromptStream, load_prompts
-from openrlaif.feedback import Feedback
+from openrlaif.feedback import Feedback, FeedbackResult
 from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
 from openrlaif.rollout.collate import completions_to_batch
@@ -46,7 +47,7 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, d
         with timer(metrics, "rollout"):        # 1. sample a group of responses per prompt
             batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
         with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
-            feedback = roles.feedback.score(batch.meta["prompt"], batch.meta["response"])
+            feedback = score(roles, batch)
             batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
         with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, launched together
             add_logprobs(roles, batch, cfg)
@@ -161,21 +162,54 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
 # ---------------------------------------------------------------------------------------------------- phases
 
 def generate(roles: Roles, prompts: list, cfg: Config, tokenizer, seed: int) -> Batch:
-    """Spread the prompts over the engines; every engine samples `samples_per_prompt` responses per prompt."""
+    """Spread the prompts over the engines; every engine samples `samples_per_prompt` responses per prompt.
+    Estimators with a greedy baseline (ReMax) also get one greedy response per prompt, launched alongside, in
+    batch.meta["baseline_response"] (one per sample, repeated within its group)."""
     spec = SamplingSpec(n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
     spans = split_evenly(len(prompts), len(roles.rollout))
-    refs = roles.rollout.map(
-        lambda worker, span: worker.generate.remote([p.token_ids for p in prompts[span]],
-                                                    replace(spec, seed=seed + span.start)), spans)
-    completions = []
-    for span, shard in zip(spans, ray.get(refs)):
+
+    def launch(sampling: SamplingSpec) -> list:
+        return roles.rollout.map(lambda worker, span: worker.generate.remote(
+            [p.token_ids for p in prompts[span]], replace(sampling, seed=seed + span.start)), spans)
+
+    sample_refs = launch(spec)
+    greedy_refs = launch(replace(spec, n=1, temperature=0.0)) if cfg.algorithm.advantage in GREEDY_BASELINE else []
+    shards = ray.get(sample_refs + greedy_refs)
+    completions, greedy = [], {}
+    for span, shard in zip(spans, shards[:len(spans)]):
         for completion in shard:
             completion.prompt_index += span.start
             completions.append(completion)
+    for span, shard in zip(spans, shards[len(spans):]):
+        for completion in shard:
+            greedy[completion.prompt_index + span.start] = completion.token_ids
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-    return completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,
-                                tokenizer.pad_token_id)
+    batch = completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,
+                                 tokenizer.pad_token_id)
+    if greedy:
+        greedy_texts = tokenizer.batch_decode([greedy[i] for i in range(len(prompts))], skip_special_tokens=True)
+        batch.meta["baseline_response"] = [greedy_texts[c.prompt_index] for c in completions]
+    return batch
+
+
+def score(roles: Roles, batch: Batch) -> FeedbackResult:
+    """Rewards for the samples, in one feedback call together with the greedy baselines when there are any.
+    A sample whose baseline verdict failed is masked too: its advantage would be undefined."""
+    prompts, responses = batch.meta["prompt"], batch.meta["response"]
+    if "baseline_response" not in batch.meta:
+        return roles.feedback.score(prompts, responses)
+    groups = batch["group_ids"].tolist()
+    first = {group: row for row, group in reversed(list(enumerate(groups)))}   # one baseline per prompt
+    rows = sorted(first.values())
+    result = roles.feedback.score(prompts + [prompts[r] for r in rows],
+                                  responses + [batch.meta["baseline_response"][r] for r in rows])
+    size = len(batch)
+    baseline_of = {groups[r]: size + k for k, r in enumerate(rows)}
+    index = torch.tensor([baseline_of[g] for g in groups])
+    batch["baseline_rewards"] = result.rewards[index]
+    return FeedbackResult(result.rewards[:size], result.valid[:size] & result.valid[index], result.failures,
+                          result.metrics)
 
 
 def compute_advantages(batch: Batch, valid: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -185,7 +219,8 @@ def compute_advantages(batch: Batch, valid: torch.Tensor, cfg: Config) -> torch.
         kl = KL_ESTIMATORS[algo.kl_estimator](batch["old_logprobs"], batch["ref_logprobs"]) * batch["response_mask"]
     return ADVANTAGE_ESTIMATORS[algo.advantage](
         rewards=batch["rewards"], group_ids=batch["group_ids"], valid=valid, token_mask=batch["response_mask"],
-        kl=kl, kl_coef=algo.kl_coef, normalize_std=algo.normalize_std)
+        kl=kl, kl_coef=algo.kl_coef, normalize_std=algo.normalize_std,
+        baseline_rewards=batch["baseline_rewards"] if "baseline_rewards" in batch else None)
 
 
 def on_policy(cfg: Config) -> bool:

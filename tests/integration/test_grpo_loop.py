@@ -36,6 +36,9 @@ CASES = {
     "vllm-zero2-rule": ("vllm", 2, FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
                                                   function_kwargs={"target_words": 2}),
                         AlgorithmConfig(kl_coef=0.05)),
+    "vllm-zero2-remax": ("vllm", 2, FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
+                                                   function_kwargs={"target_words": 2}),
+                         AlgorithmConfig(advantage="remax", kl_coef=0.05)),
     # RLOO with every policy-loss option on: clip-higher, dual-clip, entropy bonus, sequence-mean aggregation
     "hf-zero3-judge": ("hf", 3, FeedbackConfig(source="judge", judge=JudgeConfig(min_label_mass=0.0)),
                        AlgorithmConfig(advantage="rloo", kl_coef=0.05, clip_eps_high=0.28, dual_clip=3.0,

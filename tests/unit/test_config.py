@@ -23,7 +23,7 @@ def test_default_config_is_valid():
 
 @pytest.mark.parametrize("group", ["feedback=function", "feedback=judge", "model=tiny", "algorithm=grpo",
                                    "algorithm=rloo", "algorithm=dr_grpo", "algorithm=reinforce_pp",
-                                   "algorithm=reinforce_pp_baseline"])
+                                   "algorithm=reinforce_pp_baseline", "algorithm=remax"])
 def test_every_shipped_group_composes_and_validates(group):
     validate(composed(group))
 
