@@ -28,6 +28,34 @@ def split_evenly(total: int, parts: int) -> list[slice]:
     return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token rows left-padded to a common width (every row ends at the last column): input_ids, attention_mask."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for index, row in enumerate(rows):
+        input_ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, width - len(row):] = 1
+    return input_ids, attention_mask
+
+
+def prompt_response_layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                           prompt_width: int | None = None, response_width: int | None = None) -> dict[str, Tensor]:
+    """[left-padded prompt | right-padded response] rows: input_ids, attention_mask (B, P+R), response_mask (B, R).
+    Widths default to the longest prompt and response (at least 1 response column)."""
+    prompt_width = prompt_width or max(len(p) for p in prompts)
+    response_width = response_width or max(max(len(r) for r in responses), 1)
+    input_ids = torch.full((len(prompts), prompt_width + response_width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros((len(prompts), response_width), dtype=torch.float32)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[row, prompt_width - len(prompt):prompt_width] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[row, prompt_width:prompt_width + len(response)] = torch.tensor(response, dtype=torch.long)
+        attention_mask[row, prompt_width - len(prompt):prompt_width + len(response)] = 1
+        response_mask[row, :len(response)] = 1.0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
 @dataclass
 class Batch:
     tensors: dict[str, Tensor] = field(default_factory=dict)

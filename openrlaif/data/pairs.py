@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from openrlaif.batch import Batch
+from openrlaif.batch import Batch, prompt_response_layout
 from openrlaif.config import ConfigError
 from openrlaif.data.jsonl import check_prompt_length, read_jsonl
 
@@ -81,17 +81,9 @@ def pairs_to_batch(pairs: list[Pair], pad_id: int) -> Batch:
     response_width = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     tensors = {}
     for side in ("chosen", "rejected"):
-        input_ids = torch.full((len(pairs), prompt_width + response_width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        response_mask = torch.zeros((len(pairs), response_width))
-        for row, pair in enumerate(pairs):
-            response = getattr(pair, f"{side}_ids")
-            input_ids[row, prompt_width - len(pair.prompt_ids):prompt_width] = torch.tensor(pair.prompt_ids)
-            input_ids[row, prompt_width:prompt_width + len(response)] = torch.tensor(response)
-            attention_mask[row, prompt_width - len(pair.prompt_ids):prompt_width + len(response)] = 1
-            response_mask[row, :len(response)] = 1
-        tensors |= {f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention_mask,
-                    f"{side}_response_mask": response_mask}
+        layout = prompt_response_layout([p.prompt_ids for p in pairs], [getattr(p, f"{side}_ids") for p in pairs],
+                                        pad_id, prompt_width, response_width)
+        tensors |= {f"{side}_{name}": value for name, value in layout.items()}
     tensors["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logp for p in pairs])
     tensors["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logp for p in pairs])
     return Batch(tensors)

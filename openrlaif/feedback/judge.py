@@ -6,7 +6,7 @@ import time
 import ray
 import torch
 
-from openrlaif.batch import split_evenly
+from openrlaif.batch import left_pad, split_evenly
 from openrlaif.config import JudgeConfig
 from openrlaif.feedback.base import FeedbackResult, JudgeFailure
 from openrlaif.feedback.judge_prompts import expected_score, normalise, parse_score, pointwise_messages
@@ -49,15 +49,6 @@ class JudgeWorker:
             encoded.append(ids[-self.cfg.max_prompt_tokens:])  # keep the end: it holds the question to answer
         return encoded
 
-    def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-        return ids.to(self.device), mask.to(self.device)
-
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> tuple[list[float | None], list[str | None], dict]:
         start = time.perf_counter()
@@ -68,7 +59,7 @@ class JudgeWorker:
         generated_tokens = 0
         for lo in range(0, len(encoded), self.cfg.micro_batch_size):
             rows = encoded[lo:lo + self.cfg.micro_batch_size]
-            ids, mask = self._padded(rows)
+            ids, mask = (t.to(self.device) for t in left_pad(rows, self.tokenizer.pad_token_id))
             if self.cfg.mode == "expected_score":
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]

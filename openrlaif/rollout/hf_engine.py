@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from openrlaif.batch import left_pad
 from openrlaif.rollout.types import Completion, SamplingSpec
 
 
@@ -29,12 +30,8 @@ class HFEngine:
         return completions
 
     def _generate_chunk(self, jobs: list[tuple[int, list[int]]], spec: SamplingSpec) -> list[Completion]:
-        width = max(len(ids) for _, ids in jobs)
-        input_ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, (_, ids) in enumerate(jobs):   # left padding: every prompt ends at the same column
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_pad([ids for _, ids in jobs], self.pad_id)   # prompts end together
+        width = input_ids.shape[1]
         greedy = spec.temperature == 0
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=spec.max_new_tokens,

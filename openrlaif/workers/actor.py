@@ -10,7 +10,8 @@ import torch
 from openrlaif.algorithms import POLICY_LOSSES, PREFERENCE_LOSSES
 from openrlaif.batch import Batch
 from openrlaif.config import ActorConfig, AlgorithmConfig
-from openrlaif.workers.common import load_causal_lm, response_logprobs, setup_process, trim_to_content
+from openrlaif.workers.common import (batched_response_logprobs, load_causal_lm, response_logprobs,
+                                      setup_process, trim_to_content)
 
 
 def deepspeed_config(cfg: ActorConfig, world_size: int, micro_batch: int, accumulation: int, bf16: bool) -> dict:
@@ -75,16 +76,9 @@ class ActorWorker:
     def ready(self) -> bool:
         return True
 
-    @torch.no_grad()
     def logprobs(self, batch: Batch) -> torch.Tensor:
         self.engine.eval()
-        out = torch.zeros_like(batch["response_mask"])
-        for start in range(0, len(batch), self.cfg.micro_batch_size):
-            index = list(range(start, min(start + self.cfg.micro_batch_size, len(batch))))
-            micro = trim_to_content(batch.select(index)).to(self.device)
-            values = response_logprobs(self.engine, micro, self.temperature).float().cpu()
-            out[start:start + len(index), :values.shape[1]] = values
-        return out
+        return batched_response_logprobs(self.engine, batch, self.cfg.micro_batch_size, self.device, self.temperature)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """All epochs and optimizer steps on this worker's shard of one step's batch.

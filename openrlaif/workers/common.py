@@ -61,3 +61,15 @@ def trim_to_content(batch: Batch) -> Batch:
         if value.dim() == 2 and value.shape[1] == response_len and name not in ("input_ids", "attention_mask"):
             trimmed[name] = value[:, :keep_response]
     return trimmed
+
+
+@torch.no_grad()
+def batched_response_logprobs(model, batch: Batch, micro_batch_size: int, device, temperature: float = 1.0):
+    """response_logprobs over micro-batches with their padding columns trimmed; (B, R) on the CPU."""
+    out = torch.zeros_like(batch["response_mask"])
+    for start in range(0, len(batch), micro_batch_size):
+        index = list(range(start, min(start + micro_batch_size, len(batch))))
+        micro = trim_to_content(batch.select(index)).to(device)
+        values = response_logprobs(model, micro, temperature).float().cpu()
+        out[start:start + len(index), :values.shape[1]] = values
+    return out

@@ -5,7 +5,7 @@ import ray
 import torch
 
 from openrlaif.batch import Batch
-from openrlaif.workers.common import load_causal_lm, response_logprobs, setup_process, trim_to_content
+from openrlaif.workers.common import batched_response_logprobs, load_causal_lm, setup_process
 
 
 @ray.remote
@@ -20,12 +20,5 @@ class ReferenceWorker:
     def ready(self) -> bool:
         return True
 
-    @torch.no_grad()
     def logprobs(self, batch: Batch) -> torch.Tensor:
-        out = torch.zeros_like(batch["response_mask"])
-        for start in range(0, len(batch), self.micro_batch_size):
-            index = list(range(start, min(start + self.micro_batch_size, len(batch))))
-            micro = trim_to_content(batch.select(index)).to(self.device)
-            values = response_logprobs(self.model, micro, self.temperature).float().cpu()
-            out[start:start + len(index), :values.shape[1]] = values
-        return out
+        return batched_response_logprobs(self.model, batch, self.micro_batch_size, self.device, self.temperature)
