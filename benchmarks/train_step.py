@@ -1,4 +1,5 @@
-"""Step time per online algorithm, per preference loss and for SFT, on the tiny model, through the real driver.
+"""Step time per online algorithm, per preference loss, for SFT and reward-model training, on the tiny model,
+through the real driver.
 
 One local Ray cluster for all runs; each run does `--steps` steps and we report the median step time after the
 first (warm-up) step, with the per-phase split for online runs. Prints a table and writes
@@ -18,8 +19,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ONLINE = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"]
-PREFERENCE = ["dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo"]
+ONLINE = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "ppo"]
+PREFERENCE = ["dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo", "kto", "bco", "lipo"]
 PHASES = ["rollout", "feedback", "logprobs", "advantage", "update", "sync"]
 
 
@@ -34,8 +35,13 @@ def config_for(name: str, out_dir: str, steps: int):
     if name in ONLINE:
         overrides += ["feedback=function", "rollout.kv_cache_gib=0.1", "data.prompts_per_step=4",
                       "rollout.samples_per_prompt=4", "rollout.max_new_tokens=32", "actor.micro_batch_size=4"]
+        if name == "ppo":
+            overrides += ["critic.resources.num_workers=2", "critic.micro_batch_size=4"]
     elif name == "sft":
         overrides += ["pipeline=sft", "data.prompts_per_step=8", "actor.micro_batch_size=4", "data.pack_length=256"]
+    elif name == "bradley_terry":
+        overrides += ["pipeline=reward_model", "data.prompts_per_step=8", "actor.micro_batch_size=4",
+                      "data.eval_fraction=0"]
     else:
         overrides += ["pipeline=preference", "data.prompts_per_step=8", "actor.micro_batch_size=4"]
         if name == "cdpo":
@@ -49,7 +55,7 @@ def config_for(name: str, out_dir: str, steps: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", nargs="*", default=ONLINE + PREFERENCE + ["sft"])
+    parser.add_argument("--only", nargs="*", default=ONLINE + PREFERENCE + ["sft", "bradley_terry"])
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -67,7 +73,8 @@ def main() -> None:
                 run(config_for(name, out_dir, args.steps))
                 wall = time.perf_counter() - start
                 metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))][1:]
-            row = {"name": name, "kind": "online" if name in ONLINE else ("sft" if name == "sft" else "preference"),
+            kind = "online" if name in ONLINE else "preference" if name in PREFERENCE else name
+            row = {"name": name, "kind": kind,
                    "step_s": statistics.median(m["time/step_s"] for m in metrics), "run_wall_s": wall,
                    "update_tokens_per_s": statistics.median(m["throughput/update_tokens_per_s"] for m in metrics)}
             for phase in PHASES:
@@ -84,7 +91,7 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "model": "tiny-random-llama (2 layers, hidden 128)", "steps": args.steps,
               "setup": "actor 2 workers ZeRO-2 (gloo); online: vLLM rollout, 4 prompts x 4 samples x 32 tokens, rule "
-                       "reward; preference/sft: 8 examples per step", "rows": rows}
+                       "reward (ppo: + critic, 2 workers); preference/sft/reward model: 8 examples per step", "rows": rows}
     path = os.path.join(HERE, "results", "train_step.json")
     with open(path, "w") as handle:
         json.dump(report, handle, indent=2)

@@ -44,6 +44,8 @@ class DataConfig:
     max_response_tokens: int = 256        # pipeline=preference|sft: answers are cut to this many tokens
     sft: str = "demo"                     # pipeline=sft: jsonl of {"prompt", "response"} or {"messages"}; "demo" = shipped
     pack_length: int = 0                  # pipeline=sft: pack short examples into rows of this many tokens (0 = off)
+    eval_fraction: float = 0.2            # pipeline=reward_model: share of the pairs held out for accuracy
+    eval_every: int = 10                  # pipeline=reward_model: evaluate every this many steps (and at the end)
 
 
 @dataclass
@@ -76,6 +78,14 @@ class ActorConfig:
 
 
 @dataclass
+class CriticConfig(ActorConfig):
+    """PPO's value model: the actor's backbone (or `model`) with a scalar head, its own DeepSpeed group."""
+    model: str = ""                       # "" = the policy's starting model (random head); or a reward-model folder
+    lr: float = 5e-6
+    value_clip: Optional[float] = 0.2     # clip V to V_old ± this in the value loss (PPO2); null = off
+
+
+@dataclass
 class ReferenceConfig:
     micro_batch_size: int = 8
     resources: RoleResources = field(default_factory=RoleResources)
@@ -95,11 +105,17 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"              # k1 | k2 | k3
     kl_in_reward: bool = False            # True: −β·KL_t shapes the per-token rewards (REINFORCE++), not the loss
     normalize_std: bool = True            # divide by the group std (False = Dr. GRPO numerator)
+    gamma: float = 1.0                    # ppo: GAE discount γ
+    lam: float = 0.95                     # ppo: GAE λ
     # pipeline=preference
     loss: str = "dpo"                     # key of algorithms.PREFERENCE_LOSSES
     beta: float = 0.1                     # DPO/IPO/cDPO/rDPO β; SimPO β (paper default 2.0); ORPO λ
     label_smoothing: float = 0.0          # cDPO ε (> 0), robust DPO flip rate ε (< 0.5)
     simpo_gamma: float = 0.5              # SimPO target margin γ
+    desirable_weight: float = 1.0         # KTO λ_D
+    undesirable_weight: float = 1.0       # KTO λ_U
+    bco_delta_momentum: float = 0.9       # BCO: running mean of the implicit reward (the shift δ)
+    margin: float = 0.0                   # pipeline=reward_model: Bradley–Terry margin (rows may carry their own)
 
 
 @dataclass
@@ -118,11 +134,27 @@ class JudgeConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    path: str = ""                        # a pipeline=reward_model checkpoint (any one-label SequenceClassification)
+    micro_batch_size: int = 8
+    resources: RoleResources = field(default_factory=RoleResources)
+
+
+@dataclass
 class FeedbackConfig:
-    source: str = "judge"                 # judge | function
+    source: str = "judge"                 # judge | function | reward_model
     function: str = ""                    # "package.module:callable" taking (prompts, responses, **kwargs) -> list[float | None]
     function_kwargs: dict[str, Any] = field(default_factory=dict)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    # Multi-objective: more rule/user functions scored next to `source`; the rewards are summed (after `transform`)
+    extra_functions: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)   # one per objective, `source` first; [] = all 1
+    # "Transforming and Combining Rewards" (Wang et al. 2024): lsc = log σ(r − r_ref(x)) per objective, with r_ref(x)
+    # the `reference_quantile` of the rewards of `reference_samples` responses the starting policy gives to x.
+    transform: str = "none"               # none | lsc
+    reference_quantile: float = 0.5
+    reference_samples: int = 4
 
 
 @dataclass
@@ -149,6 +181,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
@@ -185,7 +218,9 @@ def validate(cfg: Config) -> None:
                        ("actor.micro_batch_size", cfg.actor.micro_batch_size), ("actor.epochs", cfg.actor.epochs)):
         _positive(key, value)
     for role, res in (("rollout", cfg.rollout.resources), ("actor", cfg.actor.resources),
-                      ("reference", cfg.reference.resources), ("feedback.judge", cfg.feedback.judge.resources)):
+                      ("critic", cfg.critic.resources), ("reference", cfg.reference.resources),
+                      ("feedback.judge", cfg.feedback.judge.resources),
+                      ("feedback.reward_model", cfg.feedback.reward_model.resources)):
         _positive(f"{role}.resources.num_workers", res.num_workers)
         _positive(f"{role}.resources.num_cpus", res.num_cpus, allow_zero=True)
         _positive(f"{role}.resources.num_gpus", res.num_gpus, allow_zero=True)
@@ -200,7 +235,7 @@ def validate(cfg: Config) -> None:
 
 def _validate_online(cfg: Config) -> None:
     from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-    from openrlaif.algorithms.advantages import GROUP_BASELINES, TOKEN_LEVEL
+    from openrlaif.algorithms.advantages import CRITIC, GROUP_BASELINES, TOKEN_LEVEL
     from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
 
     algo = cfg.algorithm
@@ -220,7 +255,7 @@ def _validate_online(cfg: Config) -> None:
     _positive("algorithm.kl_coef", algo.kl_coef, allow_zero=True)
     _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
     _choice("rollout.dtype", cfg.rollout.dtype, {"float32", "bfloat16"})
-    _choice("feedback.source", cfg.feedback.source, {"judge", "function"})
+    _choice("feedback.source", cfg.feedback.source, {"judge", "function", "reward_model"})
     _choice("feedback.judge.mode", cfg.feedback.judge.mode, {"expected_score", "generate"})
     _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     _positive("rollout.temperature", cfg.rollout.temperature)
@@ -232,17 +267,31 @@ def _validate_online(cfg: Config) -> None:
                           "baseline. Fix: rollout.samples_per_prompt=4")
 
     step_batch = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
-    world = cfg.actor.resources.num_workers
-    mini = cfg.actor.mini_batch_size or step_batch
-    if step_batch % mini:
-        raise ConfigError(f"actor.mini_batch_size={mini} must divide the step batch "
-                          f"(data.prompts_per_step × rollout.samples_per_prompt = {step_batch}).")
-    if mini % world or (mini // world) % cfg.actor.micro_batch_size:
-        raise ConfigError(
-            f"each of the actor.resources.num_workers={world} workers gets {mini / world:g} samples per optimizer "
-            f"step, which must be a whole multiple of actor.micro_batch_size={cfg.actor.micro_batch_size}. "
-            f"Fix: choose actor.micro_batch_size dividing {mini // world if mini % world == 0 else 'it'}, or change "
-            "actor.mini_batch_size / data.prompts_per_step.")
+    trained = [("actor", cfg.actor)] + ([("critic", cfg.critic)] if algo.advantage in CRITIC else [])
+    for role, train in trained:
+        _positive(f"{role}.micro_batch_size", train.micro_batch_size)
+        _positive(f"{role}.lr", train.lr)
+        _positive(f"{role}.epochs", train.epochs)
+        if train.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{role}.zero_stage={train.zero_stage} must be 0, 1, 2 or 3.")
+        world = train.resources.num_workers
+        mini = train.mini_batch_size or step_batch
+        if step_batch % mini:
+            raise ConfigError(f"{role}.mini_batch_size={mini} must divide the step batch "
+                              f"(data.prompts_per_step × rollout.samples_per_prompt = {step_batch}).")
+        if mini % world or (mini // world) % train.micro_batch_size:
+            raise ConfigError(
+                f"each of the {role}.resources.num_workers={world} workers gets {mini / world:g} samples per "
+                f"optimizer step, which must be a whole multiple of {role}.micro_batch_size="
+                f"{train.micro_batch_size}. Fix: choose {role}.micro_batch_size dividing "
+                f"{mini // world if mini % world == 0 else 'it'}, or change {role}.mini_batch_size / "
+                "data.prompts_per_step.")
+    if algo.advantage in CRITIC:
+        if not (0 <= algo.gamma <= 1 and 0 <= algo.lam <= 1):
+            raise ConfigError(f"algorithm.gamma={algo.gamma} and algorithm.lam={algo.lam} must be in [0, 1].")
+        if cfg.critic.value_clip is not None and cfg.critic.value_clip <= 0:
+            raise ConfigError(f"critic.value_clip={cfg.critic.value_clip} must be > 0, or null to turn it off.")
+    _validate_feedback(cfg.feedback)
 
     judge = cfg.feedback.judge
     if cfg.feedback.source == "function" and ":" not in cfg.feedback.function:
@@ -265,19 +314,46 @@ def _validate_online(cfg: Config) -> None:
                               "{score_max} are filled in. Write literal braces as {{ and }}.") from None
 
 
+def _validate_feedback(fb: FeedbackConfig) -> None:
+    from openrlaif.algorithms.rewards import REWARD_TRANSFORMS
+    _choice("feedback.transform", fb.transform, REWARD_TRANSFORMS)
+    if fb.source == "reward_model" and not fb.reward_model.path:
+        raise ConfigError("feedback.source=reward_model needs feedback.reward_model.path: a folder written by "
+                          "pipeline=reward_model (its <output.dir>/checkpoint), or any one-label "
+                          "SequenceClassification model.")
+    for spec in fb.extra_functions:
+        if ":" not in spec:
+            raise ConfigError(f"feedback.extra_functions entry {spec!r} must name a callable as "
+                              "'package.module:name'. Fix: e.g. openrlaif.feedback.rules:brevity")
+    objectives = 1 + len(fb.extra_functions)
+    if fb.weights and len(fb.weights) != objectives:
+        raise ConfigError(f"feedback.weights has {len(fb.weights)} entries for {objectives} objectives "
+                          f"(feedback.source plus {len(fb.extra_functions)} extra_functions). Fix: one weight per "
+                          "objective, the source first, or [] for all 1.")
+    if not 0 <= fb.reference_quantile <= 1:
+        raise ConfigError(f"feedback.reference_quantile={fb.reference_quantile} must be in [0, 1].")
+    _positive("feedback.reference_samples", fb.reference_samples)
+
+
 def _validate_offline(cfg: Config) -> None:
     """pipeline=preference and pipeline=sft: one actor group, no rollout."""
-    from openrlaif.algorithms import PREFERENCE_LOSSES
+    from openrlaif.algorithms.preference import LISTWISE_LOSSES, PREFERENCE_LOSSES, UNPAIRED_LOSSES
 
     algo = cfg.algorithm
     if cfg.pipeline == "preference":
-        _choice("algorithm.loss", algo.loss, PREFERENCE_LOSSES)
+        _choice("algorithm.loss", algo.loss, PREFERENCE_LOSSES.keys() | UNPAIRED_LOSSES.keys() | LISTWISE_LOSSES.keys())
+        if not 0 <= algo.bco_delta_momentum < 1:
+            raise ConfigError(f"algorithm.bco_delta_momentum={algo.bco_delta_momentum} must be in [0, 1).")
         _positive("algorithm.beta", algo.beta)
         if algo.loss == "cdpo" and algo.label_smoothing <= 0:
             raise ConfigError("algorithm.loss=cdpo needs algorithm.label_smoothing > 0 (the assumed label-noise "
                               "rate). Fix: algorithm.label_smoothing=0.1")
         if not 0 <= algo.label_smoothing < 0.5:
             raise ConfigError(f"algorithm.label_smoothing={algo.label_smoothing} must be in [0, 0.5).")
+    if cfg.pipeline == "reward_model":
+        if not 0 <= cfg.data.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
+        _positive("data.eval_every", cfg.data.eval_every)
     _positive("data.max_response_tokens", cfg.data.max_response_tokens)
     _positive("data.pack_length", cfg.data.pack_length, allow_zero=True)
     world, examples = cfg.actor.resources.num_workers, cfg.data.prompts_per_step

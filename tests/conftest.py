@@ -21,6 +21,12 @@ def tiny_model(model_cache) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the integration tests; only it is stopped at the end (never `ray stop`)."""
     import ray

@@ -79,11 +79,15 @@ def reinforce_pp_advantages(rewards: Tensor, token_mask: Tensor, kl: Tensor | No
             if in_group.any():
                 centred[in_group] = rewards[in_group] - rewards[in_group].mean()
         rewards = centred
-    token_rewards = -kl_coef * kl * mask if kl is not None else torch.zeros_like(mask)
-    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)   # last response token per row
-    token_rewards = token_rewards + last.to(rewards.dtype) * rewards.unsqueeze(-1)
-    returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * mask
+    returns = shaped_token_rewards(rewards, mask, kl, kl_coef).flip(-1).cumsum(-1).flip(-1) * mask
     return whiten(returns, mask * valid.unsqueeze(-1).to(mask.dtype))
+
+
+def shaped_token_rewards(rewards: Tensor, mask: Tensor, kl: Tensor | None, kl_coef: float) -> Tensor:
+    """Per-token rewards r_t = −β·KL_t, plus the sequence reward on each row's last response token; (B, T)."""
+    token_rewards = -kl_coef * kl * mask if kl is not None else torch.zeros_like(mask)
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)
+    return token_rewards + last.to(rewards.dtype) * rewards.unsqueeze(-1)
 
 
 def gae_advantages(token_rewards: Tensor, values: Tensor, token_mask: Tensor, gamma: float = 1.0,
@@ -102,6 +106,16 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, token_mask: Tensor, ga
     return advantages, advantages + values
 
 
+def ppo_advantages(rewards: Tensor, token_mask: Tensor, values: Tensor, valid: Tensor, kl: Tensor | None = None,
+                   kl_coef: float = 0.0, gamma: float = 1.0, lam: float = 0.95, **_) -> tuple[Tensor, Tensor]:
+    """PPO as in InstructGPT / OpenRLHF: per-token rewards −β·KL_t plus the sequence reward on the last token,
+    GAE on the critic's values V(s_t). Returns (advantages whitened over the valid tokens, returns = GAE + V:
+    the critic's regression targets, not whitened). Shapes (B, T); invalid samples get zeros."""
+    mask = token_mask.to(values.dtype) * valid.unsqueeze(-1).to(values.dtype)
+    advantages, returns = gae_advantages(shaped_token_rewards(rewards, mask, kl, kl_coef), values, mask, gamma, lam)
+    return whiten(advantages, mask), returns * mask
+
+
 def reinforce_pp_baseline_advantages(rewards: Tensor, token_mask: Tensor, **kwargs) -> Tensor:
     """REINFORCE++-baseline: group-mean-centred rewards, then KL-shaped returns, whitened over the batch."""
     return reinforce_pp_advantages(rewards, token_mask, baseline=True, **kwargs)
@@ -110,7 +124,8 @@ def reinforce_pp_baseline_advantages(rewards: Tensor, token_mask: Tensor, **kwar
 # What the online loop calls, by `algorithm.advantage`. Each takes keyword inputs from the step's batch
 # (rewards, group_ids, valid, token_mask, kl, kl_coef, normalize_std) and ignores what it does not need;
 # outcome estimators return (B,), token-level ones (B, T). remax reads baseline_rewards (the greedy response's
-# reward, which the loop adds for GREEDY_BASELINE estimators). gae needs critic values: pure function for now.
+# reward, which the loop adds for GREEDY_BASELINE estimators). CRITIC estimators read `values` (the critic's V(s_t)),
+# take gamma/lam, and return (advantages, returns).
 ADVANTAGE_ESTIMATORS = {
     "grpo": grpo_advantages,
     "dr_grpo": dr_grpo_advantages,
@@ -118,7 +133,9 @@ ADVANTAGE_ESTIMATORS = {
     "reinforce_pp": reinforce_pp_advantages,
     "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
     "remax": remax_advantages,
+    "gae": ppo_advantages,
 }
-TOKEN_LEVEL = {"reinforce_pp", "reinforce_pp_baseline"}   # need token_mask and (with kl_in_reward) kl
+TOKEN_LEVEL = {"reinforce_pp", "reinforce_pp_baseline", "gae"}   # need token_mask and (with kl_in_reward) kl
 GROUP_BASELINES = {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"}   # need >= 2 samples per prompt
 GREEDY_BASELINE = {"remax"}                     # need one greedy rollout per prompt, scored with the samples
+CRITIC = {"gae"}                                # need the critic role's values; return (advantages, returns)

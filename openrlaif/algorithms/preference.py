@@ -64,13 +64,16 @@ def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, be
 
 
 def kto_loss(logps: Tensor, ref_logps: Tensor, desirable: Tensor, kl_logps: Tensor, ref_kl_logps: Tensor,
-             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Tensor:
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             kl_mean: Tensor | None = None) -> Tensor:
     """KTO (Ethayarajh et al. 2024, eq. 8), unpaired good/bad samples, shape (B,) each.
 
     r = log π/π_ref(y); z₀ = max(0, mean log π/π_ref on mismatched (x, y′) pairs), no gradient (as TRL).
     desirable: w_D·(1 − σ(β(r − z₀)));  undesirable: w_U·(1 − σ(β(z₀ − r))).
+    `kl_mean` overrides that mean (a data-parallel caller passes the all-reduced one).
     """
-    z0 = (kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+    kl_mean = (kl_logps - ref_kl_logps).mean() if kl_mean is None else kl_mean
+    z0 = kl_mean.clamp(min=0).detach()
     log_ratio = logps - ref_logps
     good = desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - z0)))
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - log_ratio)))

@@ -22,6 +22,7 @@ class Pair:
     rejected_ids: list[int]
     ref_chosen_logp: float = 0.0      # Σ log π_ref(chosen), filled once by the reference role
     ref_rejected_logp: float = 0.0
+    margin: float = 0.0               # pipeline=reward_model: Bradley–Terry margin (a row's "margin", or the config's)
 
 
 def split_conversation(messages, where: str, key: str) -> tuple[list[dict], str]:
@@ -49,7 +50,8 @@ def encode_response(tokenizer, prompt_messages: list[dict], response: str) -> tu
     return prompt, response_ids
 
 
-def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> list[Pair]:
+def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int,
+               default_margin: float = 0.0) -> list[Pair]:
     path = DEMO_PAIRS if path == "demo" else path
     pairs = []
     for where, row in read_jsonl(path, "data.pairs", '{"prompt", "chosen", "rejected"}'):
@@ -68,7 +70,11 @@ def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens
         prompt_ids, chosen_ids = encode_response(tokenizer, prompt_messages, chosen)
         _, rejected_ids = encode_response(tokenizer, prompt_messages, rejected)
         check_prompt_length(where, len(prompt_ids), max_prompt_tokens)
-        pairs.append(Pair(prompt_ids, chosen_ids[:max_response_tokens], rejected_ids[:max_response_tokens]))
+        margin = row.get("margin", default_margin)
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+            raise ConfigError(f"{where}: \"margin\" must be a number, got {margin!r}.")
+        pairs.append(Pair(prompt_ids, chosen_ids[:max_response_tokens], rejected_ids[:max_response_tokens],
+                          margin=float(margin)))
     if not pairs:
         raise ConfigError(f"data.pairs={path!r} holds no pairs. Fix: add {{\"prompt\", \"chosen\", \"rejected\"}} rows.")
     return pairs
@@ -86,6 +92,7 @@ def pairs_to_batch(pairs: list[Pair], pad_id: int) -> Batch:
         tensors |= {f"{side}_{name}": value for name, value in layout.items()}
     tensors["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logp for p in pairs])
     tensors["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logp for p in pairs])
+    tensors["margin"] = torch.tensor([p.margin for p in pairs])
     return Batch(tensors)
 
 

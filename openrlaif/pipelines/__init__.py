@@ -2,7 +2,7 @@
 import importlib
 
 PIPELINES = {"online_rl": "openrlaif.pipelines.online_rl", "preference": "openrlaif.pipelines.preference",
-             "sft": "openrlaif.pipelines.sft"}
+             "sft": "openrlaif.pipelines.sft", "reward_model": "openrlaif.pipelines.reward_model"}
 
 
 def run(cfg) -> dict:

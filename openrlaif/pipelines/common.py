@@ -48,25 +48,30 @@ def threads_per_worker(cfg: Config, num_workers: int) -> int:
 
 
 def start_actor(cfg: Config, model_path: str, step_batch_size: int, temperature: float = 1.0) -> WorkerGroup:
-    """The DeepSpeed policy workers, with their torch.distributed rendezvous."""
+    """The DeepSpeed policy workers."""
     from openrlaif.workers.actor import ActorWorker
-    resources = cfg.actor.resources
+    return start_trainer(cfg, "actor", ActorWorker, cfg.actor, step_batch_size, model_path=model_path,
+                         algo=cfg.algorithm, temperature=temperature)
+
+
+def start_trainer(cfg: Config, role: str, worker_class, train_cfg, step_batch_size: int, **kwargs) -> WorkerGroup:
+    """A DeepSpeed-trained role (actor, critic, reward model) with its own torch.distributed rendezvous."""
+    resources = train_cfg.resources
     backend = cfg.cluster.dist_backend if cfg.cluster.dist_backend != "auto" else (
         "nccl" if resources.num_gpus > 0 else "gloo")
     master_addr, master_port = "127.0.0.1", free_port()
     if cfg.cluster.address:   # multi-node: rank 0's node must be reachable by the others
         master_addr = ray.util.get_node_ip_address()
-    return WorkerGroup("actor", ActorWorker, resources, lambda rank: dict(
-        model_path=model_path, cfg=cfg.actor, algo=cfg.algorithm, rank=rank, world_size=resources.num_workers,
-        master_addr=master_addr, master_port=master_port, backend=backend, dtype=cfg.model.dtype,
-        step_batch_size=step_batch_size, temperature=temperature,
+    return WorkerGroup(role, worker_class, resources, lambda rank: dict(
+        cfg=train_cfg, rank=rank, world_size=resources.num_workers, master_addr=master_addr,
+        master_port=master_port, backend=backend, dtype=cfg.model.dtype, step_batch_size=step_batch_size,
         threads=threads_per_worker(cfg, resources.num_workers), seed=cfg.seed,
-        trust_remote_code=cfg.model.trust_remote_code))
+        trust_remote_code=cfg.model.trust_remote_code, **kwargs))
 
 
-def save_checkpoint(actor: WorkerGroup, out_dir: str, tokenizer_path: str) -> str:
-    """HF folder at <out>/checkpoint, written to a temp folder first so a crash never leaves half a checkpoint."""
-    final = os.path.join(out_dir, "checkpoint")
+def save_checkpoint(actor: WorkerGroup, out_dir: str, tokenizer_path: str, name: str = "checkpoint") -> str:
+    """HF folder at <out>/<name>, written to a temp folder first so a crash never leaves half a checkpoint."""
+    final = os.path.join(out_dir, name)
     staging = final + ".tmp"
     shutil.rmtree(staging, ignore_errors=True)
     ray.get(actor.call(lambda w: w.save_hf.remote(staging, tokenizer_path)))

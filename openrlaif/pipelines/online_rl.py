@@ -1,4 +1,5 @@
-"""Online RL with AI or rule feedback (GRPO). `train()` is the loop; the helpers below it do one phase each."""
+"""Online RL with AI, reward-model or rule feedback (GRPO family, REINFORCE++, ReMax, PPO with a critic).
+`train()` is the loop; the helpers below it do one phase each."""
 from __future__ import annotations
 
 import time
@@ -9,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
-from openrlaif.algorithms.advantages import GREEDY_BASELINE
+from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE
 from openrlaif.batch import Batch, split_evenly
 from openrlaif.config import Config, RoleResources, cache_dir
 from openrlaif.data import PromptStream, load_prompts
@@ -19,7 +20,7 @@ from openrlaif.models import resolve_model_path
 from openrlaif.rollout.collate import completions_to_batch
 from openrlaif.rollout.types import SamplingSpec
 from openrlaif.pipelines.common import (finish, load_tokenizer, prepare_output_dir, save_checkpoint,
-                                        start_actor, threads_per_worker)
+                                        start_actor, start_trainer, threads_per_worker)
 from openrlaif.runtime import ray_session
 from openrlaif.workers.group import WorkerGroup, check_cluster_fits
 
@@ -41,6 +42,9 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, d
     stream = PromptStream(run.prompts, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
     logger = MetricsLogger(run.out_dir)
     metrics: dict[str, float] = {}
+    if cfg.feedback.transform != "none":      # 0. per-prompt reference rewards from the starting policy (LSC)
+        reference_metrics = calibrate_references(roles, run, cfg)
+        tqdm.write("[openrlaif] reference rewards: " + ", ".join(f"{k}={v:.3g}" for k, v in reference_metrics.items()))
     for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
         metrics, step_start = {}, time.perf_counter()
         prompts = stream.next_batch()
@@ -49,11 +53,11 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, d
         with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
             feedback = score(roles, batch)
             batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
-        with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, launched together
+        with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, critic values, together
             add_logprobs(roles, batch, cfg)
         with timer(metrics, "advantage"):      # 4. advantages (group baselines, KL-shaped returns), on the driver
             batch["advantages"] = compute_advantages(batch, feedback.valid, cfg)
-        with timer(metrics, "update"):         # 5. DeepSpeed update on the actor workers
+        with timer(metrics, "update"):         # 5. DeepSpeed updates of the actor (and critic), side by side
             train_metrics = update_actor(roles, batch)
         with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
             metrics["sync/engine_s"] = sync_weights(roles, cfg)
@@ -62,7 +66,11 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, d
         logger.log(step, metrics)
         tqdm.write(summary_line(step, metrics))
     logger.close()
-    checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path) if cfg.output.save_final else None
+    checkpoint = None
+    if cfg.output.save_final:
+        checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path)
+        if roles.critic is not None:
+            save_checkpoint(roles.critic, run.out_dir, run.model_path, name="critic")
     return checkpoint, metrics, logger.path
 
 
@@ -73,6 +81,8 @@ class RunInputs:
     out_dir: str
     model_path: str
     judge_path: str | None
+    critic_path: str | None
+    reward_model_path: str | None
     tokenizer: object
     prompts: list
     plan: dict[str, RoleResources]
@@ -86,44 +96,59 @@ class Roles:
     rollout: WorkerGroup
     feedback: Feedback
     judge: WorkerGroup | None
+    critic: WorkerGroup | None = None
+    reward_model: WorkerGroup | None = None
 
     def shutdown(self) -> None:
-        for group in (self.actor, self.reference, self.rollout, self.judge):
+        for group in (self.actor, self.reference, self.rollout, self.judge, self.critic, self.reward_model):
             if group is not None:
                 group.shutdown()
 
 
 def prepare_run(cfg: Config) -> RunInputs:
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
-    judge_path = None
+    judge_path = critic_path = reward_model_path = None
     if cfg.feedback.source == "judge":
         judge_path = resolve_model_path(cfg.feedback.judge.model or cfg.model.path, cache_dir(cfg.model),
                                         key="feedback.judge.model")
-    else:
-        from openrlaif.feedback.rules import load_function
-        load_function(cfg.feedback.function)   # fail now on a bad name, not after the models are loaded
+    elif cfg.feedback.source == "reward_model":
+        reward_model_path = resolve_model_path(cfg.feedback.reward_model.path, cache_dir(cfg.model),
+                                               key="feedback.reward_model.path")
+    from openrlaif.feedback.rules import load_function
+    for spec in ([cfg.feedback.function] if cfg.feedback.source == "function" else []) + cfg.feedback.extra_functions:
+        load_function(spec)   # fail now on a bad name, not after the models are loaded
+    if cfg.algorithm.advantage in CRITIC:
+        critic_path = resolve_model_path(cfg.critic.model or cfg.model.path, cache_dir(cfg.model), key="critic.model")
     tokenizer = load_tokenizer(model_path, cfg)
     prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
     out_dir = prepare_output_dir(cfg)
     plan = role_plan(cfg, judge_path)
     cpus = sum(r.num_cpus * r.num_workers for r in plan.values())
-    return RunInputs(out_dir, model_path, judge_path, tokenizer, prompts, plan, cpus)
+    return RunInputs(out_dir, model_path, judge_path, critic_path, reward_model_path, tokenizer, prompts, plan, cpus)
 
 
 def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
-    """The roles this run starts and what each reserves: no reference without a KL term, no judge for rules."""
+    """The roles this run starts and what each reserves: no reference without a KL term, no judge for rules,
+    a critic only for estimators that need values."""
     plan = {"actor": cfg.actor.resources, "rollout": cfg.rollout.resources}
     if cfg.algorithm.kl_coef > 0:
         plan["reference"] = cfg.reference.resources
     if judge_path:
         plan["judge"] = cfg.feedback.judge.resources
+    if cfg.feedback.source == "reward_model":
+        plan["reward_model"] = cfg.feedback.reward_model.resources
+    if cfg.algorithm.advantage in CRITIC:
+        plan["critic"] = cfg.critic.resources
     return plan
 
 
 def start_roles(cfg: Config, run: RunInputs) -> Roles:
     """Each role in its own placement group; all models load in parallel, then we wait once."""
+    from openrlaif.feedback.combine import CombinedFeedback
     from openrlaif.feedback.judge import JudgeFeedback, JudgeWorker
+    from openrlaif.feedback.reward_model import RewardModelFeedback, RewardModelWorker
     from openrlaif.feedback.rules import FunctionFeedback
+    from openrlaif.workers.critic import CriticWorker
     from openrlaif.workers.reference import ReferenceWorker
     from openrlaif.workers.rollout import RolloutWorker
 
@@ -146,17 +171,48 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
         reference = WorkerGroup("reference", ReferenceWorker, cfg.reference.resources, lambda rank: dict(
             model_path=run.model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.reference.micro_batch_size,
             temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust))
-    judge = None
+    judge = reward_model = critic = None
+    objectives = {}
     if "judge" in plan:
         judge = WorkerGroup("judge", JudgeWorker, cfg.feedback.judge.resources, lambda rank: dict(
             model_path=run.judge_path, cfg=cfg.feedback.judge, dtype=cfg.model.dtype, threads=threads("judge"),
             seed=cfg.seed, trust_remote_code=trust))
-        feedback = JudgeFeedback(judge)
+        objectives["judge"] = JudgeFeedback(judge)
+    elif "reward_model" in plan:
+        rm = cfg.feedback.reward_model
+        reward_model = WorkerGroup("reward_model", RewardModelWorker, rm.resources, lambda rank: dict(
+            model_path=run.reward_model_path, micro_batch_size=rm.micro_batch_size,
+            max_tokens=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, dtype=cfg.model.dtype,
+            threads=threads("reward_model"), seed=cfg.seed, trust_remote_code=trust))
+        objectives["reward_model"] = RewardModelFeedback(reward_model)
     else:
-        feedback = FunctionFeedback(cfg.feedback.function, cfg.feedback.function_kwargs)
-    groups = [g for g in (actor, rollout, reference, judge) if g is not None]
+        objectives[function_name(cfg.feedback.function)] = FunctionFeedback(cfg.feedback.function,
+                                                                            cfg.feedback.function_kwargs)
+    for spec in cfg.feedback.extra_functions:
+        objectives[function_name(spec)] = FunctionFeedback(spec, {})
+    feedback = next(iter(objectives.values()))
+    if len(objectives) > 1 or cfg.feedback.transform != "none":
+        feedback = CombinedFeedback(objectives, cfg.feedback.weights, cfg.feedback.transform,
+                                    cfg.feedback.reference_quantile)
+    if "critic" in plan:
+        critic = start_trainer(cfg, "critic", CriticWorker, cfg.critic, step_batch, model_path=run.critic_path,
+                               pad_token_id=run.tokenizer.pad_token_id)
+    groups = [g for g in (actor, rollout, reference, judge, reward_model, critic) if g is not None]
     ray.get([ref for g in groups for ref in g.call(lambda w: w.ready.remote())])
-    return Roles(actor, reference, rollout, feedback, judge)
+    return Roles(actor, reference, rollout, feedback, judge, critic, reward_model)
+
+
+def function_name(spec: str) -> str:
+    """The objective's name in metrics: the callable's name ("openrlaif.feedback.rules:brevity" -> "brevity")."""
+    return spec.partition(":")[2] or spec
+
+
+def calibrate_references(roles: Roles, run: RunInputs, cfg: Config) -> dict[str, float]:
+    """Before the first update: `feedback.reference_samples` responses per prompt from the starting policy,
+    scored by every objective; each keeps its per-prompt quantile as r_ref(x) for the LSC transform."""
+    sampling = replace(cfg.rollout, samples_per_prompt=cfg.feedback.reference_samples)
+    batch = generate(roles, run.prompts, replace(cfg, rollout=sampling), run.tokenizer, seed=cfg.seed * 10_000)
+    return roles.feedback.calibrate(batch.meta["prompt"], batch.meta["response"])
 
 
 # ---------------------------------------------------------------------------------------------------- phases
@@ -217,10 +273,14 @@ def compute_advantages(batch: Batch, valid: torch.Tensor, cfg: Config) -> torch.
     kl = None
     if algo.kl_in_reward:   # per-token KL of the sampling policy to the reference, a penalty in the reward
         kl = KL_ESTIMATORS[algo.kl_estimator](batch["old_logprobs"], batch["ref_logprobs"]) * batch["response_mask"]
-    return ADVANTAGE_ESTIMATORS[algo.advantage](
+    out = ADVANTAGE_ESTIMATORS[algo.advantage](
         rewards=batch["rewards"], group_ids=batch["group_ids"], valid=valid, token_mask=batch["response_mask"],
-        kl=kl, kl_coef=algo.kl_coef, normalize_std=algo.normalize_std,
-        baseline_rewards=batch["baseline_rewards"] if "baseline_rewards" in batch else None)
+        kl=kl, kl_coef=algo.kl_coef, normalize_std=algo.normalize_std, gamma=algo.gamma, lam=algo.lam,
+        baseline_rewards=batch["baseline_rewards"] if "baseline_rewards" in batch else None,
+        values=batch["values"] if "values" in batch else None)
+    if algo.advantage in CRITIC:
+        out, batch["returns"] = out
+    return out
 
 
 def on_policy(cfg: Config) -> bool:
@@ -238,22 +298,40 @@ def add_logprobs(roles: Roles, batch: Batch, cfg: Config) -> None:
     old_refs = []
     if not on_policy(cfg) or cfg.algorithm.kl_in_reward:   # KL in the reward needs log π_old before the update
         old_refs = roles.actor.map(lambda w, shard: w.logprobs.remote(shard), model_inputs.split(len(roles.actor)))
-    results = ray.get(ref_refs + old_refs)
+    value_refs = []
+    if roles.critic is not None:
+        value_refs = roles.critic.map(lambda w, shard: w.values.remote(shard), model_inputs.split(len(roles.critic)))
+    results = ray.get(ref_refs + old_refs + value_refs)
     if ref_refs:
         batch["ref_logprobs"] = torch.cat(results[:len(ref_refs)])
     if old_refs:
-        batch["old_logprobs"] = torch.cat(results[len(ref_refs):])
+        batch["old_logprobs"] = torch.cat(results[len(ref_refs):len(ref_refs) + len(old_refs)])
+    if value_refs:
+        batch["values"] = torch.cat(results[len(ref_refs) + len(old_refs):])
 
 
 def update_actor(roles: Roles, batch: Batch) -> dict[str, float]:
     fields = ["input_ids", "attention_mask", "response_mask", "sample_mask", "advantages"]
     fields += [k for k in ("ref_logprobs", "old_logprobs") if k in batch]
     train_batch = Batch({k: batch[k] for k in fields})
-    per_rank = ray.get(roles.actor.map(lambda w, shard: w.train_step.remote(shard),
-                                       train_batch.split(len(roles.actor))))
+    actor_refs = roles.actor.map(lambda w, shard: w.train_step.remote(shard), train_batch.split(len(roles.actor)))
+    critic_refs = []
+    if roles.critic is not None:   # the critic trains on the same samples at the same time
+        critic_batch = Batch({k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "sample_mask",
+                                                    "values", "returns")})
+        critic_refs = roles.critic.map(lambda w, shard: w.train_step.remote(shard),
+                                       critic_batch.split(len(roles.critic)))
+    results = ray.get(actor_refs + critic_refs)
+    per_rank = results[:len(actor_refs)]
     total = {key: sum(r[key] for r in per_rank) for key in per_rank[0]}
     total["seconds"] = max(r["seconds"] for r in per_rank)
     total["grad_norm"] = per_rank[0]["grad_norm"]
+    if critic_refs:
+        critic = results[len(actor_refs):]
+        total["critic/value_loss"] = sum(r["value_loss"] for r in critic)
+        total["critic/clip_fraction"] = (sum(r["value_clip_x_tokens"] for r in critic)
+                                         / max(sum(r["response_tokens"] for r in critic), 1.0))
+        total["critic/grad_norm"] = critic[0]["grad_norm"]
     return total
 
 
@@ -287,6 +365,12 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
     }
     if "entropy" in train:   # computed only when algorithm.entropy_coef > 0
         out["train/entropy"] = train["entropy"]
+    if "values" in batch:    # PPO: the critic's fit to the GAE returns, before this step's update
+        mask = batch["response_mask"] * batch["sample_mask"].unsqueeze(-1) > 0
+        values, returns = batch["values"][mask], batch["returns"][mask]
+        out["critic/values_mean"] = float(values.mean()) if len(values) else float("nan")
+        out["critic/explained_variance"] = float(1 - (returns - values).var() / returns.var().clamp(min=1e-8))
+        out |= {key: value for key, value in train.items() if key.startswith("critic/")}
     for kind, count in feedback.failures.items():
         out[f"feedback/failures/{kind}"] = float(count)
     for key, value in feedback.metrics.items():

@@ -1,7 +1,9 @@
-"""Offline preference learning (DPO, cDPO, robust DPO, IPO, SimPO, ORPO) over {"prompt", "chosen", "rejected"} pairs.
+"""Offline preference learning: pairwise losses (DPO, cDPO, robust DPO, IPO, SimPO, ORPO) over
+{"prompt", "chosen", "rejected"} pairs, unpaired ones (KTO, BCO) over good/bad samples, listwise LiPO-λ over
+scored lists.
 
 Reference log-probs are computed once, up front, by the reference role (skipped for reference-free losses);
-then each step is one DeepSpeed update of the actor on `data.prompts_per_step` pairs.
+then each step is one DeepSpeed update of the actor on `data.prompts_per_step` examples.
 """
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ from __future__ import annotations
 import ray
 from tqdm import tqdm
 
-from openrlaif.algorithms.preference import REFERENCE_FREE
+from openrlaif.algorithms.preference import LISTWISE_LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES
 from openrlaif.config import Config, cache_dir
 from openrlaif.data import PromptStream
-from openrlaif.data.pairs import Pair, both_sides, load_pairs, pairs_to_batch
+from openrlaif.data.lists import ListExample, lists_to_batch, load_ranked, load_unpaired
+from openrlaif.data.pairs import both_sides, load_pairs, pairs_to_batch
 from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
 from openrlaif.pipelines.common import (finish, load_tokenizer, prepare_output_dir, save_checkpoint,
@@ -25,7 +28,9 @@ def train(cfg: Config) -> dict:
     """Run `cfg.steps` preference updates; returns {"checkpoint": path | None, "metrics": last step's metrics}."""
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
     tokenizer = load_tokenizer(model_path, cfg)
-    pairs = load_pairs(cfg.data.pairs, tokenizer, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+    examples = load_examples(cfg, tokenizer)
+    pairwise = not isinstance(examples[0], ListExample)
+    list_size = 2 if pairwise else len(examples[0].responses)
     out_dir = prepare_output_dir(cfg)
     needs_reference = cfg.algorithm.loss not in REFERENCE_FREE
     plan = {"actor": cfg.actor.resources} | ({"reference": cfg.reference.resources} if needs_reference else {})
@@ -35,18 +40,23 @@ def train(cfg: Config) -> dict:
         actor = start_actor(cfg, model_path, cfg.data.prompts_per_step)
         try:
             if needs_reference:                  # 1. reference log-probs of every pair, once
-                add_reference_logps(cfg, model_path, pairs, tokenizer.pad_token_id)
+                add_reference_logps(cfg, model_path, examples, tokenizer.pad_token_id)
             ray.get(actor.call(lambda w: w.ready.remote()))
-            stream = PromptStream(pairs, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
+            stream = PromptStream(examples, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
             logger = MetricsLogger(out_dir)
             metrics: dict[str, float] = {}
             for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
                 metrics = {}
-                batch = pairs_to_batch(stream.next_batch(), tokenizer.pad_token_id)
-                with timer(metrics, "update"):   # 2. one DeepSpeed update on the pairs, sharded over the workers
-                    per_rank = ray.get(actor.map(lambda w, shard: w.preference_step.remote(shard),
-                                                 batch.split(len(actor))))
-                metrics |= preference_metrics(per_rank, metrics["time/update_s"])
+                with timer(metrics, "update"):   # 2. one DeepSpeed update on the examples, sharded over the workers
+                    if pairwise:
+                        batch = pairs_to_batch(stream.next_batch(), tokenizer.pad_token_id)
+                        per_rank = ray.get(actor.map(lambda w, shard: w.preference_step.remote(shard),
+                                                     batch.split(len(actor))))
+                    else:
+                        batch = lists_to_batch(stream.next_batch(), tokenizer.pad_token_id)
+                        per_rank = ray.get(actor.map(lambda w, shard: w.listwise_step.remote(shard, list_size),
+                                                     batch.split(len(actor))))
+                metrics |= (preference_metrics if pairwise else listwise_metrics)(per_rank, metrics["time/update_s"])
                 logger.log(step, metrics)
                 tqdm.write(summary_line(step, metrics))
             logger.close()
@@ -56,24 +66,41 @@ def train(cfg: Config) -> dict:
     return finish(checkpoint, logger.path, metrics, out_dir)
 
 
-def add_reference_logps(cfg: Config, model_path: str, pairs: list[Pair], pad_id: int) -> None:
-    """Σ log π_ref of every chosen and rejected answer, from the reference role, written into the pairs."""
+def load_examples(cfg: Config, tokenizer) -> list:
+    """Pairs for pairwise losses, ListExamples for unpaired (KTO, BCO) and listwise (LiPO) ones."""
+    data, loss = cfg.data, cfg.algorithm.loss
+    if loss in UNPAIRED_LOSSES:
+        return load_unpaired(data.pairs, tokenizer, data.max_prompt_tokens, data.max_response_tokens,
+                             with_mismatched=loss == "kto")
+    if loss in LISTWISE_LOSSES:
+        return load_ranked(data.pairs, tokenizer, data.max_prompt_tokens, data.max_response_tokens)
+    return load_pairs(data.pairs, tokenizer, data.max_prompt_tokens, data.max_response_tokens)
+
+
+def add_reference_logps(cfg: Config, model_path: str, examples: list, pad_id: int) -> None:
+    """Σ log π_ref of every answer, from the reference role, written into the examples."""
     from openrlaif.workers.reference import ReferenceWorker
     resources = cfg.reference.resources
     reference = WorkerGroup("reference", ReferenceWorker, resources, lambda rank: dict(
         model_path=model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.reference.micro_batch_size,
         temperature=1.0, threads=threads_per_worker(cfg, resources.num_workers), seed=cfg.seed,
         trust_remote_code=cfg.model.trust_remote_code))
+    pairwise = not isinstance(examples[0], ListExample)
     try:
-        sides = both_sides(pairs_to_batch(pairs, pad_id))
-        shards = sides.split(min(len(reference), len(sides)))
+        rows = both_sides(pairs_to_batch(examples, pad_id)) if pairwise else lists_to_batch(examples, pad_id)
+        shards = rows.split(min(len(reference), len(rows)))
         token_logps = ray.get(reference.map(lambda w, shard: w.logprobs.remote(shard), shards))
     finally:
         reference.shutdown()   # the reference is not needed again: free its resources for the run
     sequence_logps = [float(v) for shard in token_logps for v in shard.sum(-1)]
-    for index, pair in enumerate(pairs):
-        pair.ref_chosen_logp = sequence_logps[index]
-        pair.ref_rejected_logp = sequence_logps[len(pairs) + index]
+    if pairwise:               # chosen rows, then rejected rows
+        for index, pair in enumerate(examples):
+            pair.ref_chosen_logp = sequence_logps[index]
+            pair.ref_rejected_logp = sequence_logps[len(examples) + index]
+        return
+    values = iter(sequence_logps)   # K consecutive rows per example
+    for example in examples:
+        example.ref_logps = [next(values) for _ in example.responses]
 
 
 def preference_metrics(per_rank: list[dict], update_seconds: float) -> dict[str, float]:
@@ -88,3 +115,18 @@ def preference_metrics(per_rank: list[dict], update_seconds: float) -> dict[str,
         "throughput/update_tokens_per_s": sum(r["tokens"] for r in per_rank) / max(update_seconds, 1e-9),
         "time/step_s": update_seconds,
     }
+
+
+def listwise_metrics(per_rank: list[dict], update_seconds: float) -> dict[str, float]:
+    """KTO/BCO: mean implicit reward β·log π/π_ref of desirable and undesirable samples; LiPO: the share of
+    ordered pairs the implicit reward ranks like the labels, and the first response's reward."""
+    total = {key: sum(r[key] for r in per_rank) for key in per_rank[0]}
+    good = total["good_reward"] / max(total["good"], 1.0)
+    bad = total["bad_reward"] / max(total["bad"], 1.0)
+    out = {"train/loss": total["loss"], "train/desirable_reward": good, "train/undesirable_reward": bad,
+           "train/reward_margin": good - bad, "train/grad_norm": per_rank[0]["grad_norm"],
+           "throughput/update_tokens_per_s": total["tokens"] / max(update_seconds, 1e-9),
+           "time/step_s": update_seconds}
+    if "accuracy" in total:
+        out["train/ranking_accuracy"] = total["accuracy"] / total["examples"]
+    return out

@@ -1,7 +1,6 @@
 """The policy role: one DeepSpeed ZeRO engine per Ray worker, data parallel over the workers."""
 from __future__ import annotations
 
-import os
 import time
 
 import ray
@@ -10,71 +9,19 @@ import torch
 from openrlaif.algorithms import POLICY_LOSSES, PREFERENCE_LOSSES
 from openrlaif.batch import Batch
 from openrlaif.config import ActorConfig, AlgorithmConfig
-from openrlaif.workers.common import (batched_response_logprobs, load_causal_lm, response_logprobs,
-                                      setup_process, trim_to_content)
-
-
-def deepspeed_config(cfg: ActorConfig, world_size: int, micro_batch: int, accumulation: int, bf16: bool) -> dict:
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if cfg.offload and cfg.zero_stage > 0:
-        zero["offload_optimizer"] = {"device": "cpu"}
-        if cfg.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": micro_batch * accumulation * world_size,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def init_distributed(backend: str):
-    """Module-level on purpose: Ray pickles actor methods by value, and one that touches both `torch` and an
-    attribute named `ops` makes cloudpickle try to pickle `torch.ops`."""
-    if backend == "gloo":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    # On CPU, init_distributed JIT-compiles a shared-memory comm op (~26 s, needs a compiler); gloo is enough.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=backend)
-    return deepspeed
+from openrlaif.workers.common import batched_response_logprobs, load_causal_lm, response_logprobs, trim_to_content
+from openrlaif.workers.engine import DeepSpeedWorker, all_reduce_sum
 
 
 @ray.remote
-class ActorWorker:
-    """Verbs: logprobs, train_step, full_state_dict, save_hf."""
+class ActorWorker(DeepSpeedWorker):
+    """Verbs: logprobs, train_step, preference_step, listwise_step, sft_step, full_state_dict, save_hf."""
 
-    def __init__(self, model_path: str, cfg: ActorConfig, algo: AlgorithmConfig, *, rank: int, world_size: int,
-                 master_addr: str, master_port: int, backend: str, dtype: str, step_batch_size: int,
-                 temperature: float, threads: int, seed: int, trust_remote_code: bool = False) -> None:
-        setup_process(threads, seed)
-        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
-                          MASTER_PORT=str(master_port))
-        deepspeed = init_distributed(backend)
-
-        self.cfg, self.algo, self.rank, self.world_size = cfg, algo, rank, world_size
-        self.temperature = temperature
-        self.bf16 = dtype == "bfloat16"
-        model = load_causal_lm(model_path, "float32", trust_remote_code)  # fp32 master weights; bf16 via DeepSpeed
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        mini = cfg.mini_batch_size or step_batch_size
-        self.per_rank_mini = mini // world_size
-        self.accumulation = self.per_rank_mini // cfg.micro_batch_size
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer,
-            config=deepspeed_config(cfg, world_size, cfg.micro_batch_size, self.accumulation, self.bf16))
-        self.device = self.engine.device
-
-    def ready(self) -> bool:
-        return True
+    def __init__(self, model_path: str, cfg: ActorConfig, algo: AlgorithmConfig, *, temperature: float,
+                 trust_remote_code: bool = False, **engine_kwargs) -> None:
+        super().__init__(cfg, **engine_kwargs)
+        self.algo, self.temperature = algo, temperature
+        self.build_engine(load_causal_lm(model_path, "float32", trust_remote_code))
 
     def logprobs(self, batch: Batch) -> torch.Tensor:
         self.engine.eval()
@@ -97,7 +44,7 @@ class ActorWorker:
                 mask = mini["response_mask"] * mini["sample_mask"].unsqueeze(-1)
                 # Normaliser of the global mini-batch (#tokens, or #sequences), so the loss is the big-batch value.
                 local = mask.sum() if algo.loss_agg == "token_mean" else (mask.sum(-1) > 0).sum()
-                normalizer = _all_reduce_sum(local, self.device)
+                normalizer = all_reduce_sum(local, self.device)
                 for micro in mini.chunks_of(self.cfg.micro_batch_size):
                     micro = trim_to_content(micro).to(self.device)
                     entropy = None
@@ -113,9 +60,7 @@ class ActorWorker:
                                   kl_coef=0.0 if algo.kl_in_reward else algo.kl_coef, kl_estimator=algo.kl_estimator,
                                   entropy=entropy, entropy_coef=algo.entropy_coef, loss_agg=algo.loss_agg,
                                   num_tokens=max(float(normalizer), 1.0))
-                    # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
-                    self.engine.backward(out.loss * self.accumulation * self.world_size)
-                    self.engine.step()
+                    self.backward_and_step(out.loss)
                     micro_tokens = float(micro["response_mask"].sum())
                     tokens_seen += int(micro["attention_mask"].sum())
                     for key, value in (("loss", out.loss), ("policy_loss", out.policy_loss), ("kl", out.kl),
@@ -123,10 +68,9 @@ class ActorWorker:
                         sums[key] += float(value.detach())
                     sums["clip_fraction"] += float(out.clip_fraction) * micro_tokens
                     sums["ratio"] += float(out.ratio_mean) * micro_tokens
-                norm = self.engine.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else 0.0
+                grad_norm = self.grad_norm()
         response_tokens = float(batch["response_mask"].sum()) * self.cfg.epochs
-        updates = self.cfg.epochs * len(batch.chunks_of(self.per_rank_mini))
+        updates = self.updates_per_step(batch)
         return {
             # Each micro-step's pieces are normalised by the global mini-batch token count: summed over
             # micro-steps and ranks they give the mini-batch value; averaged here over optimizer steps.
@@ -156,7 +100,7 @@ class ActorWorker:
         tokens_seen, grad_norm = 0, 0.0
         for _ in range(self.cfg.epochs):
             for mini in batch.chunks_of(self.per_rank_mini):
-                num_pairs = float(_all_reduce_sum(torch.tensor(float(len(mini))), self.device))
+                num_pairs = float(all_reduce_sum(torch.tensor(float(len(mini))), self.device))
                 for micro in mini.chunks_of(self.cfg.micro_batch_size):
                     sides = trim_to_content(both_sides(micro)).to(self.device)
                     token_logprobs = response_logprobs(self.engine, sides)
@@ -171,8 +115,7 @@ class ActorWorker:
                                      beta=self.algo.beta, label_smoothing=self.algo.label_smoothing,
                                      gamma=self.algo.simpo_gamma)
                     loss = losses.sum() / num_pairs
-                    self.engine.backward(loss * self.accumulation * self.world_size)
-                    self.engine.step()
+                    self.backward_and_step(loss)
                     with torch.no_grad():   # implicit rewards β·log π/π_ref (β·log π for reference-free losses)
                         chosen_reward = self.algo.beta * (sequence_logps[:pairs] - ref_chosen)
                         rejected_reward = self.algo.beta * (sequence_logps[pairs:] - ref_rejected)
@@ -182,14 +125,70 @@ class ActorWorker:
                     sums["chosen_reward"] += float(chosen_reward.sum())
                     sums["rejected_reward"] += float(rejected_reward.sum())
                     tokens_seen += int(sides["attention_mask"].sum())
-                norm = self.engine.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else 0.0
-        updates = self.cfg.epochs * len(batch.chunks_of(self.per_rank_mini))
+                grad_norm = self.grad_norm()
+        updates = self.updates_per_step(batch)
         seen = float(len(batch) * self.cfg.epochs)
         return {"loss": sums["loss"] / updates, "pairs": seen, "accuracy_x_pairs": sums["accuracy"],
                 "margin_x_pairs": sums["margin"], "chosen_reward_x_pairs": sums["chosen_reward"],
                 "rejected_reward_x_pairs": sums["rejected_reward"], "tokens": float(tokens_seen),
                 "grad_norm": grad_norm, "seconds": time.perf_counter() - start_time}
+
+    def listwise_step(self, batch: Batch, list_size: int) -> dict[str, float]:
+        """KTO, BCO or LiPO-λ over this worker's shard of examples (data.lists.lists_to_batch): `list_size`
+        consecutive rows per example, each with its label and precomputed Σ log π_ref."""
+        from openrlaif.algorithms.preference import bco_loss, kto_loss, lipo_lambda_loss
+        from openrlaif.data.lists import MISMATCHED
+        self.engine.train()
+        algo, k = self.algo, list_size
+        start_time = time.perf_counter()
+        sums = {"loss": 0.0, "accuracy": 0.0, "good_reward": 0.0, "good": 0.0, "bad_reward": 0.0, "bad": 0.0}
+        tokens_seen, grad_norm = 0, 0.0
+        for _ in range(self.cfg.epochs):
+            for mini in batch.chunks_of(self.per_rank_mini * k):
+                num_examples = float(all_reduce_sum(torch.tensor(len(mini) / k), self.device))
+                for micro in mini.chunks_of(self.cfg.micro_batch_size * k):
+                    rows = trim_to_content(micro).to(self.device)
+                    logps = response_logprobs(self.engine, rows).sum(-1).view(-1, k)
+                    ref = rows["ref_logps"].view(-1, k)
+                    labels = rows["labels"].view(-1, k)
+                    if algo.loss == "kto":   # column 1 holds the mismatched (x, y') row for z₀
+                        assert bool((labels[:, 1] == MISMATCHED).all())
+                        kl = (logps[:, 1] - ref[:, 1]).detach()   # z₀ over the micro-batch of every rank
+                        kl_mean = (all_reduce_sum(kl.sum(), self.device)
+                                   / all_reduce_sum(torch.tensor(float(len(kl))), self.device))
+                        losses = kto_loss(logps[:, 0], ref[:, 0], labels[:, 0] > 0, logps[:, 1], ref[:, 1],
+                                          beta=algo.beta, desirable_weight=algo.desirable_weight,
+                                          undesirable_weight=algo.undesirable_weight, kl_mean=kl_mean.to(self.device))
+                    elif algo.loss == "bco":
+                        rewards = (algo.beta * (logps[:, 0] - ref[:, 0])).detach()
+                        batch_mean = all_reduce_sum(rewards.sum(), self.device) / all_reduce_sum(
+                            torch.tensor(float(len(rewards))), self.device)
+                        self.bco_delta = (float(batch_mean) if getattr(self, "bco_delta", None) is None else
+                                          algo.bco_delta_momentum * self.bco_delta
+                                          + (1 - algo.bco_delta_momentum) * float(batch_mean))
+                        losses = bco_loss(logps[:, 0], ref[:, 0], labels[:, 0] > 0, self.bco_delta, beta=algo.beta)
+                    else:
+                        losses = lipo_lambda_loss(logps, ref, labels, beta=algo.beta)
+                    loss = losses.sum() / num_examples
+                    self.backward_and_step(loss)
+                    with torch.no_grad():
+                        rewards = algo.beta * (logps - ref)
+                        if algo.loss == "lipo":   # pairs the implicit reward orders like the labels
+                            better = labels.unsqueeze(-1) > labels.unsqueeze(-2)
+                            agree = (rewards.unsqueeze(-1) > rewards.unsqueeze(-2)) & better
+                            sums["accuracy"] += float(agree.sum() / better.sum().clamp(min=1)) * len(labels)
+                        good = labels[:, 0] > 0
+                        sums["good_reward"] += float(rewards[:, 0][good].sum())
+                        sums["good"] += float(good.sum())
+                        sums["bad_reward"] += float(rewards[:, 0][~good].sum())
+                        sums["bad"] += float((~good).sum())
+                    sums["loss"] += float(loss.detach())
+                    tokens_seen += int(rows["attention_mask"].sum())
+                grad_norm = self.grad_norm()
+        out = {key: value for key, value in sums.items() if key != "loss" and (key != "accuracy" or algo.loss == "lipo")}
+        return out | {"loss": sums["loss"] / self.updates_per_step(batch, k), "examples": len(batch) / k *
+                      self.cfg.epochs, "tokens": float(tokens_seen), "grad_norm": grad_norm,
+                      "seconds": time.perf_counter() - start_time}
 
     def sft_step(self, batch: Batch, pad_id: int, pack_length: int = 0) -> dict[str, float]:
         """Next-token cross-entropy on answer tokens only, exact mean over the global mini-batch's answer tokens.
@@ -207,7 +206,7 @@ class ActorWorker:
         for _ in range(self.cfg.epochs):
             for mini in batch.chunks_of(self.per_rank_mini):
                 answer_tokens = sum(len(r) for r in mini.meta["response_ids"])
-                num_tokens = float(_all_reduce_sum(torch.tensor(float(answer_tokens)), self.device))
+                num_tokens = float(all_reduce_sum(torch.tensor(float(answer_tokens)), self.device))
                 for micro in mini.chunks_of(self.cfg.micro_batch_size):
                     packed = pack_examples(micro.meta["prompt_ids"], micro.meta["response_ids"], pad_id, pack_length)
                     packed = {k: v.to(self.device) for k, v in packed.items()}
@@ -217,33 +216,18 @@ class ActorWorker:
                     targets = packed["input_ids"][:, 1:]
                     token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
                     loss = (token_loss * packed["loss_mask"][:, :-1]).sum() / max(num_tokens, 1.0)
-                    self.engine.backward(loss * self.accumulation * self.world_size)
-                    self.engine.step()
+                    self.backward_and_step(loss)
                     loss_sum += float(loss.detach())
                     tokens_seen += int((packed["segment_ids"] > 0).sum())
                     slots += packed["input_ids"].numel()
-                norm = self.engine.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else 0.0
-        updates = self.cfg.epochs * len(batch.chunks_of(self.per_rank_mini))
+                grad_norm = self.grad_norm()
+        updates = self.updates_per_step(batch)
         return {"loss": loss_sum / updates, "tokens": float(tokens_seen), "slots": float(slots),
                 "grad_norm": grad_norm, "seconds": time.perf_counter() - start_time}
 
     def full_state_dict(self, dtype: str = "float32") -> dict[str, torch.Tensor] | None:
         """HF-named full weights on rank 0 (None elsewhere). Collective under ZeRO-3: call it on every rank."""
-        import deepspeed
-        target = getattr(torch, dtype)
-        state = {}
-        for name, param in self.engine.module.named_parameters():
-            if self.cfg.zero_stage == 3:
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    if self.rank == 0:
-                        state[name] = param.data.detach().to("cpu", target).clone()
-            elif self.rank == 0:
-                state[name] = param.data.detach().to("cpu", target).clone()
-        if self.rank != 0:
-            return None
-        # Tied weights (lm_head = embed_tokens) appear once in named_parameters; engines load them by either name.
-        return state
+        return self.gathered_state_dict(self.engine.module, dtype)
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF folder (config, safetensors, tokenizer) that transformers and vLLM load. Collective."""
@@ -254,11 +238,3 @@ class ActorWorker:
         self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
         return path
-
-
-def _all_reduce_sum(value: torch.Tensor, device) -> torch.Tensor:
-    import torch.distributed as dist
-    value = value.detach().to(device, torch.float32).clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-    return value.cpu()

@@ -39,6 +39,12 @@ CASES = {
     "vllm-zero2-remax": ("vllm", 2, FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
                                                    function_kwargs={"target_words": 2}),
                          AlgorithmConfig(advantage="remax", kl_coef=0.05)),
+    # PPO (critic, GAE, KL in the reward) on two objectives, each LSC-transformed against its reference reward
+    "vllm-zero2-ppo-lsc": ("vllm", 2, FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
+                                                     function_kwargs={"target_words": 2},
+                                                     extra_functions=["openrlaif.feedback.rules:keyword"],
+                                                     transform="lsc"),
+                           AlgorithmConfig(advantage="gae", kl_coef=0.05, kl_estimator="k1", kl_in_reward=True)),
     # RLOO with every policy-loss option on: clip-higher, dual-clip, entropy bonus, sequence-mean aggregation
     "hf-zero3-judge": ("hf", 3, FeedbackConfig(source="judge", judge=JudgeConfig(min_label_mass=0.0)),
                        AlgorithmConfig(advantage="rloo", kl_coef=0.05, clip_eps_high=0.28, dual_clip=3.0,
@@ -61,6 +67,11 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
     assert rows[1]["train/kl"] > 0          # step 2 samples from the updated policy, the reference stayed put
     for row in rows:                        # one epoch, one optimizer step: log π_old is log π_θ, the ratio is 1
         assert row["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    if feedback.transform == "lsc":           # log σ(·) of each objective, summed: never above 0
+        assert all(row["reward/mean"] <= 0 and "feedback/objective/keyword_raw_mean" in row for row in rows)
+    if algorithm.advantage == "gae":
+        assert all(math.isfinite(row["critic/value_loss"]) for row in rows)
+        assert (tmp_path / case / "critic" / "model.safetensors").exists()
     if algorithm.entropy_coef > 0:
         assert all(row["train/entropy"] > 0 for row in rows)
     else:

@@ -46,3 +46,37 @@ def test_loss_falls_on_a_fixed_set_of_pairs(ray_cluster, tiny_model, pairs_file,
     trained = load_file(os.path.join(result["checkpoint"], "model.safetensors"))
     initial = load_file(os.path.join(tiny_model, "model.safetensors"))
     assert any(not torch.equal(initial[name], trained[name]) for name in initial)
+
+
+RANKED = [{"prompt": f"question {i}", "responses": ["the sun is a star", "the sun is hot", "blue blue cat dog"],
+           "scores": [2, 1, 0]} for i in range(8)]
+
+
+@pytest.mark.parametrize("loss,stage", [("kto", 2), ("bco", 3), ("lipo", 2)])
+def test_unpaired_and_listwise_losses_fall_on_a_fixed_set(ray_cluster, tiny_model, pairs_file, tmp_path, loss, stage):
+    if loss == "lipo":
+        data_file = tmp_path / "ranked.jsonl"
+        data_file.write_text("".join(json.dumps(row) + "\n" for row in RANKED))
+        data_file, per_step = str(data_file), 8
+    else:
+        data_file, per_step = pairs_file, 16   # 8 pairs -> 8 desirable and 8 undesirable samples
+    cfg = Config(pipeline="preference", steps=4, seed=0, model=ModelConfig(path=tiny_model),
+                 data=DataConfig(pairs=data_file, prompts_per_step=per_step, shuffle=False),
+                 actor=ActorConfig(zero_stage=stage, lr=1e-3, micro_batch_size=2,
+                                   resources=RoleResources(num_workers=2)),
+                 algorithm=AlgorithmConfig(loss=loss, beta=0.1),
+                 cluster=ClusterConfig(threads_per_worker=1), output=OutputConfig(dir=str(tmp_path / "run")))
+    validate(cfg)
+    run(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [row["train/loss"] for row in rows]
+    assert all(math.isfinite(value) for value in losses)
+    assert losses[-1] < losses[0], losses
+    if loss == "kto":   # policy == reference at step 1: every implicit reward and z0 are 0, loss = 1 − σ(0)
+        assert losses[0] == pytest.approx(0.5, abs=1e-5)
+    if loss == "bco":   # δ starts at the first batch's mean reward (0): −log σ(0)
+        assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    if loss == "lipo":
+        assert rows[-1]["train/ranking_accuracy"] > rows[0]["train/ranking_accuracy"]
+    else:
+        assert rows[-1]["train/reward_margin"] > rows[0]["train/reward_margin"]

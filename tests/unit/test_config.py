@@ -23,7 +23,8 @@ def test_default_config_is_valid():
 
 @pytest.mark.parametrize("group", ["feedback=function", "feedback=judge", "model=tiny", "algorithm=grpo",
                                    "algorithm=rloo", "algorithm=dr_grpo", "algorithm=reinforce_pp",
-                                   "algorithm=reinforce_pp_baseline", "algorithm=remax"])
+                                   "algorithm=reinforce_pp_baseline", "algorithm=remax", "algorithm=ppo",
+                                   "feedback=lsc_combined"])
 def test_every_shipped_group_composes_and_validates(group):
     validate(composed(group))
 
@@ -58,7 +59,7 @@ def test_function_feedback_needs_module_and_name():
         validate(composed("feedback=function", "feedback.function=brevity"))
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo"])
+@pytest.mark.parametrize("algorithm", ["dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo", "kto", "bco", "lipo"])
 def test_preference_configs_compose_and_validate(algorithm):
     cfg = composed("pipeline=preference", f"algorithm={algorithm}")
     validate(cfg)
@@ -92,3 +93,30 @@ def test_policy_loss_options_compose():
 def test_kl_in_reward_needs_a_token_level_estimator():
     with pytest.raises(ConfigError, match="kl_in_reward"):
         validate(composed("algorithm=grpo", "algorithm.kl_in_reward=true"))
+
+
+def test_reward_model_pipeline_and_feedback_compose():
+    validate(composed("pipeline=reward_model", "algorithm=bradley_terry", "algorithm.margin=0.5"))
+    cfg = composed("feedback=reward_model", "feedback.reward_model.path=/some/rm")
+    validate(cfg)
+    assert cfg.feedback.source == "reward_model"
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["feedback.source=reward_model"], "feedback.reward_model.path"),
+    (["feedback=lsc_combined", "feedback.weights=[1.0]"], "feedback.weights"),
+    (["feedback.transform=exp"], "feedback.transform"),
+    (["feedback.extra_functions=[brevity]"], "feedback.extra_functions"),
+    (["feedback.reference_quantile=1.5"], "feedback.reference_quantile"),
+    (["algorithm=ppo", "critic.micro_batch_size=3"], "critic.micro_batch_size"),
+    (["algorithm=ppo", "critic.value_clip=0"], "critic.value_clip"),
+    (["algorithm=ppo", "algorithm.lam=1.5"], "algorithm.lam"),
+    (["pipeline=reward_model", "data.eval_fraction=1.0"], "data.eval_fraction"),
+])
+def test_new_keys_are_validated(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(composed(*overrides))
+
+
+def test_critic_checks_are_skipped_without_a_critic():
+    validate(composed("algorithm=grpo", "critic.micro_batch_size=3"))

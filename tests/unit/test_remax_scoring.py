@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import torch
 
 from openrlaif.batch import Batch
+from openrlaif.config import AlgorithmConfig
 from openrlaif.feedback.rules import FunctionFeedback
 from openrlaif.pipelines.online_rl import compute_advantages, score
 
@@ -25,8 +26,7 @@ def test_baselines_are_scored_once_per_prompt_and_broadcast():
     assert result.valid.tolist() == [True, True, False, False]
     assert sum(result.failures.values()) == 2          # the failed sample and the failed baseline
 
-    cfg = SimpleNamespace(algorithm=SimpleNamespace(kl_in_reward=False, advantage="remax", kl_coef=0.0,
-                                                    normalize_std=True))
+    cfg = SimpleNamespace(algorithm=AlgorithmConfig(advantage="remax", kl_coef=0.0))
     batch["rewards"], batch["response_mask"] = result.rewards, torch.ones(4, 3)
     advantages = compute_advantages(batch, result.valid, cfg)
     assert advantages.tolist() == [1.0, -1.0, 0.0, 0.0]

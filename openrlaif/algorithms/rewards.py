@@ -1,0 +1,19 @@
+"""Reward transforms from "Transforming and Combining Rewards for Aligning LLMs" (Wang et al. 2024)."""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def lsc_transform(rewards: Tensor, reference_rewards: Tensor) -> Tensor:
+    """Log-sigmoid centred: u = log σ(r(x, y) − r_ref(x)), r_ref(x) a per-prompt reference reward (eq. 5).
+    Bounded above by 0, so one objective cannot buy the sum by growing without limit ("good on all" = AND)."""
+    return F.logsigmoid(rewards - reference_rewards)
+
+
+def reference_reward(rewards: Tensor, quantile: float) -> float:
+    """r_ref(x): the `quantile` of the rewards of the starting policy's samples for one prompt (the paper uses
+    quantiles of base-policy samples; 0.5 is the median)."""
+    return float(torch.quantile(rewards.float(), quantile))
+
+
+REWARD_TRANSFORMS = {"none", "lsc"}

@@ -1,0 +1,107 @@
+"""What the trained roles (actor, critic) share: the torch.distributed rendezvous and one DeepSpeed ZeRO engine
+per Ray worker, data parallel over the workers."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from openrlaif.config import ActorConfig
+from openrlaif.workers.common import setup_process
+
+
+def deepspeed_config(cfg: ActorConfig, world_size: int, micro_batch: int, accumulation: int, bf16: bool) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.offload and cfg.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_distributed(backend: str):
+    """Module-level on purpose: Ray pickles actor methods by value, and one that touches both `torch` and an
+    attribute named `ops` makes cloudpickle try to pickle `torch.ops`."""
+    if backend == "gloo":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    # On CPU, init_distributed JIT-compiles a shared-memory comm op (~26 s, needs a compiler); gloo is enough.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend)
+    return deepspeed
+
+
+class DeepSpeedWorker:
+    """Base of the trained roles. Subclasses load their model, then call `build_engine` with it."""
+
+    def __init__(self, cfg: ActorConfig, *, rank: int, world_size: int, master_addr: str, master_port: int,
+                 backend: str, dtype: str, step_batch_size: int, threads: int, seed: int) -> None:
+        setup_process(threads, seed)
+        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port))
+        self._deepspeed = init_distributed(backend)
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.bf16 = dtype == "bfloat16"
+        mini = cfg.mini_batch_size or step_batch_size
+        self.per_rank_mini = mini // world_size
+        self.accumulation = self.per_rank_mini // cfg.micro_batch_size
+
+    def build_engine(self, model) -> None:
+        """fp32 master weights; bf16 compute via DeepSpeed when model.dtype=bfloat16."""
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.engine, *_ = self._deepspeed.initialize(
+            model=model, optimizer=optimizer,
+            config=deepspeed_config(self.cfg, self.world_size, self.cfg.micro_batch_size, self.accumulation,
+                                    self.bf16))
+        self.device = self.engine.device
+
+    def ready(self) -> bool:
+        return True
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """`loss` is this micro-batch's share of the global mini-batch mean. DeepSpeed divides by the
+        accumulation steps and averages over ranks; undo both so the update is the big-batch gradient."""
+        self.engine.backward(loss * self.accumulation * self.world_size)
+        self.engine.step()
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def updates_per_step(self, batch, rows_per_example: int = 1) -> int:
+        return self.cfg.epochs * len(batch.chunks_of(self.per_rank_mini * rows_per_example))
+
+    def gathered_state_dict(self, module, dtype: str = "float32") -> dict[str, torch.Tensor] | None:
+        """Full weights of `module` on rank 0 (None elsewhere). Collective under ZeRO-3: call it on every rank.
+        Tied weights appear once in named_parameters; engines load them by either name."""
+        target = getattr(torch, dtype)
+        state = {}
+        for name, param in module.named_parameters():
+            if self.cfg.zero_stage == 3:
+                with self._deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if self.rank == 0:
+                        state[name] = param.data.detach().to("cpu", target).clone()
+            elif self.rank == 0:
+                state[name] = param.data.detach().to("cpu", target).clone()
+        return state if self.rank == 0 else None
+
+
+def all_reduce_sum(value: torch.Tensor, device) -> torch.Tensor:
+    import torch.distributed as dist
+    value = value.detach().to(device, torch.float32).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    return value.cpu()
