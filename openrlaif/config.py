@@ -120,14 +120,30 @@ class AlgorithmConfig:
 
 @dataclass
 class JudgeConfig:
-    model: str = ""                       # model folder or short name; "" = the policy's starting model
-    mode: str = "expected_score"          # expected_score (probabilities of the score tokens) | generate (parse a reply)
+    backend: str = "local"                # local (a model in its own Ray worker group) | http (OpenAI-compatible)
+    model: str = ""                       # local: model folder or short name ("" = the policy's starting model);
+                                          # http: the model name the endpoint serves
+    base_url: str = ""                    # http: e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"   # http: the env var holding the key (the key itself is never in a config)
+    timeout_s: float = 30.0               # http: per request
+    max_retries: int = 2                  # http: re-sends after a timeout, an HTTP error or a cut reply
+    backoff_s: float = 0.5                # http: first retry delay, doubled each time
+    concurrency: int = 8                  # http: requests in flight
+    top_logprobs: int = 20                # http, readout=probs: alternatives the endpoint returns (labels outside = 0)
+    mode: str = "pointwise"               # pointwise (a score per response) | pairwise (A/B within each group)
+    readout: str = "probs"                # probs (next-token probabilities of the labels) | generate (parse a reply)
     rubric: str = ("Rate how helpful, correct and concise the response is for the user's message, "
                    "on a scale from {score_min} (useless) to {score_max} (excellent).")
+    pairwise_rubric: str = ("Compare two responses to the user's message for helpfulness, correctness and "
+                            "concision.")
     score_min: int = 1
     score_max: int = 9
-    min_label_mass: float = 0.01          # expected_score: below this probability on the score tokens = unparseable
-    max_new_tokens: int = 8               # generate mode
+    min_label_mass: float = 0.01          # probs: below this probability on the labels = unparseable
+    max_new_tokens: int = 8               # generate readout (room for a short chain of thought: raise it)
+    temperature: float = 0.0              # generate readout; > 0 makes repeats independent samples
+    repeats: int = 1                      # pairwise: verdicts per order (Repeat Ranking); both orders always run
+    consistency_threshold: float = 0.0    # pairwise: keep a pair only if this share of its verdicts agree
+    cache: bool = True                    # reuse verdicts from <output.dir>/judge_cache.jsonl
     max_prompt_tokens: int = 1024
     micro_batch_size: int = 8
     resources: RoleResources = field(default_factory=RoleResources)
@@ -256,7 +272,9 @@ def _validate_online(cfg: Config) -> None:
     _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
     _choice("rollout.dtype", cfg.rollout.dtype, {"float32", "bfloat16"})
     _choice("feedback.source", cfg.feedback.source, {"judge", "function", "reward_model"})
-    _choice("feedback.judge.mode", cfg.feedback.judge.mode, {"expected_score", "generate"})
+    _choice("feedback.judge.mode", cfg.feedback.judge.mode, {"pointwise", "pairwise"})
+    _choice("feedback.judge.readout", cfg.feedback.judge.readout, {"probs", "generate"})
+    _choice("feedback.judge.backend", cfg.feedback.judge.backend, {"local", "http"})
     _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     _positive("rollout.temperature", cfg.rollout.temperature)
     if not 0 < cfg.rollout.top_p <= 1:
@@ -300,11 +318,23 @@ def _validate_online(cfg: Config) -> None:
     if cfg.feedback.source == "judge":
         if judge.score_min >= judge.score_max:
             raise ConfigError(f"feedback.judge.score_min={judge.score_min} must be below score_max={judge.score_max}.")
-        if judge.mode == "expected_score" and (judge.score_min < 0 or judge.score_max > 9):
+        if judge.mode == "pointwise" and judge.readout == "probs" and (judge.score_min < 0 or judge.score_max > 9):
             raise ConfigError(
-                f"feedback.judge.score_min/score_max={judge.score_min}..{judge.score_max}: expected_score reads the "
+                f"feedback.judge.score_min/score_max={judge.score_min}..{judge.score_max}: readout=probs reads the "
                 "next-token probability of each score, so every score must be one digit token (0..9). "
-                "Fix: feedback.judge.score_max=9, or feedback.judge.mode=generate to parse longer numbers.")
+                "Fix: feedback.judge.score_max=9, or feedback.judge.readout=generate to parse longer numbers.")
+        if judge.backend == "http" and not (judge.base_url and judge.model):
+            raise ConfigError("feedback.judge.backend=http needs feedback.judge.base_url (e.g. "
+                              "http://127.0.0.1:8000/v1) and feedback.judge.model (the served model's name).")
+        if judge.repeats < 1 or not 0 <= judge.consistency_threshold <= 1:
+            raise ConfigError(f"feedback.judge.repeats={judge.repeats} must be >= 1 and consistency_threshold="
+                              f"{judge.consistency_threshold} in [0, 1].")
+        if judge.repeats > 1 and (judge.readout == "probs" or judge.temperature == 0):
+            raise ConfigError("feedback.judge.repeats > 1 needs sampled verdicts, else every repeat is the same. "
+                              "Fix: feedback.judge.readout=generate feedback.judge.temperature=0.7, or repeats=1 "
+                              "(both orders of every pair are always judged).")
+        _positive("feedback.judge.timeout_s", judge.timeout_s)
+        _positive("feedback.judge.concurrency", judge.concurrency)
         if not 0 <= judge.min_label_mass < 1:
             raise ConfigError(f"feedback.judge.min_label_mass={judge.min_label_mass} must be in [0, 1).")
         try:

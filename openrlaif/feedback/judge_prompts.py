@@ -54,3 +54,47 @@ def expected_score(label_probs: dict[int, float], min_label_mass: float) -> floa
 def normalise(score: float, score_min: int, score_max: int) -> float:
     """Map a score on [score_min, score_max] to [0, 1], the reward the trainer sees."""
     return (score - score_min) / (score_max - score_min)
+
+
+PAIRWISE_TEMPLATE = (
+    "{rubric}\n\n"
+    "[User message]\n{prompt}\n\n"
+    "[Response A]\n{response_a}\n\n"
+    "[Response B]\n{response_b}\n\n"
+    "Which response is better? Answer with a single letter, A or B, and nothing else."
+)
+PAIRWISE_RUBRIC = "Compare two responses to the user's message for helpfulness, correctness and concision."
+
+
+def pairwise_messages(rubric: str, prompt: str, response_a: str, response_b: str) -> list[dict]:
+    content = PAIRWISE_TEMPLATE.format(rubric=rubric, prompt=prompt, response_a=response_a, response_b=response_b)
+    return [{"role": "user", "content": content}]
+
+
+_CHOICE = re.compile(r"\b([AB])\b")
+
+
+def parse_choice(reply: str) -> str:
+    """'A' or 'B' from a pairwise reply: the first standalone letter ("A", "Response B", "**A**"). Raises
+    JudgeFailure('unparseable') when neither appears, or when both appear before any decision can be read."""
+    match = _CHOICE.search(reply.replace("*", " "))
+    if match is None:
+        raise JudgeFailure("unparseable", f"no A/B verdict in judge reply {reply[:80]!r}")
+    return match.group(1)
+
+
+def choice_probability(label_probs: dict[str, float], min_label_mass: float) -> float:
+    """P(A) from the next-token probabilities of "A" and "B", renormalised over the two (RLAIF, Lee et al. 2023)."""
+    mass = label_probs.get("A", 0.0) + label_probs.get("B", 0.0)
+    if not math.isfinite(mass) or mass <= 0 or mass < min_label_mass:
+        raise JudgeFailure("unparseable", f"probability on A/B is {mass:.3g} < {min_label_mass}")
+    return label_probs.get("A", 0.0) / mass
+
+
+def swap_debiased(p_first: float, p_second: float) -> tuple[float, bool]:
+    """Position-swap debiasing. p_first = P(A) with the responses in order (x, y); p_second = P(A) with them
+    swapped (y, x). P(x ≻ y) = (p_first + (1 − p_second)) / 2. A flip: each order's favourite is the response in
+    the same position, so the verdict followed the position, not the content."""
+    prob = (p_first + (1.0 - p_second)) / 2.0
+    flipped = (p_first > 0.5) == (p_second > 0.5) and p_first != 0.5 and p_second != 0.5
+    return prob, flipped

@@ -108,7 +108,7 @@ class Roles:
 def prepare_run(cfg: Config) -> RunInputs:
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
     judge_path = critic_path = reward_model_path = None
-    if cfg.feedback.source == "judge":
+    if cfg.feedback.source == "judge" and cfg.feedback.judge.backend == "local":
         judge_path = resolve_model_path(cfg.feedback.judge.model or cfg.model.path, cache_dir(cfg.model),
                                         key="feedback.judge.model")
     elif cfg.feedback.source == "reward_model":
@@ -133,7 +133,7 @@ def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
     plan = {"actor": cfg.actor.resources, "rollout": cfg.rollout.resources}
     if cfg.algorithm.kl_coef > 0:
         plan["reference"] = cfg.reference.resources
-    if judge_path:
+    if judge_path:   # a local judge model; an HTTP judge reserves nothing
         plan["judge"] = cfg.feedback.judge.resources
     if cfg.feedback.source == "reward_model":
         plan["reward_model"] = cfg.feedback.reward_model.resources
@@ -145,7 +145,6 @@ def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
 def start_roles(cfg: Config, run: RunInputs) -> Roles:
     """Each role in its own placement group; all models load in parallel, then we wait once."""
     from openrlaif.feedback.combine import CombinedFeedback
-    from openrlaif.feedback.judge import JudgeFeedback, JudgeWorker
     from openrlaif.feedback.reward_model import RewardModelFeedback, RewardModelWorker
     from openrlaif.feedback.rules import FunctionFeedback
     from openrlaif.workers.critic import CriticWorker
@@ -173,11 +172,9 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
             temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust))
     judge = reward_model = critic = None
     objectives = {}
-    if "judge" in plan:
-        judge = WorkerGroup("judge", JudgeWorker, cfg.feedback.judge.resources, lambda rank: dict(
-            model_path=run.judge_path, cfg=cfg.feedback.judge, dtype=cfg.model.dtype, threads=threads("judge"),
-            seed=cfg.seed, trust_remote_code=trust))
-        objectives["judge"] = JudgeFeedback(judge)
+    if cfg.feedback.source == "judge":
+        judge, objectives["judge"] = start_judge(cfg, run.judge_path, run.out_dir,
+                                                 threads("judge") if "judge" in plan else 1)
     elif "reward_model" in plan:
         rm = cfg.feedback.reward_model
         reward_model = WorkerGroup("reward_model", RewardModelWorker, rm.resources, lambda rank: dict(
@@ -200,6 +197,25 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     groups = [g for g in (actor, rollout, reference, judge, reward_model, critic) if g is not None]
     ray.get([ref for g in groups for ref in g.call(lambda w: w.ready.remote())])
     return Roles(actor, reference, rollout, feedback, judge, critic, reward_model)
+
+
+def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int):
+    """(worker group or None, Judge): a local judge model in its own group, or an HTTP endpoint client."""
+    import os
+
+    from openrlaif.feedback.backends import HTTPBackend, LocalBackend
+    from openrlaif.feedback.judge import Judge, JudgeWorker
+    jc = cfg.feedback.judge
+    cache_path = os.path.join(out_dir, "judge_cache.jsonl")
+    if jc.backend == "http":
+        backend = HTTPBackend(jc.base_url, jc.model, jc.api_key_env, jc.timeout_s, jc.max_retries, jc.backoff_s,
+                              jc.concurrency, jc.top_logprobs)
+        return None, Judge(backend, jc, cache_path)
+    group = WorkerGroup("judge", JudgeWorker, jc.resources, lambda rank: dict(
+        model_path=judge_path, dtype=cfg.model.dtype, threads=threads, seed=cfg.seed,
+        max_prompt_tokens=jc.max_prompt_tokens, micro_batch_size=jc.micro_batch_size,
+        trust_remote_code=cfg.model.trust_remote_code))
+    return group, Judge(LocalBackend(group, judge_path), jc, cache_path)
 
 
 def function_name(spec: str) -> str:

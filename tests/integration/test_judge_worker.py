@@ -1,31 +1,31 @@
-"""The pointwise judge as a Ray worker on the tiny model: every verdict is a score in [0, 1] or a typed failure."""
+"""The local judge: JudgeWorker (a Ray worker group on the tiny model) behind Judge, pointwise and pairwise."""
 import pytest
 
 from openrlaif.config import JudgeConfig, RoleResources
-from openrlaif.feedback.judge import JudgeFeedback, JudgeWorker
+from openrlaif.feedback.backends import LocalBackend
+from openrlaif.feedback.judge import Judge, JudgeWorker
 from openrlaif.workers.group import WorkerGroup
 
 PROMPTS = ["what is the sun", "say hello", "name a color", "count to three"]
 RESPONSES = ["the sun is a star", "hello", "blue", "one two three"]
 
 
-def judge_group(tiny_model, name, **overrides):
-    cfg = JudgeConfig(micro_batch_size=3, resources=RoleResources(num_workers=2, num_cpus=1), **overrides)
-    return WorkerGroup(name, JudgeWorker, cfg.resources, lambda rank: dict(
-        model_path=tiny_model, cfg=cfg, dtype="float32", threads=1, seed=0))
+@pytest.fixture(scope="module")
+def judge_group(ray_cluster, tiny_model):
+    group = WorkerGroup("judge-test", JudgeWorker, RoleResources(num_workers=2, num_cpus=1), lambda rank: dict(
+        model_path=tiny_model, dtype="float32", threads=1, seed=0, micro_batch_size=3))
+    yield group
+    group.shutdown()
 
 
 @pytest.mark.parametrize("overrides,expect_all_fail", [
     ({"min_label_mass": 0.0}, False),
     ({"min_label_mass": 0.99}, True),     # a random model never puts 99% on digits: all unparseable
-    ({"mode": "generate", "max_new_tokens": 4}, None),
+    ({"readout": "generate", "max_new_tokens": 4}, None),
 ])
-def test_judge_scores_or_fails_typed(ray_cluster, tiny_model, overrides, expect_all_fail):
-    group = judge_group(tiny_model, f"judge-{len(overrides)}-{expect_all_fail}", **overrides)
-    try:
-        result = JudgeFeedback(group).score(PROMPTS, RESPONSES)
-    finally:
-        group.shutdown()
+def test_judge_scores_or_fails_typed(judge_group, overrides, expect_all_fail):
+    judge = Judge(LocalBackend(judge_group, "tiny"), JudgeConfig(micro_batch_size=3, **overrides))
+    result = judge.score(PROMPTS, RESPONSES)
     assert len(result.rewards) == 4
     assert sum(result.failures.values()) == int((~result.valid).sum())
     valid_rewards = result.rewards[result.valid]
@@ -36,3 +36,15 @@ def test_judge_scores_or_fails_typed(ray_cluster, tiny_model, overrides, expect_
     if expect_all_fail is False:
         assert bool(result.valid.all())
         assert len(set(result.rewards.tolist())) > 1     # different responses, different expected scores
+
+
+def test_pairwise_win_rates_are_swap_debiased_probabilities(judge_group):
+    judge = Judge(LocalBackend(judge_group, "tiny"), JudgeConfig(mode="pairwise", min_label_mass=0.0))
+    comparisons = judge.compare(PROMPTS[:2], RESPONSES[:2], RESPONSES[2:])
+    assert comparisons.judged == 2 and all(0 < p < 1 for p in comparisons.prob)
+    # swapping the pair's sides gives exactly the complementary probability
+    swapped = judge.compare(PROMPTS[:2], RESPONSES[2:], RESPONSES[:2])
+    assert [round(a + b, 6) for a, b in zip(comparisons.prob, swapped.prob)] == [1.0, 1.0]
+    assert swapped.flips == comparisons.flips
+    rewards = judge.score(["p"] * 3, ["a", "bb", "ccc"])   # one group of three: win rates average to 0.5
+    assert bool(rewards.valid.all()) and float(rewards.rewards.mean()) == pytest.approx(0.5, abs=1e-6)

@@ -50,3 +50,31 @@ def test_failed_verdicts_are_masked_and_counted_not_scored_zero():
     assert result.valid.tolist() == [True, False, True, False]
     assert result.failures == {"unparseable": 1, "out_of_range": 1}
     assert FeedbackResult.from_scores([None]).failures == {"no_score": 1}
+
+
+def test_parse_choice_reads_the_first_standalone_letter():
+    from openrlaif.feedback.judge_prompts import parse_choice
+    assert parse_choice("A") == "A" and parse_choice("**B** is better") == "B"
+    assert parse_choice("Response B.") == "B"
+    with pytest.raises(JudgeFailure) as err:
+        parse_choice("Both are fine")     # the "B" inside "Both" is not a verdict
+    assert err.value.kind == "unparseable"
+
+
+def test_choice_probability_renormalises_over_a_and_b():
+    from openrlaif.feedback.judge_prompts import choice_probability
+    assert choice_probability({"A": 0.3, "B": 0.1}, 0.01) == pytest.approx(0.75)
+    with pytest.raises(JudgeFailure):
+        choice_probability({"A": 0.0, "B": 0.0}, 0.0)
+
+
+@pytest.mark.parametrize("p_first,p_second,prob,flipped", [
+    (1.0, 1.0, 0.5, True),       # always "A": debiased to 0.5, a flip
+    (0.9, 0.1, 0.9, False),      # consistent preference for the first response
+    (0.2, 0.6, 0.3, False),      # consistent preference for the second
+    (0.7, 0.6, 0.55, True),
+])
+def test_swap_debiasing(p_first, p_second, prob, flipped):
+    from openrlaif.feedback.judge_prompts import swap_debiased
+    out_prob, out_flipped = swap_debiased(p_first, p_second)
+    assert out_prob == pytest.approx(prob) and out_flipped == flipped

@@ -1,0 +1,138 @@
+"""Judge backends behind one interface: `complete(requests) -> replies`, one reply per request, in order.
+
+A request is chat messages plus either `labels` (read the next-token probability of each label: "1".."9", or
+"A"/"B") or nothing (generate text to parse). Backends never raise on a bad judgement: a reply carries a typed
+`failure` instead (timeout, endpoint_error, bad_response), which the judge masks and counts.
+
+- LocalBackend: the judge model in its own Ray worker group (JudgeWorker, HF on CPU or GPU).
+- HTTPBackend: any OpenAI-compatible endpoint (`/v1/chat/completions`: vLLM, SGLang, TGI, OpenAI, ...), with a
+  concurrency limit, a timeout, and retries with exponential backoff. The API key is read from the environment
+  variable the config names; it is never stored in the config or logged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from openrlaif.batch import split_evenly
+
+
+@dataclass
+class JudgeRequest:
+    messages: list[dict]
+    labels: list[str] | None = None      # read these tokens' probabilities instead of generating
+    max_tokens: int = 8
+    temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    label_probs: dict[str, float] = field(default_factory=dict)
+    failure: str | None = None           # timeout | endpoint_error | bad_response (after the retries)
+    detail: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 1
+
+
+class LocalBackend:
+    """Fans requests out over the JudgeWorker group (contiguous shards, one call per worker)."""
+
+    def __init__(self, group, name: str) -> None:
+        self.group, self.name = group, name
+
+    def complete(self, requests: list[JudgeRequest]) -> list[Reply]:
+        import ray
+        if not requests:
+            return []
+        shards = split_evenly(len(requests), min(len(self.group), len(requests)))
+        refs = self.group.map(lambda worker, span: worker.complete.remote(requests[span]), shards)
+        return [reply for shard in ray.get(refs) for reply in shard]
+
+
+class HTTPBackend:
+    """OpenAI-compatible chat completions over HTTP. Label probabilities come from `top_logprobs` of the first
+    generated token (labels missing from the top list get 0)."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "", timeout_s: float = 30.0,
+                 max_retries: int = 2, backoff_s: float = 0.5, concurrency: int = 8, top_logprobs: int = 20) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.timeout_s, self.max_retries, self.backoff_s = model, timeout_s, max_retries, backoff_s
+        self.concurrency, self.top_logprobs = concurrency, top_logprobs
+        self.name = f"{base_url}|{model}"
+        self._api_key_env = api_key_env
+        self.retries = 0   # requests re-sent, over the backend's life (a metric)
+
+    def complete(self, requests: list[JudgeRequest]) -> list[Reply]:
+        if not requests:
+            return []
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self._one, requests))
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self._api_key_env, "") if self._api_key_env else ""
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _body(self, request: JudgeRequest) -> bytes:
+        body = {"model": self.model, "messages": request.messages, "temperature": request.temperature,
+                "seed": request.seed, "max_tokens": 1 if request.labels else request.max_tokens}
+        if request.labels:
+            body |= {"logprobs": True, "top_logprobs": self.top_logprobs}
+        return json.dumps(body).encode()
+
+    def _one(self, request: JudgeRequest) -> Reply:
+        reply = Reply()
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.retries += 1
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            reply = self._attempt(request)
+            reply.attempts = attempt + 1
+            if reply.failure is None or (reply.failure == "bad_response" and not reply.detail.startswith("json")):
+                return reply    # a well-formed reply without a usable verdict is not retried: it would repeat
+        return reply
+
+    def _attempt(self, request: JudgeRequest) -> Reply:
+        http_request = urllib.request.Request(self.url, data=self._body(request), headers=self._headers())
+        try:
+            with urllib.request.urlopen(http_request, timeout=self.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            return Reply(failure="endpoint_error", detail=f"HTTP {err.code}")
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            kind = "timeout" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "endpoint_error"
+            return Reply(failure=kind, detail=str(reason)[:200])
+        try:
+            payload = json.loads(raw)
+            choice = payload["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            return Reply(failure="bad_response", detail=f"json: {type(err).__name__}: {raw[:80]!r}")
+        usage = payload.get("usage") or {}
+        reply = Reply(text=text, prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                      completion_tokens=int(usage.get("completion_tokens", 0)))
+        if request.labels:
+            try:
+                top = choice["logprobs"]["content"][0]["top_logprobs"]
+            except (KeyError, IndexError, TypeError):
+                return Reply(failure="bad_response", detail="no top_logprobs in the reply (does the endpoint "
+                                                            "support logprobs?)")
+            probs = {label: 0.0 for label in request.labels}
+            for entry in top:
+                token = str(entry.get("token", "")).strip()
+                if token in probs:
+                    probs[token] += math.exp(float(entry["logprob"]))
+            reply.label_probs = probs
+        return reply

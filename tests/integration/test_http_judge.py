@@ -1,0 +1,110 @@
+"""The HTTP judge against a real OpenAI-compatible server on 127.0.0.1 (tests/judge_server.py around the tiny
+model), with injected faults; swap debiasing against an always-"A" judge; the verdict cache; a GRPO run whose
+judge endpoint fails on some prompts and never crashes the run."""
+import json
+import math
+
+import pytest
+
+from openrlaif.config import (ActorConfig, AlgorithmConfig, ClusterConfig, Config, DataConfig, FeedbackConfig,
+                              JudgeConfig, ModelConfig, OutputConfig, RolloutConfig, validate)
+from openrlaif.feedback.backends import HTTPBackend
+from openrlaif.feedback.judge import Judge
+from tests.judge_server import JudgeServer
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    srv = JudgeServer(tiny_model, slow_s=2.0, api_key="sk-test-123").start()
+    yield srv
+    srv.shutdown()
+
+
+def http_judge(server, tmp_path=None, **overrides) -> Judge:
+    settings = dict(backend="http", base_url=server.base_url, model="judge", api_key_env="TEST_JUDGE_KEY",
+                    timeout_s=0.5, max_retries=0, backoff_s=0.01, concurrency=4, min_label_mass=0.0, top_logprobs=1000)
+    cfg = JudgeConfig(**(settings | overrides))
+    backend = HTTPBackend(cfg.base_url, cfg.model, cfg.api_key_env, cfg.timeout_s, cfg.max_retries, cfg.backoff_s,
+                          cfg.concurrency, cfg.top_logprobs)
+    return Judge(backend, cfg, str(tmp_path / "cache.jsonl") if tmp_path else None)
+
+
+def test_injected_faults_are_masked_and_counted_exactly(server, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
+    prompts = ["what is the sun"] * 2 + ["FAULT:slow", "FAULT:error500", "FAULT:error500", "FAULT:garbage",
+                                         "FAULT:truncated"]
+    responses = ["a star", "a ball of gas", "x", "y", "z", "w", "v"]
+    result = http_judge(server).pointwise(prompts, responses)
+    assert result.valid.tolist() == [True, True, False, False, False, False, False]
+    assert dict(result.failures) == {"timeout": 1, "endpoint_error": 2, "unparseable": 1, "bad_response": 1}
+    assert ((result.rewards[:2] >= 0) & (result.rewards[:2] <= 1)).all()
+    assert result.metrics["judge_prompt_tokens"] > 0
+
+
+def test_retries_with_backoff_recover_a_transient_error(server, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
+    before = server.faults["error500once"]
+    result = http_judge(server, max_retries=2).pointwise(["FAULT:error500once retry me"], ["ok"])
+    assert bool(result.valid.all()) and result.metrics["judge_retries"] == 1
+    assert server.faults["error500once"] == before + 1
+
+
+def test_a_wrong_key_is_an_endpoint_error_and_the_key_is_not_logged(server, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "wrong")
+    result = http_judge(server).pointwise(["hi"], ["hello"])
+    assert result.failures == {"endpoint_error": 1}
+    assert "wrong" not in json.dumps(result.metrics)
+
+
+def test_swap_debiasing_cancels_a_judge_that_always_answers_a(tiny_model, monkeypatch):
+    biased = JudgeServer(tiny_model, always="A").start()
+    try:
+        judge = http_judge(biased, mode="pairwise")
+        comparisons = judge.compare(["q1", "q2", "q3"], ["good", "bad", "x"], ["bad", "good", "y"])
+        assert comparisons.prob == [0.5, 0.5, 0.5] and comparisons.flips == 3 and comparisons.judged == 3
+        # the Repeat Ranking filter: the two orders disagree on the winner, so nothing is kept at threshold 1
+        strict = http_judge(biased, mode="pairwise", consistency_threshold=1.0)
+        assert strict.compare(["q1"], ["good"], ["bad"]).kept == [False]
+        rewards = http_judge(biased, mode="pairwise").score(["p"] * 3, ["r1", "r2", "r3"])
+        assert rewards.rewards.tolist() == [0.5, 0.5, 0.5]
+        assert rewards.metrics["judge_flip_rate"] == 1.0 and rewards.metrics["judge_comparisons"] == 3
+    finally:
+        biased.shutdown()
+
+
+def test_verdict_cache_reuses_verdicts_exactly_across_judges(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
+    prompts, responses = ["what is the sun", "say hi", "FAULT:error500"], ["a star", "hi", "x"]
+    first = http_judge(server, tmp_path).pointwise(prompts, responses)
+    requests_before = server.requests
+    second = http_judge(server, tmp_path).pointwise(prompts, responses)   # a new judge, as after a resume
+    assert second.rewards.tolist() == first.rewards.tolist()
+    assert second.metrics["judge_cache_hits"] == 2
+    assert server.requests == requests_before + 1   # only the failed verdict is asked again
+
+
+def test_grpo_with_an_http_judge_that_fails_on_some_prompts(ray_cluster, tiny_model, server, monkeypatch, tmp_path):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
+    prompts = tmp_path / "prompts.jsonl"
+    rows = ["what is the sun", "name a color", "FAULT:error500 say hi", "FAULT:garbage count to three"]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+    judge = JudgeConfig(backend="http", base_url=server.base_url, model="judge", api_key_env="TEST_JUDGE_KEY",
+                        timeout_s=5, max_retries=1, backoff_s=0.01, min_label_mass=0.0, top_logprobs=1000,
+                        mode="pairwise")
+    cfg = Config(steps=2, seed=0, model=ModelConfig(path=tiny_model),
+                 data=DataConfig(prompts=str(prompts), prompts_per_step=4, shuffle=False),
+                 rollout=RolloutConfig(engine="hf", samples_per_prompt=2, max_new_tokens=8),
+                 actor=ActorConfig(lr=1e-3, micro_batch_size=4), algorithm=AlgorithmConfig(kl_coef=0.0),
+                 feedback=FeedbackConfig(source="judge", judge=judge),
+                 cluster=ClusterConfig(threads_per_worker=1), output=OutputConfig(dir=str(tmp_path / "run")))
+    validate(cfg)
+    from openrlaif.pipelines import run
+    run(cfg)
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    for row in metrics:   # each failing prompt: 1 comparison of its 2 samples fails -> both samples masked
+        assert row["feedback/failures"] == 4
+        assert row["feedback/failures/no_kept_comparison"] == 4
+        assert row["feedback/comparison_failures/endpoint_error"] == 1
+        assert row["feedback/comparison_failures/unparseable"] == 1
+        assert row["feedback/judge_flip_rate"] >= 0 and math.isfinite(row["train/loss"])
+    assert metrics[0]["feedback/judge_comparisons"] == 4

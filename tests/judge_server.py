@@ -1,0 +1,131 @@
+"""A small OpenAI-compatible chat-completions server around a (tiny) HF model, with fault injection, for the HTTP
+judge tests. A request whose last message contains `FAULT:<kind>` gets that fault:
+
+    slow          sleep `slow_s` before answering (the client times out)
+    error500      HTTP 500
+    error500once  HTTP 500 the first time this exact request arrives, a normal answer after (a retry succeeds)
+    garbage       200 with reply text "banana" and no label tokens among the logprobs
+    truncated     200 with the JSON body cut in half
+
+`always` = "A" makes every answer "A" with probability 1 (a maximally position-biased judge). `api_key` set:
+requests without `Authorization: Bearer <key>` get 401. Run standalone:
+    python tests/judge_server.py --model PATH --port 8000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+FAULT = re.compile(r"FAULT:(\w+)")
+
+
+class JudgeServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, model_path: str, port: int = 0, slow_s: float = 3.0, always: str = "", api_key: str = ""):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        super().__init__(("127.0.0.1", port), Handler)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+        self.slow_s, self.always, self.api_key = slow_s, always, api_key
+        self.lock = threading.Lock()
+        self.faults: Counter = Counter()      # injected, by kind
+        self.requests = 0
+        self.seen: set[str] = set()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def start(self) -> "JudgeServer":
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    @torch.no_grad()
+    def answer(self, body: dict) -> dict:
+        ids = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+        ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+        max_tokens = int(body.get("max_tokens") or 16)
+        with self.lock:
+            logits = self.model(input_ids=ids).logits[0, -1].float()
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                      do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
+        new = out[0, ids.shape[1]:]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        logprobs = logits.log_softmax(-1)
+        k = int(body.get("top_logprobs") or 0)
+        top = [{"token": self.tokenizer.decode([int(t)]), "logprob": float(logprobs[t])}
+               for t in logprobs.topk(min(k, logprobs.numel())).indices] if body.get("logprobs") else []
+        if self.always:
+            text, top = self.always, [{"token": self.always, "logprob": 0.0}]
+        return completion(text, top, ids.shape[1], len(new))
+
+
+def completion(text: str, top: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    first = top[0]["token"] if top else text[:1]
+    return {"id": "cmpl-test", "object": "chat.completion", "model": "judge",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text},
+                         "logprobs": {"content": [{"token": first, "logprob": top[0]["logprob"] if top else 0.0,
+                                                   "top_logprobs": top}]} if top else None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: JudgeServer
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, code: int, payload: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def do_POST(self) -> None:
+        server = self.server
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+            return self._send(401, b'{"error": "bad key"}')
+        body = json.loads(raw)
+        content = body["messages"][-1]["content"]
+        match = FAULT.search(content)
+        kind = match.group(1) if match else None
+        with server.lock:
+            server.requests += 1
+            if kind == "error500once":
+                first_time = raw not in server.seen
+                server.seen.add(raw)
+                kind = kind if first_time else None
+            if kind:
+                server.faults[kind] += 1
+        if kind == "slow":
+            time.sleep(server.slow_s)
+        if kind in ("error500", "error500once"):
+            return self._send(500, b'{"error": "injected"}')
+        if kind == "garbage":
+            top = [{"token": "banana", "logprob": math.log(0.9)}] if body.get("logprobs") else []
+            return self._send(200, json.dumps(completion("banana", top, 1, 1)).encode())
+        payload = json.dumps(server.answer(body)).encode()
+        if kind == "truncated":
+            payload = payload[:len(payload) // 2]
+        self._send(200, payload)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    server = JudgeServer(args.model, args.port)
+    print(f"serving {args.model} at {server.base_url}")
+    server.serve_forever()
