@@ -1,16 +1,19 @@
-"""`openrlaif <command> [hydra overrides]`. Commands: train.
+"""`openrlaif <command> [hydra overrides]`. Commands: train, judge-eval.
 
     openrlaif train                                   # the embedded default (SmolLM2 + SmolLM2 judge, GRPO)
     openrlaif train model.path=/ckpt/my-model rollout.engine=hf steps=20
     openrlaif train pipeline=preference algorithm=dpo data.pairs=pairs.jsonl
     openrlaif train --cfg job                         # print the composed config (any Hydra flag works)
+    openrlaif judge-eval feedback=judge_pairwise data.pairs=labelled.jsonl   # judge vs gold labels
 """
 from __future__ import annotations
 
 import os
 import sys
 
-COMMANDS = {"train": "run a training job: pipeline=online_rl (default, GRPO/RLOO/Dr. GRPO) or pipeline=preference"}
+COMMANDS = {"train": "run a training job: pipeline=online_rl (default: PPO, GRPO family, REINFORCE++, ReMax), "
+                     "preference (DPO family, KTO, BCO, LiPO), reward_model, sft",
+            "judge-eval": "score the judge against a labelled pairs file: agreement, position consistency, failures"}
 
 
 def _config_dir() -> str:
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return _train(rest)
+    if command == "judge-eval":
+        return _train(["pipeline=judge_eval", *rest])
     print(f"error: unknown command {command!r}. Commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

@@ -245,6 +245,8 @@ def validate(cfg: Config) -> None:
                               f"Fix: {role}.resources.num_cpus=1 (or num_gpus=1).")
     if cfg.pipeline == "online_rl":
         _validate_online(cfg)
+    elif cfg.pipeline == "judge_eval":
+        _validate_judge(cfg.feedback.judge)
     else:
         _validate_offline(cfg)
 
@@ -272,9 +274,6 @@ def _validate_online(cfg: Config) -> None:
     _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
     _choice("rollout.dtype", cfg.rollout.dtype, {"float32", "bfloat16"})
     _choice("feedback.source", cfg.feedback.source, {"judge", "function", "reward_model"})
-    _choice("feedback.judge.mode", cfg.feedback.judge.mode, {"pointwise", "pairwise"})
-    _choice("feedback.judge.readout", cfg.feedback.judge.readout, {"probs", "generate"})
-    _choice("feedback.judge.backend", cfg.feedback.judge.backend, {"local", "http"})
     _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     _positive("rollout.temperature", cfg.rollout.temperature)
     if not 0 < cfg.rollout.top_p <= 1:
@@ -316,32 +315,40 @@ def _validate_online(cfg: Config) -> None:
         raise ConfigError(f"feedback.function={cfg.feedback.function!r} must name a callable as 'package.module:name' "
                           "when feedback.source=function. Fix: feedback.function=openrlaif.feedback.rules:brevity")
     if cfg.feedback.source == "judge":
-        if judge.score_min >= judge.score_max:
-            raise ConfigError(f"feedback.judge.score_min={judge.score_min} must be below score_max={judge.score_max}.")
-        if judge.mode == "pointwise" and judge.readout == "probs" and (judge.score_min < 0 or judge.score_max > 9):
-            raise ConfigError(
-                f"feedback.judge.score_min/score_max={judge.score_min}..{judge.score_max}: readout=probs reads the "
-                "next-token probability of each score, so every score must be one digit token (0..9). "
-                "Fix: feedback.judge.score_max=9, or feedback.judge.readout=generate to parse longer numbers.")
-        if judge.backend == "http" and not (judge.base_url and judge.model):
-            raise ConfigError("feedback.judge.backend=http needs feedback.judge.base_url (e.g. "
-                              "http://127.0.0.1:8000/v1) and feedback.judge.model (the served model's name).")
-        if judge.repeats < 1 or not 0 <= judge.consistency_threshold <= 1:
-            raise ConfigError(f"feedback.judge.repeats={judge.repeats} must be >= 1 and consistency_threshold="
-                              f"{judge.consistency_threshold} in [0, 1].")
-        if judge.repeats > 1 and (judge.readout == "probs" or judge.temperature == 0):
-            raise ConfigError("feedback.judge.repeats > 1 needs sampled verdicts, else every repeat is the same. "
-                              "Fix: feedback.judge.readout=generate feedback.judge.temperature=0.7, or repeats=1 "
-                              "(both orders of every pair are always judged).")
-        _positive("feedback.judge.timeout_s", judge.timeout_s)
-        _positive("feedback.judge.concurrency", judge.concurrency)
-        if not 0 <= judge.min_label_mass < 1:
-            raise ConfigError(f"feedback.judge.min_label_mass={judge.min_label_mass} must be in [0, 1).")
-        try:
-            judge.rubric.format(score_min=judge.score_min, score_max=judge.score_max)
-        except (KeyError, IndexError, ValueError) as err:
-            raise ConfigError(f"feedback.judge.rubric has a bad placeholder ({err}); only {{score_min}} and "
-                              "{score_max} are filled in. Write literal braces as {{ and }}.") from None
+        _validate_judge(judge)
+    _validate_feedback(cfg.feedback)
+
+
+def _validate_judge(judge: JudgeConfig) -> None:
+    _choice("feedback.judge.mode", judge.mode, {"pointwise", "pairwise"})
+    _choice("feedback.judge.readout", judge.readout, {"probs", "generate"})
+    _choice("feedback.judge.backend", judge.backend, {"local", "http"})
+    if judge.score_min >= judge.score_max:
+        raise ConfigError(f"feedback.judge.score_min={judge.score_min} must be below score_max={judge.score_max}.")
+    if judge.mode == "pointwise" and judge.readout == "probs" and (judge.score_min < 0 or judge.score_max > 9):
+        raise ConfigError(
+            f"feedback.judge.score_min/score_max={judge.score_min}..{judge.score_max}: readout=probs reads the "
+            "next-token probability of each score, so every score must be one digit token (0..9). "
+            "Fix: feedback.judge.score_max=9, or feedback.judge.readout=generate to parse longer numbers.")
+    if judge.backend == "http" and not (judge.base_url and judge.model):
+        raise ConfigError("feedback.judge.backend=http needs feedback.judge.base_url (e.g. "
+                          "http://127.0.0.1:8000/v1) and feedback.judge.model (the served model's name).")
+    if judge.repeats < 1 or not 0 <= judge.consistency_threshold <= 1:
+        raise ConfigError(f"feedback.judge.repeats={judge.repeats} must be >= 1 and consistency_threshold="
+                          f"{judge.consistency_threshold} in [0, 1].")
+    if judge.repeats > 1 and (judge.readout == "probs" or judge.temperature == 0):
+        raise ConfigError("feedback.judge.repeats > 1 needs sampled verdicts, else every repeat is the same. "
+                          "Fix: feedback.judge.readout=generate feedback.judge.temperature=0.7, or repeats=1 "
+                          "(both orders of every pair are always judged).")
+    _positive("feedback.judge.timeout_s", judge.timeout_s)
+    _positive("feedback.judge.concurrency", judge.concurrency)
+    if not 0 <= judge.min_label_mass < 1:
+        raise ConfigError(f"feedback.judge.min_label_mass={judge.min_label_mass} must be in [0, 1).")
+    try:
+        judge.rubric.format(score_min=judge.score_min, score_max=judge.score_max)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"feedback.judge.rubric has a bad placeholder ({err}); only {{score_min}} and "
+                          "{score_max} are filled in. Write literal braces as {{ and }}.") from None
 
 
 def _validate_feedback(fb: FeedbackConfig) -> None:

@@ -159,7 +159,7 @@ class Judge:
         self.stats["judge_seconds"] += time.perf_counter() - start
         return replies
 
-    def _take_stats(self) -> dict[str, float]:
+    def take_stats(self) -> dict[str, float]:
         stats = {k: float(v) for k, v in self.stats.items()}
         stats["judge_cache_hits"] = float(self.cache.hits)
         self.stats.clear()
@@ -186,7 +186,7 @@ class Judge:
             raw.append(value)
             scores.append(normalise(value, cfg.score_min, cfg.score_max))
             kinds.append(None)
-        stats = self._take_stats()
+        stats = self.take_stats()
         stats["judge_score_mean"] = sum(raw) / max(len(raw), 1)
         return FeedbackResult.from_scores(scores, kinds, stats)
 
@@ -255,7 +255,7 @@ class Judge:
             counts[j] += 1
         scores = [wins[i] / counts[i] if counts[i] else None for i in range(len(prompts))]
         kinds = [None if counts[i] else "no_kept_comparison" for i in range(len(prompts))]
-        stats = self._take_stats() | comparison_metrics(result, len(pairs))
+        stats = self.take_stats() | comparison_metrics(result, len(pairs))
         rewards = FeedbackResult.from_scores(scores, kinds, stats)
         for kind, count in result.failures.items():   # per comparison, next to the per-response counts
             rewards.metrics[f"comparison_failures/{kind}"] = float(count)

@@ -2,7 +2,8 @@
 import importlib
 
 PIPELINES = {"online_rl": "openrlaif.pipelines.online_rl", "preference": "openrlaif.pipelines.preference",
-             "sft": "openrlaif.pipelines.sft", "reward_model": "openrlaif.pipelines.reward_model"}
+             "sft": "openrlaif.pipelines.sft", "reward_model": "openrlaif.pipelines.reward_model",
+             "judge_eval": "openrlaif.pipelines.judge_eval"}
 
 
 def run(cfg) -> dict:

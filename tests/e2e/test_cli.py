@@ -1,4 +1,5 @@
 """The CLI as a user runs it: bad input fails at start-up with the key and the fix; a tiny run succeeds."""
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,19 @@ def test_sft_bad_input(cache_env, tmp_path):
     out = cli("train", "pipeline=sft", "model=tiny", "data.sft=/no/sft.jsonl", f"output.dir={tmp_path}",
               env_extra=cache_env)
     assert out.returncode == 2 and "data.sft='/no/sft.jsonl': no such file" in out.stderr
+
+
+def test_judge_eval_reports_agreement_consistency_and_failures(cache_env, tmp_path):
+    out = cli("judge-eval", "model=tiny", "feedback=judge_pairwise", "feedback.judge.min_label_mass=0",
+              f"output.dir={tmp_path}", "cluster.num_cpus=2", env_extra=cache_env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "judge_eval.json").read_text())
+    assert report["pairs"] == 13 and report["judged"] == 13 and report["failure_rate"] == 0.0
+    assert 0 <= report["agreement"] <= 1 and 0 <= report["position_consistency"] <= 1
+    assert "agree" in out.stdout
+
+
+def test_judge_eval_with_a_bad_endpoint_config_names_the_fix(cache_env, tmp_path):
+    out = cli("judge-eval", "model=tiny", "feedback=judge_http", "feedback.judge.base_url=", f"output.dir={tmp_path}",
+              env_extra=cache_env)
+    assert out.returncode == 2 and "feedback.judge.base_url" in out.stderr

@@ -1,0 +1,76 @@
+"""`openrlaif judge-eval`: run the configured judge (local model or HTTP endpoint) over a labelled pairs file
+(`data.pairs`: {"prompt", "chosen", "rejected"}, chosen = the gold preference) with both orders of every pair,
+and report agreement with the labels, position consistency and failure rate. Writes <output.dir>/judge_eval.json."""
+from __future__ import annotations
+
+import json
+import os
+
+from openrlaif.config import Config, ConfigError, cache_dir
+from openrlaif.data.jsonl import read_jsonl
+from openrlaif.data.pairs import DEMO_PAIRS, split_conversation
+from openrlaif.models import resolve_model_path
+from openrlaif.pipelines.common import prepare_output_dir, threads_per_worker
+from openrlaif.runtime import ray_session
+
+
+def load_labelled_pairs(path: str) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) texts; message-style rows use their last user message as the prompt."""
+    path = DEMO_PAIRS if path == "demo" else path
+    out = []
+    for where, row in read_jsonl(path, "data.pairs", '{"prompt", "chosen", "rejected"}'):
+        if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
+            raise ConfigError(f"{where}: each row needs \"chosen\" and \"rejected\" (and \"prompt\").")
+        if isinstance(row["chosen"], list):
+            messages, chosen = split_conversation(row["chosen"], where, "chosen")
+            _, rejected = split_conversation(row["rejected"], where, "rejected")
+            prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        else:
+            prompt, chosen, rejected = row.get("prompt", ""), row["chosen"], row["rejected"]
+        out.append((prompt, chosen, rejected))
+    if not out:
+        raise ConfigError(f"data.pairs={path!r} holds no pairs.")
+    return out
+
+
+def train(cfg: Config) -> dict:
+    from openrlaif.pipelines.online_rl import start_judge
+    pairs = load_labelled_pairs(cfg.data.pairs)
+    judge_cfg = cfg.feedback.judge
+    judge_path = None
+    if judge_cfg.backend == "local":
+        judge_path = resolve_model_path(judge_cfg.model or cfg.model.path, cache_dir(cfg.model),
+                                        key="feedback.judge.model")
+    out_dir = prepare_output_dir(cfg)
+    cpus = judge_cfg.resources.num_cpus * judge_cfg.resources.num_workers if judge_path else 1
+    with ray_session(cfg.cluster, cpus):
+        group, judge = start_judge(cfg, judge_path, out_dir, threads_per_worker(cfg, judge_cfg.resources.num_workers))
+        try:
+            comparisons = judge.compare([p for p, _, _ in pairs], [c for _, c, _ in pairs], [r for _, _, r in pairs])
+            stats = judge.take_stats()
+        finally:
+            if group is not None:
+                group.shutdown()
+    probs = [p for p in comparisons.prob if p is not None]
+    failed = sum(comparisons.failures.values())
+    report = {
+        "pairs": len(pairs),
+        "judged": comparisons.judged,
+        "agreement": sum(p > 0.5 for p in probs) / max(len(probs), 1),   # gold chosen preferred after debiasing
+        "mean_p_chosen": sum(probs) / max(len(probs), 1),
+        "position_consistency": 1.0 - comparisons.flips / max(comparisons.judged, 1),
+        "kept_fraction": sum(comparisons.kept) / len(pairs),
+        "failure_rate": failed / len(pairs),
+        "failures": dict(comparisons.failures),
+        "judge": judge.backend.name,
+        "judge_seconds": stats.get("judge_seconds", 0.0),
+        "judge_requests": stats.get("judge_requests", 0.0),
+    }
+    path = os.path.join(out_dir, "judge_eval.json")
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(f"\n{'pairs':>6s} {'agree':>7s} {'P(chosen)':>10s} {'consistent':>11s} {'kept':>6s} {'failed':>7s}")
+    print(f"{report['pairs']:6d} {report['agreement']:7.3f} {report['mean_p_chosen']:10.3f} "
+          f"{report['position_consistency']:11.3f} {report['kept_fraction']:6.3f} {report['failure_rate']:7.3f}")
+    print(f"[openrlaif] judge-eval report: {path}")
+    return {"checkpoint": None, "metrics": report, "out_dir": out_dir}
