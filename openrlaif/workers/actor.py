@@ -92,40 +92,35 @@ class ActorWorker(DeepSpeedWorker):
         `batch` comes from data.pairs.pairs_to_batch: chosen_*/rejected_* model inputs and the precomputed
         ref_chosen_logps / ref_rejected_logps (zeros for reference-free losses).
         """
-        from openrlaif.data.pairs import both_sides
         self.engine.train()
         loss_fn = PREFERENCE_LOSSES[self.algo.loss]
         start_time = time.perf_counter()
         sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
-        tokens_seen, grad_norm = 0, 0.0
-        for _ in range(self.cfg.epochs):
-            for mini in batch.chunks_of(self.per_rank_mini):
-                num_pairs = float(all_reduce_sum(torch.tensor(float(len(mini))), self.device))
-                for micro in mini.chunks_of(self.cfg.micro_batch_size):
-                    sides = trim_to_content(both_sides(micro)).to(self.device)
-                    token_logprobs = response_logprobs(self.engine, sides)
-                    sequence_logps = token_logprobs.sum(-1)
-                    lengths = sides["response_mask"].sum(-1).clamp(min=1.0)
-                    pairs = len(micro)
-                    ref_chosen = micro["ref_chosen_logps"].to(self.device)
-                    ref_rejected = micro["ref_rejected_logps"].to(self.device)
-                    losses = loss_fn(chosen_logps=sequence_logps[:pairs], rejected_logps=sequence_logps[pairs:],
-                                     ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-                                     chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
-                                     beta=self.algo.beta, label_smoothing=self.algo.label_smoothing,
-                                     gamma=self.algo.simpo_gamma)
-                    loss = losses.sum() / num_pairs
-                    self.backward_and_step(loss)
-                    with torch.no_grad():   # implicit rewards β·log π/π_ref (β·log π for reference-free losses)
-                        chosen_reward = self.algo.beta * (sequence_logps[:pairs] - ref_chosen)
-                        rejected_reward = self.algo.beta * (sequence_logps[pairs:] - ref_rejected)
-                    sums["loss"] += float(loss.detach())
-                    sums["accuracy"] += float((chosen_reward > rejected_reward).float().sum())
-                    sums["margin"] += float((chosen_reward - rejected_reward).sum())
-                    sums["chosen_reward"] += float(chosen_reward.sum())
-                    sums["rejected_reward"] += float(rejected_reward.sum())
-                    tokens_seen += int(sides["attention_mask"].sum())
-                grad_norm = self.grad_norm()
+        tokens_seen = 0
+        for micro, sides, num_pairs in self.pair_micro_batches(batch):
+            token_logprobs = response_logprobs(self.engine, sides)
+            sequence_logps = token_logprobs.sum(-1)
+            lengths = sides["response_mask"].sum(-1).clamp(min=1.0)
+            pairs = len(micro)
+            ref_chosen = micro["ref_chosen_logps"].to(self.device)
+            ref_rejected = micro["ref_rejected_logps"].to(self.device)
+            losses = loss_fn(chosen_logps=sequence_logps[:pairs], rejected_logps=sequence_logps[pairs:],
+                             ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+                             chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
+                             beta=self.algo.beta, label_smoothing=self.algo.label_smoothing,
+                             gamma=self.algo.simpo_gamma)
+            loss = losses.sum() / num_pairs
+            self.backward_and_step(loss)
+            with torch.no_grad():   # implicit rewards β·log π/π_ref (β·log π for reference-free losses)
+                chosen_reward = self.algo.beta * (sequence_logps[:pairs] - ref_chosen)
+                rejected_reward = self.algo.beta * (sequence_logps[pairs:] - ref_rejected)
+            sums["loss"] += float(loss.detach())
+            sums["accuracy"] += float((chosen_reward > rejected_reward).float().sum())
+            sums["margin"] += float((chosen_reward - rejected_reward).sum())
+            sums["chosen_reward"] += float(chosen_reward.sum())
+            sums["rejected_reward"] += float(rejected_reward.sum())
+            tokens_seen += int(sides["attention_mask"].sum())
+        grad_norm = self.grad_norm()   # of the last optimizer step
         updates = self.updates_per_step(batch)
         seen = float(len(batch) * self.cfg.epochs)
         return {"loss": sums["loss"] / updates, "pairs": seen, "accuracy_x_pairs": sums["accuracy"],

@@ -76,25 +76,20 @@ class CriticWorker(DeepSpeedWorker):
     def reward_model_step(self, batch: Batch) -> dict[str, float]:
         """Bradley–Terry updates on this worker's shard of pairs (data.pairs.pairs_to_batch, plus `margin`)."""
         from openrlaif.algorithms.preference import bradley_terry_loss
-        from openrlaif.data.pairs import both_sides
         self.engine.train()
         start_time = time.perf_counter()
         sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-        tokens_seen, grad_norm = 0, 0.0
-        for _ in range(self.cfg.epochs):
-            for mini in batch.chunks_of(self.per_rank_mini):
-                num_pairs = float(all_reduce_sum(torch.tensor(float(len(mini))), self.device))
-                for micro in mini.chunks_of(self.cfg.micro_batch_size):
-                    sides = trim_to_content(both_sides(micro)).to(self.device)
-                    scores = sequence_scores(self.engine, sides["input_ids"], sides["attention_mask"])
-                    chosen, rejected = scores[:len(micro)], scores[len(micro):]
-                    loss = bradley_terry_loss(chosen, rejected, micro["margin"].to(self.device)).sum() / num_pairs
-                    self.backward_and_step(loss)
-                    sums["loss"] += float(loss.detach())
-                    sums["accuracy"] += float((chosen > rejected).float().sum())
-                    sums["margin"] += float((chosen - rejected).detach().sum())
-                    tokens_seen += int(sides["attention_mask"].sum())
-                grad_norm = self.grad_norm()
+        tokens_seen = 0
+        for micro, sides, num_pairs in self.pair_micro_batches(batch):
+            scores = sequence_scores(self.engine, sides["input_ids"], sides["attention_mask"])
+            chosen, rejected = scores[:len(micro)], scores[len(micro):]
+            loss = bradley_terry_loss(chosen, rejected, micro["margin"].to(self.device)).sum() / num_pairs
+            self.backward_and_step(loss)
+            sums["loss"] += float(loss.detach())
+            sums["accuracy"] += float((chosen > rejected).float().sum())
+            sums["margin"] += float((chosen - rejected).detach().sum())
+            tokens_seen += int(sides["attention_mask"].sum())
+        grad_norm = self.grad_norm()   # of the last optimizer step
         return {"loss": sums["loss"] / self.updates_per_step(batch), "pairs": float(len(batch) * self.cfg.epochs),
                 "accuracy_x_pairs": sums["accuracy"], "margin_x_pairs": sums["margin"], "tokens": float(tokens_seen),
                 "grad_norm": grad_norm, "seconds": time.perf_counter() - start_time}

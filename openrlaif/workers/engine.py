@@ -81,6 +81,17 @@ class DeepSpeedWorker:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
+    def pair_micro_batches(self, batch):
+        """(micro-batch of pairs, its chosen-then-rejected rows trimmed and on the device, pairs in the global
+        mini-batch) over every epoch and mini-batch of one step; the caller backward_and_steps each."""
+        from openrlaif.data.pairs import both_sides
+        from openrlaif.workers.common import trim_to_content
+        for _ in range(self.cfg.epochs):
+            for mini in batch.chunks_of(self.per_rank_mini):
+                num_pairs = float(all_reduce_sum(torch.tensor(float(len(mini))), self.device))
+                for micro in mini.chunks_of(self.cfg.micro_batch_size):
+                    yield micro, trim_to_content(both_sides(micro)).to(self.device), num_pairs
+
     def updates_per_step(self, batch, rows_per_example: int = 1) -> int:
         return self.cfg.epochs * len(batch.chunks_of(self.per_rank_mini * rows_per_example))
 
