@@ -82,10 +82,12 @@ def load_ranked(path: str, tokenizer, max_prompt_tokens: int, max_response_token
     path = DEMO_RANKED if path == "demo" else path
     examples = []
     for where, row in read_jsonl(path, "data.pairs", '{"prompt", "responses", "scores"}'):
-        if isinstance(row, dict) and {"chosen", "rejected"} <= row.keys():
-            for pair in load_pairs_rows([row], where, tokenizer, max_prompt_tokens, max_response_tokens):
-                examples.append(pair)
-            continue
+        if isinstance(row, dict) and {"chosen", "rejected"} <= row.keys():   # a pair is a list of two
+            if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "chosen", "rejected")):
+                raise ConfigError(f"{where}: listwise losses read pairs only as {{\"prompt\", \"chosen\", "
+                                  "\"rejected\"} strings. Fix: convert the row, or write it as {\"prompt\", "
+                                  "\"responses\", \"scores\"}.")
+            row = {"prompt": row["prompt"], "responses": [row["chosen"], row["rejected"]], "scores": [1.0, 0.0]}
         if not isinstance(row, dict) or not {"prompt", "responses", "scores"} <= row.keys():
             raise ConfigError(f"{where}: each listwise row needs \"prompt\", \"responses\" (a list of strings) and "
                               "\"scores\" (one number per response, higher = better).")
@@ -107,22 +109,6 @@ def load_ranked(path: str, tokenizer, max_prompt_tokens: int, max_response_token
         raise ConfigError(f"data.pairs={path!r}: lists have different lengths {sorted(sizes)}; LiPO needs the same "
                           "number of responses per prompt. Fix: keep the top-K of each list.")
     return examples
-
-
-def load_pairs_rows(rows: list[dict], where: str, tokenizer, max_prompt_tokens: int,
-                    max_response_tokens: int) -> list[ListExample]:
-    out = []
-    for row in rows:
-        if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "chosen", "rejected")):
-            raise ConfigError(f"{where}: listwise losses read pairs only as {{\"prompt\", \"chosen\", \"rejected\"}} "
-                              "strings. Fix: convert the row, or write it as {\"prompt\", \"responses\", \"scores\"}.")
-        messages = [{"role": "user", "content": row["prompt"]}]
-        prompt_ids, chosen = encode_response(tokenizer, messages, row["chosen"])
-        _, rejected = encode_response(tokenizer, messages, row["rejected"])
-        check_prompt_length(where, len(prompt_ids), max_prompt_tokens)
-        out.append(ListExample(prompt_ids, [chosen[:max_response_tokens], rejected[:max_response_tokens]],
-                               [1.0, 0.0]))
-    return out
 
 
 def lists_to_batch(examples: list[ListExample], pad_id: int) -> Batch:

@@ -69,7 +69,6 @@ class HTTPBackend:
         self.concurrency, self.top_logprobs = concurrency, top_logprobs
         self.name = f"{base_url}|{model}"
         self._api_key_env = api_key_env
-        self.retries = 0   # requests re-sent, over the backend's life (a metric)
 
     def complete(self, requests: list[JudgeRequest]) -> list[Reply]:
         if not requests:
@@ -95,7 +94,6 @@ class HTTPBackend:
         reply = Reply()
         for attempt in range(self.max_retries + 1):
             if attempt:
-                self.retries += 1
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             reply = self._attempt(request)
             reply.attempts = attempt + 1

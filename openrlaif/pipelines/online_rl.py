@@ -2,6 +2,7 @@
 `train()` is the loop; the helpers below it do one phase each."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -201,8 +202,6 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
 
 def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int):
     """(worker group or None, Judge): a local judge model in its own group, or an HTTP endpoint client."""
-    import os
-
     from openrlaif.feedback.backends import HTTPBackend, LocalBackend
     from openrlaif.feedback.judge import Judge, JudgeWorker
     jc = cfg.feedback.judge
