@@ -3,6 +3,9 @@
     openrlaif train                                   # the embedded default (SmolLM2 + SmolLM2 judge, GRPO)
     openrlaif train model.path=/ckpt/my-model rollout.engine=hf steps=20
     openrlaif train pipeline=preference algorithm=dpo data.pairs=pairs.jsonl
+    openrlaif train pipeline=label feedback=judge_pairwise          # judge-labelled pairs.jsonl from a prompt set
+    openrlaif train pipeline=online_dpo algorithm=dpo feedback=self_judge   # self-rewarding online DPO
+    openrlaif train pipeline=constitutional                         # critique -> revise -> SFT
     openrlaif train --cfg job                         # print the composed config (any Hydra flag works)
     openrlaif judge-eval feedback=judge_pairwise data.pairs=labelled.jsonl   # judge vs gold labels
 """
@@ -12,7 +15,7 @@ import os
 import sys
 
 COMMANDS = {"train": "run a training job: pipeline=online_rl (default: PPO, GRPO family, REINFORCE++, ReMax), "
-                     "preference (DPO family, KTO, BCO, LiPO), reward_model, sft",
+                     "preference (DPO family, KTO, BCO, LiPO), reward_model, sft, label, online_dpo, constitutional",
             "judge-eval": "score the judge against a labelled pairs file: agreement, position consistency, failures"}
 
 

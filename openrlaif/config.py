@@ -7,7 +7,7 @@ the fix. Nothing here rewrites a user's value.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -144,6 +144,8 @@ class JudgeConfig:
     repeats: int = 1                      # pairwise: verdicts per order (Repeat Ranking); both orders always run
     consistency_threshold: float = 0.0    # pairwise: keep a pair only if this share of its verdicts agree
     cache: bool = True                    # reuse verdicts from <output.dir>/judge_cache.jsonl
+    follow_policy: bool = False           # self-rewarding: the judge is the live policy (its starting weights, then
+                                          # every weight sync); local backend, online pipelines only
     max_prompt_tokens: int = 1024
     micro_batch_size: int = 8
     resources: RoleResources = field(default_factory=RoleResources)
@@ -174,6 +176,44 @@ class FeedbackConfig:
 
 
 @dataclass
+class LabelConfig:
+    """How a sampled group of responses per prompt becomes preference pairs (pipeline=label, online_dpo)."""
+    pairs: str = "best_worst"             # best_worst (one pair per prompt) | all (every pair of distinct rewards)
+    min_gap: float = 0.0                  # keep a pair only if the rewards differ by more than this (ties carry no label)
+
+
+@dataclass
+class Principle:
+    critique: str                         # asks the judge to critique the response against the principle
+    revision: str                         # asks it to rewrite the response given its critique
+
+
+def _default_principles() -> list:
+    return [
+        Principle("Point out anything in the assistant's last response that is incorrect, misleading or made up.",
+                  "Rewrite the assistant's response so that every statement in it is correct; say what is not known."),
+        Principle("Point out anything in the assistant's last response that is harmful, unethical, dangerous or "
+                  "illegal, or that could hurt someone.",
+                  "Rewrite the assistant's response to remove anything harmful, unethical, dangerous or illegal, "
+                  "while still helping with what can safely be helped with."),
+        Principle("Point out where the assistant's last response fails to answer what the user asked, or pads "
+                  "the answer with needless words.",
+                  "Rewrite the assistant's response so that it answers exactly what the user asked, clearly and "
+                  "concisely."),
+    ]
+
+
+@dataclass
+class ConstitutionConfig:
+    """pipeline=constitutional: the supervised phase of Constitutional AI (Bai et al. 2022)."""
+    principles: list[Principle] = field(default_factory=_default_principles)
+    revisions: int = 1                    # critique -> revise rounds per response, each with a freshly drawn principle
+    max_new_tokens: int = 128             # per critique and per revision
+    temperature: float = 0.0              # of the critiques and revisions (0 = greedy)
+    train: bool = True                    # then SFT the policy on the revisions for `steps` steps
+
+
+@dataclass
 class ClusterConfig:
     address: str = ""                     # "" = start a local Ray on 127.0.0.1; "auto" or host:port = join a cluster
     num_cpus: int = 0                     # local cluster only; 0 = what the roles reserve
@@ -201,6 +241,8 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    constitution: ConstitutionConfig = field(default_factory=ConstitutionConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -243,12 +285,74 @@ def validate(cfg: Config) -> None:
         if res.num_cpus == 0 and res.num_gpus == 0:
             raise ConfigError(f"{role}.resources reserves neither CPUs nor GPUs; a placement bundle needs one. "
                               f"Fix: {role}.resources.num_cpus=1 (or num_gpus=1).")
+    if cfg.pipeline in SAMPLING_PIPELINES:
+        _validate_rollout(cfg)
     if cfg.pipeline == "online_rl":
         _validate_online(cfg)
+    elif cfg.pipeline == "online_dpo":
+        _validate_online_dpo(cfg)
+    elif cfg.pipeline == "label":
+        _validate_labelling(cfg)
+    elif cfg.pipeline == "constitutional":
+        _validate_constitution(cfg)
     elif cfg.pipeline == "judge_eval":
-        _validate_judge(cfg.feedback.judge)
+        _validate_judge(cfg.feedback.judge, cfg.pipeline)
     else:
         _validate_offline(cfg)
+
+
+# Pipelines that sample from the policy with the rollout engines.
+SAMPLING_PIPELINES = {"online_rl", "online_dpo", "label", "constitutional"}
+
+
+def step_batch_size(cfg: Config) -> int:
+    """What one actor update consumes: every sample (online RL), one pair per prompt (online DPO), or
+    `data.prompts_per_step` examples (offline pipelines)."""
+    if cfg.pipeline == "online_rl":
+        return cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
+    return cfg.data.prompts_per_step
+
+
+def _validate_rollout(cfg: Config) -> None:
+    _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
+    _choice("rollout.dtype", cfg.rollout.dtype, {"float32", "bfloat16"})
+    _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    _positive("rollout.temperature", cfg.rollout.temperature)
+    _positive("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt)
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
+
+
+def _validate_trained(role: str, train: ActorConfig, step_batch: int, what: str) -> None:
+    """A DeepSpeed-trained role: its optimizer step must split evenly into workers × micro-batches."""
+    _positive(f"{role}.micro_batch_size", train.micro_batch_size)
+    _positive(f"{role}.lr", train.lr)
+    _positive(f"{role}.epochs", train.epochs)
+    if train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{role}.zero_stage={train.zero_stage} must be 0, 1, 2 or 3.")
+    world = train.resources.num_workers
+    mini = train.mini_batch_size or step_batch
+    if step_batch % mini:
+        raise ConfigError(f"{role}.mini_batch_size={mini} must divide the step batch ({what} = {step_batch}).")
+    if mini % world or (mini // world) % train.micro_batch_size:
+        raise ConfigError(
+            f"each of the {role}.resources.num_workers={world} workers gets {mini / world:g} samples per "
+            f"optimizer step, which must be a whole multiple of {role}.micro_batch_size="
+            f"{train.micro_batch_size}. Fix: choose {role}.micro_batch_size dividing "
+            f"{mini // world if mini % world == 0 else 'it'}, or change {role}.mini_batch_size / "
+            "data.prompts_per_step.")
+
+
+def _validate_feedback_source(cfg: Config) -> None:
+    """The feedback that scores sampled responses: a judge, a reward model or rule/user functions."""
+    fb = cfg.feedback
+    _choice("feedback.source", fb.source, {"judge", "function", "reward_model"})
+    if fb.source == "function" and ":" not in fb.function:
+        raise ConfigError(f"feedback.function={fb.function!r} must name a callable as 'package.module:name' "
+                          "when feedback.source=function. Fix: feedback.function=openrlaif.feedback.rules:brevity")
+    if fb.source == "judge":
+        _validate_judge(fb.judge, cfg.pipeline)
+    _validate_feedback(fb)
 
 
 def _validate_online(cfg: Config) -> None:
@@ -271,55 +375,58 @@ def _validate_online(cfg: Config) -> None:
         raise ConfigError(f"algorithm.clip_eps_high={algo.clip_eps_high} must be >= 0, or null.")
     _positive("algorithm.entropy_coef", algo.entropy_coef, allow_zero=True)
     _positive("algorithm.kl_coef", algo.kl_coef, allow_zero=True)
-    _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
-    _choice("rollout.dtype", cfg.rollout.dtype, {"float32", "bfloat16"})
-    _choice("feedback.source", cfg.feedback.source, {"judge", "function", "reward_model"})
-    _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
-    _positive("rollout.temperature", cfg.rollout.temperature)
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
     if cfg.rollout.samples_per_prompt < 2 and algo.advantage in GROUP_BASELINES:
         raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: "
                           f"{algo.advantage} needs a group of at least 2 samples per prompt to form its "
                           "baseline. Fix: rollout.samples_per_prompt=4")
-
-    step_batch = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
-    trained = [("actor", cfg.actor)] + ([("critic", cfg.critic)] if algo.advantage in CRITIC else [])
-    for role, train in trained:
-        _positive(f"{role}.micro_batch_size", train.micro_batch_size)
-        _positive(f"{role}.lr", train.lr)
-        _positive(f"{role}.epochs", train.epochs)
-        if train.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{role}.zero_stage={train.zero_stage} must be 0, 1, 2 or 3.")
-        world = train.resources.num_workers
-        mini = train.mini_batch_size or step_batch
-        if step_batch % mini:
-            raise ConfigError(f"{role}.mini_batch_size={mini} must divide the step batch "
-                              f"(data.prompts_per_step × rollout.samples_per_prompt = {step_batch}).")
-        if mini % world or (mini // world) % train.micro_batch_size:
-            raise ConfigError(
-                f"each of the {role}.resources.num_workers={world} workers gets {mini / world:g} samples per "
-                f"optimizer step, which must be a whole multiple of {role}.micro_batch_size="
-                f"{train.micro_batch_size}. Fix: choose {role}.micro_batch_size dividing "
-                f"{mini // world if mini % world == 0 else 'it'}, or change {role}.mini_batch_size / "
-                "data.prompts_per_step.")
+    what = "data.prompts_per_step × rollout.samples_per_prompt"
+    _validate_trained("actor", cfg.actor, step_batch_size(cfg), what)
     if algo.advantage in CRITIC:
+        _validate_trained("critic", cfg.critic, step_batch_size(cfg), what)
         if not (0 <= algo.gamma <= 1 and 0 <= algo.lam <= 1):
             raise ConfigError(f"algorithm.gamma={algo.gamma} and algorithm.lam={algo.lam} must be in [0, 1].")
         if cfg.critic.value_clip is not None and cfg.critic.value_clip <= 0:
             raise ConfigError(f"critic.value_clip={cfg.critic.value_clip} must be > 0, or null to turn it off.")
-    _validate_feedback(cfg.feedback)
-
-    judge = cfg.feedback.judge
-    if cfg.feedback.source == "function" and ":" not in cfg.feedback.function:
-        raise ConfigError(f"feedback.function={cfg.feedback.function!r} must name a callable as 'package.module:name' "
-                          "when feedback.source=function. Fix: feedback.function=openrlaif.feedback.rules:brevity")
-    if cfg.feedback.source == "judge":
-        _validate_judge(judge)
-    _validate_feedback(cfg.feedback)
+    _validate_feedback_source(cfg)
 
 
-def _validate_judge(judge: JudgeConfig) -> None:
+def _validate_labelling(cfg: Config) -> None:
+    """pipeline=label, and the pair-building half of online_dpo: a group per prompt, scored, best vs worst."""
+    _choice("label.pairs", cfg.label.pairs, {"best_worst", "all"})
+    _positive("label.min_gap", cfg.label.min_gap, allow_zero=True)
+    if cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: a preference pair needs at "
+                          f"least 2 responses per prompt. Fix: rollout.samples_per_prompt=4")
+    _validate_feedback_source(cfg)
+
+
+def _validate_online_dpo(cfg: Config) -> None:
+    from openrlaif.algorithms.preference import PREFERENCE_LOSSES
+    _choice("algorithm.loss", cfg.algorithm.loss, PREFERENCE_LOSSES)
+    _validate_preference_loss(cfg.algorithm)
+    _validate_labelling(cfg)
+    if cfg.label.pairs != "best_worst":
+        raise ConfigError("pipeline=online_dpo trains on one pair per prompt: label.pairs=best_worst.")
+    _validate_trained("actor", cfg.actor, step_batch_size(cfg), "data.prompts_per_step, one pair per prompt")
+
+
+def _validate_constitution(cfg: Config) -> None:
+    con = cfg.constitution
+    if not con.principles:
+        raise ConfigError("constitution.principles is empty. Fix: give at least one {critique, revision} pair, or "
+                          "leave it unset for the built-in principles.")
+    for index, principle in enumerate(con.principles):
+        if not (principle.critique.strip() and principle.revision.strip()):
+            raise ConfigError(f"constitution.principles[{index}] needs a non-empty critique and revision request.")
+    _positive("constitution.revisions", con.revisions)
+    _positive("constitution.max_new_tokens", con.max_new_tokens)
+    _positive("constitution.temperature", con.temperature, allow_zero=True)
+    _validate_judge(cfg.feedback.judge, cfg.pipeline)
+    if con.train:
+        _validate_offline(replace(cfg, pipeline="sft"))
+
+
+def _validate_judge(judge: JudgeConfig, pipeline: str) -> None:
     _choice("feedback.judge.mode", judge.mode, {"pointwise", "pairwise"})
     _choice("feedback.judge.readout", judge.readout, {"probs", "generate"})
     _choice("feedback.judge.backend", judge.backend, {"local", "http"})
@@ -340,6 +447,10 @@ def _validate_judge(judge: JudgeConfig) -> None:
         raise ConfigError("feedback.judge.repeats > 1 needs sampled verdicts, else every repeat is the same. "
                           "Fix: feedback.judge.readout=generate feedback.judge.temperature=0.7, or repeats=1 "
                           "(both orders of every pair are always judged).")
+    if judge.follow_policy and (judge.backend != "local" or pipeline not in ("online_rl", "online_dpo")):
+        raise ConfigError("feedback.judge.follow_policy=true (self-rewarding) makes the judge the live policy: it "
+                          "needs feedback.judge.backend=local and pipeline=online_rl or online_dpo, where weights "
+                          f"are synced (got backend={judge.backend}, pipeline={pipeline}).")
     _positive("feedback.judge.timeout_s", judge.timeout_s)
     _positive("feedback.judge.concurrency", judge.concurrency)
     if not 0 <= judge.min_label_mass < 1:
@@ -379,14 +490,7 @@ def _validate_offline(cfg: Config) -> None:
     algo = cfg.algorithm
     if cfg.pipeline == "preference":
         _choice("algorithm.loss", algo.loss, PREFERENCE_LOSSES.keys() | UNPAIRED_LOSSES.keys() | LISTWISE_LOSSES.keys())
-        if not 0 <= algo.bco_delta_momentum < 1:
-            raise ConfigError(f"algorithm.bco_delta_momentum={algo.bco_delta_momentum} must be in [0, 1).")
-        _positive("algorithm.beta", algo.beta)
-        if algo.loss == "cdpo" and algo.label_smoothing <= 0:
-            raise ConfigError("algorithm.loss=cdpo needs algorithm.label_smoothing > 0 (the assumed label-noise "
-                              "rate). Fix: algorithm.label_smoothing=0.1")
-        if not 0 <= algo.label_smoothing < 0.5:
-            raise ConfigError(f"algorithm.label_smoothing={algo.label_smoothing} must be in [0, 0.5).")
+        _validate_preference_loss(algo)
     if cfg.pipeline == "reward_model":
         if not 0 <= cfg.data.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
@@ -398,6 +502,17 @@ def _validate_offline(cfg: Config) -> None:
         raise ConfigError(f"data.prompts_per_step={examples} examples per step must split evenly over the "
                           f"actor.resources.num_workers={world} workers in micro-batches of "
                           f"actor.micro_batch_size={cfg.actor.micro_batch_size}.")
+
+
+def _validate_preference_loss(algo: AlgorithmConfig) -> None:
+    if not 0 <= algo.bco_delta_momentum < 1:
+        raise ConfigError(f"algorithm.bco_delta_momentum={algo.bco_delta_momentum} must be in [0, 1).")
+    _positive("algorithm.beta", algo.beta)
+    if algo.loss == "cdpo" and algo.label_smoothing <= 0:
+        raise ConfigError("algorithm.loss=cdpo needs algorithm.label_smoothing > 0 (the assumed label-noise "
+                          "rate). Fix: algorithm.label_smoothing=0.1")
+    if not 0 <= algo.label_smoothing < 0.5:
+        raise ConfigError(f"algorithm.label_smoothing={algo.label_smoothing} must be in [0, 0.5).")
 
 
 def cache_dir(cfg: ModelConfig) -> str:

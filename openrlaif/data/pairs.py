@@ -93,6 +93,7 @@ def pairs_to_batch(pairs: list[Pair], pad_id: int) -> Batch:
     tensors["ref_chosen_logps"] = torch.tensor([p.ref_chosen_logp for p in pairs])
     tensors["ref_rejected_logps"] = torch.tensor([p.ref_rejected_logp for p in pairs])
     tensors["margin"] = torch.tensor([p.margin for p in pairs])
+    tensors["pair_mask"] = torch.ones(len(pairs))
     return Batch(tensors)
 
 

@@ -16,6 +16,7 @@ DEMO_PROMPTS = os.path.join(os.path.dirname(__file__), "demo_prompts.jsonl")
 class Prompt:
     text: str              # the last user message, as the judge shows it
     token_ids: list[int]   # the chat-templated prompt, ending with the assistant generation prompt
+    messages: list[dict] | None = None   # the whole conversation (system prompt included), for writing datasets
 
 
 def _messages(row, where: str, system_prompt: str) -> list[dict]:
@@ -47,7 +48,7 @@ def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: st
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         check_prompt_length(where, len(ids), max_prompt_tokens)
-        prompts.append(Prompt(messages[-1]["content"], ids))
+        prompts.append(Prompt(messages[-1]["content"], ids, messages))
     if not prompts:
         raise ConfigError(f"data.prompts={path!r} holds no prompts. Fix: add {{\"prompt\": ...}} rows, one per line.")
     return prompts

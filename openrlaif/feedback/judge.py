@@ -42,6 +42,19 @@ class JudgeWorker:
     def ready(self) -> bool:
         return True
 
+    def update_weights(self, state: dict[str, torch.Tensor]) -> float:
+        """Self-rewarding: take the policy's new weights in place (names as the trainer's named_parameters)."""
+        start = time.perf_counter()
+        params = dict(self.model.named_parameters())
+        unknown = [name for name in state if name not in params]
+        if unknown:
+            raise ValueError(f"judge: weights {unknown[:3]} are not in the judge model; feedback.judge.follow_policy "
+                             "needs the judge to be the policy's own architecture.")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        return time.perf_counter() - start
+
     def _label_id(self, label: str) -> int:
         if label not in self.label_ids:
             ids = self.tokenizer.encode(label, add_special_tokens=False)
@@ -144,10 +157,14 @@ class Judge:
 
     def __init__(self, backend, cfg: JudgeConfig, cache_path: str | None = None) -> None:
         self.backend, self.cfg = backend, cfg
-        judge_id = json.dumps([backend.name, cfg.mode, cfg.readout, cfg.rubric, cfg.pairwise_rubric, cfg.score_min,
-                               cfg.score_max])
-        self.cache = VerdictCache(judge_id, cache_path if cfg.cache else None)
+        self.judge_id = json.dumps([backend.name, cfg.mode, cfg.readout, cfg.rubric, cfg.pairwise_rubric,
+                                    cfg.score_min, cfg.score_max])
+        self.cache = VerdictCache(self.judge_id, cache_path if cfg.cache else None)
         self.stats: Counter = Counter()
+
+    def set_policy_version(self, version: int) -> None:
+        """A judge that follows the policy answers differently after each weight sync: key its verdicts by it."""
+        self.cache.judge_id = f"{self.judge_id}@policy-{version}"
 
     def _ask(self, requests: list[JudgeRequest]) -> list[Reply]:
         start = time.perf_counter()
@@ -165,6 +182,12 @@ class Judge:
         self.stats.clear()
         self.cache.hits = 0
         return stats
+
+    def generate(self, conversations: list[list[dict]], max_tokens: int, temperature: float,
+                 seeds: list[int]) -> list[Reply]:
+        """Free text for each conversation (critiques, revisions), through the cache; failures are in the replies."""
+        return self._ask([JudgeRequest(messages, None, max_tokens, temperature, seed)
+                          for messages, seed in zip(conversations, seeds)])
 
     # ---------------------------------------------------------------------------------------------- pointwise
     def pointwise(self, prompts: list[str], responses: list[str]) -> FeedbackResult:

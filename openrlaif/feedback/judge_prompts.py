@@ -98,3 +98,33 @@ def swap_debiased(p_first: float, p_second: float) -> tuple[float, bool]:
     prob = (p_first + (1.0 - p_second)) / 2.0
     flipped = (p_first > 0.5) == (p_second > 0.5) and p_first != 0.5 and p_second != 0.5
     return prob, flipped
+
+
+# Constitutional AI (Bai et al. 2022), supervised phase: the judge critiques a response against a principle, then
+# rewrites it. The conversation is the policy's own, so the judge sees the response as an assistant turn.
+def critique_messages(prompt_messages: list[dict], response: str, critique_request: str) -> list[dict]:
+    return prompt_messages + [{"role": "assistant", "content": response},
+                              {"role": "user", "content": f"Critique request: {critique_request}"}]
+
+
+def revision_messages(prompt_messages: list[dict], response: str, critique_request: str, critique: str,
+                      revision_request: str) -> list[dict]:
+    return critique_messages(prompt_messages, response, critique_request) + [
+        {"role": "assistant", "content": critique},
+        {"role": "user", "content": f"Revision request: {revision_request}\n\nReply with the rewritten response "
+                                    "only."}]
+
+
+_REVISION_LABEL = re.compile(r"^\s*(?:\*\*)?(?:revision|revised response|rewritten response|revised answer)"
+                             r"(?:\*\*)?\s*:(?:\*\*)?\s*", re.IGNORECASE)
+
+
+def clean_revision(reply: str) -> str:
+    """The rewritten response without a leading "Revision:"-style label or wrapping quotes. An empty result is a
+    typed `empty_revision` failure: the sample is dropped, not trained on."""
+    text = _REVISION_LABEL.sub("", reply.strip(), count=1).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    if not text:
+        raise JudgeFailure("empty_revision", f"no rewritten response in judge reply {reply[:80]!r}")
+    return text

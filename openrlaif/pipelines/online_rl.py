@@ -13,7 +13,7 @@ from tqdm import tqdm
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
 from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE
 from openrlaif.batch import Batch, split_evenly
-from openrlaif.config import Config, RoleResources, cache_dir
+from openrlaif.config import Config, RoleResources, cache_dir, step_batch_size
 from openrlaif.data import PromptStream, load_prompts
 from openrlaif.feedback import Feedback, FeedbackResult
 from openrlaif.metrics import MetricsLogger, summary_line, timer
@@ -61,7 +61,7 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, d
         with timer(metrics, "update"):         # 5. DeepSpeed updates of the actor (and critic), side by side
             train_metrics = update_actor(roles, batch)
         with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
-            metrics["sync/engine_s"] = sync_weights(roles, cfg)
+            metrics["sync/engine_s"] = sync_weights(roles, cfg, step)
         metrics["time/step_s"] = time.perf_counter() - step_start
         metrics |= step_metrics(batch, feedback, train_metrics, metrics)
         logger.log(step, metrics)
@@ -92,13 +92,14 @@ class RunInputs:
 
 @dataclass
 class Roles:
-    actor: WorkerGroup
+    actor: WorkerGroup | None          # None where nothing trains (pipeline=label, constitutional)
     reference: WorkerGroup | None
     rollout: WorkerGroup
     feedback: Feedback
     judge: WorkerGroup | None
     critic: WorkerGroup | None = None
     reward_model: WorkerGroup | None = None
+    judge_client: object | None = None   # the Judge (every backend) when the feedback or pipeline uses one
 
     def shutdown(self) -> None:
         for group in (self.actor, self.reference, self.rollout, self.judge, self.critic, self.reward_model):
@@ -109,16 +110,20 @@ class Roles:
 def prepare_run(cfg: Config) -> RunInputs:
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
     judge_path = critic_path = reward_model_path = None
-    if cfg.feedback.source == "judge" and cfg.feedback.judge.backend == "local":
+    uses_judge = cfg.feedback.source == "judge" or cfg.pipeline == "constitutional"
+    if uses_judge and cfg.feedback.judge.follow_policy:
+        judge_path = model_path
+    elif uses_judge and cfg.feedback.judge.backend == "local":
         judge_path = resolve_model_path(cfg.feedback.judge.model or cfg.model.path, cache_dir(cfg.model),
                                         key="feedback.judge.model")
-    elif cfg.feedback.source == "reward_model":
+    elif cfg.feedback.source == "reward_model" and cfg.pipeline != "constitutional":
         reward_model_path = resolve_model_path(cfg.feedback.reward_model.path, cache_dir(cfg.model),
                                                key="feedback.reward_model.path")
     from openrlaif.feedback.rules import load_function
-    for spec in ([cfg.feedback.function] if cfg.feedback.source == "function" else []) + cfg.feedback.extra_functions:
-        load_function(spec)   # fail now on a bad name, not after the models are loaded
-    if cfg.algorithm.advantage in CRITIC:
+    if cfg.pipeline != "constitutional":
+        for spec in [cfg.feedback.function] * (cfg.feedback.source == "function") + cfg.feedback.extra_functions:
+            load_function(spec)   # fail now on a bad name, not after the models are loaded
+    if cfg.pipeline == "online_rl" and cfg.algorithm.advantage in CRITIC:
         critic_path = resolve_model_path(cfg.critic.model or cfg.model.path, cache_dir(cfg.model), key="critic.model")
     tokenizer = load_tokenizer(model_path, cfg)
     prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
@@ -129,18 +134,28 @@ def prepare_run(cfg: Config) -> RunInputs:
 
 
 def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
-    """The roles this run starts and what each reserves: no reference without a KL term, no judge for rules,
-    a critic only for estimators that need values."""
-    plan = {"actor": cfg.actor.resources, "rollout": cfg.rollout.resources}
-    if cfg.algorithm.kl_coef > 0:
+    """The roles this run starts and what each reserves: an actor only where the policy trains, a reference only
+    where the loss uses it, no judge for rules, a critic only for estimators that need values. A judge that follows
+    the policy is the policy's weights in a group of its own."""
+    plan = {"rollout": cfg.rollout.resources}
+    if cfg.pipeline in ("online_rl", "online_dpo"):
+        plan["actor"] = cfg.actor.resources
+    if needs_reference(cfg):
         plan["reference"] = cfg.reference.resources
     if judge_path:   # a local judge model; an HTTP judge reserves nothing
         plan["judge"] = cfg.feedback.judge.resources
-    if cfg.feedback.source == "reward_model":
+    if cfg.feedback.source == "reward_model" and cfg.pipeline != "constitutional":
         plan["reward_model"] = cfg.feedback.reward_model.resources
-    if cfg.algorithm.advantage in CRITIC:
+    if cfg.pipeline == "online_rl" and cfg.algorithm.advantage in CRITIC:
         plan["critic"] = cfg.critic.resources
     return plan
+
+
+def needs_reference(cfg: Config) -> bool:
+    from openrlaif.algorithms.preference import REFERENCE_FREE
+    if cfg.pipeline == "online_rl":
+        return cfg.algorithm.kl_coef > 0
+    return cfg.pipeline == "online_dpo" and cfg.algorithm.loss not in REFERENCE_FREE
 
 
 def start_roles(cfg: Config, run: RunInputs) -> Roles:
@@ -158,10 +173,11 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     def threads(role: str) -> int:
         return threads_per_worker(cfg, plan[role].num_workers)
 
-    step_batch = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
+    step_batch = step_batch_size(cfg)
     trust = cfg.model.trust_remote_code
-    temperature = cfg.rollout.temperature
-    actor = start_actor(cfg, run.model_path, step_batch, temperature)
+    # Log-probs for a policy-gradient ratio use the sampling temperature; DPO's log-ratios use the model itself.
+    temperature = cfg.rollout.temperature if cfg.pipeline == "online_rl" else 1.0
+    actor = start_actor(cfg, run.model_path, step_batch, temperature) if "actor" in plan else None
     rollout = WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
         model_path=run.model_path, cfg=cfg.rollout,
         max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
@@ -173,7 +189,7 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
             temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust))
     judge = reward_model = critic = None
     objectives = {}
-    if cfg.feedback.source == "judge":
+    if cfg.feedback.source == "judge" or cfg.pipeline == "constitutional":
         judge, objectives["judge"] = start_judge(cfg, run.judge_path, run.out_dir,
                                                  threads("judge") if "judge" in plan else 1)
     elif "reward_model" in plan:
@@ -186,7 +202,7 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     else:
         objectives[function_name(cfg.feedback.function)] = FunctionFeedback(cfg.feedback.function,
                                                                             cfg.feedback.function_kwargs)
-    for spec in cfg.feedback.extra_functions:
+    for spec in cfg.feedback.extra_functions if cfg.pipeline != "constitutional" else []:
         objectives[function_name(spec)] = FunctionFeedback(spec, {})
     feedback = next(iter(objectives.values()))
     if len(objectives) > 1 or cfg.feedback.transform != "none":
@@ -197,7 +213,7 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
                                pad_token_id=run.tokenizer.pad_token_id)
     groups = [g for g in (actor, rollout, reference, judge, reward_model, critic) if g is not None]
     ray.get([ref for g in groups for ref in g.call(lambda w: w.ready.remote())])
-    return Roles(actor, reference, rollout, feedback, judge, critic, reward_model)
+    return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, objectives.get("judge"))
 
 
 def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int):
@@ -245,7 +261,8 @@ def generate(roles: Roles, prompts: list, cfg: Config, tokenizer, seed: int) -> 
             [p.token_ids for p in prompts[span]], replace(sampling, seed=seed + span.start)), spans)
 
     sample_refs = launch(spec)
-    greedy_refs = launch(replace(spec, n=1, temperature=0.0)) if cfg.algorithm.advantage in GREEDY_BASELINE else []
+    wants_greedy = cfg.pipeline == "online_rl" and cfg.algorithm.advantage in GREEDY_BASELINE
+    greedy_refs = launch(replace(spec, n=1, temperature=0.0)) if wants_greedy else []
     shards = ray.get(sample_refs + greedy_refs)
     completions, greedy = [], {}
     for span, shard in zip(spans, shards[:len(spans)]):
@@ -350,24 +367,24 @@ def update_actor(roles: Roles, batch: Batch) -> dict[str, float]:
     return total
 
 
-def sync_weights(roles: Roles, cfg: Config) -> float:
-    """Rank 0 gathers full weights (a collective under ZeRO-3), the engines load them from the object store."""
+def sync_weights(roles: Roles, cfg: Config, step: int) -> float:
+    """Rank 0 gathers full weights (a collective under ZeRO-3), the engines load them from the object store. A
+    judge that follows the policy (self-rewarding) loads them too, and its verdicts are cached per policy version."""
     state_refs = roles.actor.call(lambda w: w.full_state_dict.remote(cfg.rollout.dtype))
-    load_refs = roles.rollout.call(lambda w: w.update_weights.remote(state_refs[0]))
+    targets = [roles.rollout]
+    if cfg.feedback.judge.follow_policy and roles.judge is not None:
+        targets.append(roles.judge)
+    load_refs = [ref for group in targets for ref in group.call(lambda w: w.update_weights.remote(state_refs[0]))]
     results = ray.get(state_refs[1:] + load_refs)   # ranks > 0 return None; engines return their load time
+    if len(targets) > 1:
+        roles.judge_client.set_policy_version(step)
     return max(results[len(state_refs) - 1:])
 
 
 def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[str, float]) -> dict[str, float]:
-    valid = feedback.valid
-    rewards = feedback.rewards[valid]
     response_tokens = float(batch["response_mask"].sum())
     all_tokens = float(batch["attention_mask"].sum())
     out = {
-        "reward/mean": float(rewards.mean()) if len(rewards) else float("nan"),
-        "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-        "feedback/failures": float((~valid).sum()),
-        "feedback/failure_rate": float((~valid).float().mean()),
         "response/length_mean": response_tokens / len(batch),
         "response/finished_fraction": float(batch["finished"].float().mean()),
         "train/loss": train["loss"], "train/policy_loss": train["policy_loss"], "train/kl": train["kl"],
@@ -386,12 +403,23 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
         out["critic/values_mean"] = float(values.mean()) if len(values) else float("nan")
         out["critic/explained_variance"] = float(1 - (returns - values).var() / returns.var().clamp(min=1e-8))
         out |= {key: value for key, value in train.items() if key.startswith("critic/")}
+    return out | feedback_metrics(feedback, response_tokens, times["time/feedback_s"])
+
+
+def feedback_metrics(feedback: FeedbackResult, response_tokens: float, seconds: float) -> dict[str, float]:
+    """Rewards, failures by kind, and what the judge reported (flip rate, kept fraction, tokens, seconds)."""
+    valid = feedback.valid
+    rewards = feedback.rewards[valid]
+    out = {"reward/mean": float(rewards.mean()) if len(rewards) else float("nan"),
+           "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+           "feedback/failures": float((~valid).sum()),
+           "feedback/failure_rate": float((~valid).float().mean())}
     for kind, count in feedback.failures.items():
         out[f"feedback/failures/{kind}"] = float(count)
     for key, value in feedback.metrics.items():
         out[f"feedback/{key}"] = value
     if "judge_prompt_tokens" in feedback.metrics:
         judge_tokens = feedback.metrics["judge_prompt_tokens"] + feedback.metrics["judge_generated_tokens"]
-        out["throughput/feedback_tokens_per_s"] = judge_tokens / max(times["time/feedback_s"], 1e-9)
+        out["throughput/feedback_tokens_per_s"] = judge_tokens / max(seconds, 1e-9)
         out["feedback/judge_tokens_per_policy_token"] = judge_tokens / max(response_tokens, 1.0)
     return out

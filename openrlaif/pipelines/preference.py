@@ -104,13 +104,18 @@ def add_reference_logps(cfg: Config, model_path: str, examples: list, pad_id: in
 
 
 def preference_metrics(per_rank: list[dict], update_seconds: float) -> dict[str, float]:
+    """Means over the pairs that counted (online DPO masks tied prompts; nan when none did)."""
     pairs = sum(r["pairs"] for r in per_rank)
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in per_rank) / pairs if pairs else float("nan")
+
     return {
         "train/loss": sum(r["loss"] for r in per_rank),
-        "train/reward_accuracy": sum(r["accuracy_x_pairs"] for r in per_rank) / pairs,
-        "train/reward_margin": sum(r["margin_x_pairs"] for r in per_rank) / pairs,
-        "train/chosen_reward": sum(r["chosen_reward_x_pairs"] for r in per_rank) / pairs,
-        "train/rejected_reward": sum(r["rejected_reward_x_pairs"] for r in per_rank) / pairs,
+        "train/reward_accuracy": mean("accuracy_x_pairs"),
+        "train/reward_margin": mean("margin_x_pairs"),
+        "train/chosen_reward": mean("chosen_reward_x_pairs"),
+        "train/rejected_reward": mean("rejected_reward_x_pairs"),
         "train/grad_norm": per_rank[0]["grad_norm"],
         "throughput/update_tokens_per_s": sum(r["tokens"] for r in per_rank) / max(update_seconds, 1e-9),
         "time/step_s": update_seconds,

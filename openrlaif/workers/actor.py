@@ -109,20 +109,21 @@ class ActorWorker(DeepSpeedWorker):
                              chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
                              beta=self.algo.beta, label_smoothing=self.algo.label_smoothing,
                              gamma=self.algo.simpo_gamma)
-            loss = losses.sum() / num_pairs
+            weight = micro["pair_mask"].to(self.device)
+            loss = (losses * weight).sum() / num_pairs
             self.backward_and_step(loss)
             with torch.no_grad():   # implicit rewards β·log π/π_ref (β·log π for reference-free losses)
                 chosen_reward = self.algo.beta * (sequence_logps[:pairs] - ref_chosen)
                 rejected_reward = self.algo.beta * (sequence_logps[pairs:] - ref_rejected)
             sums["loss"] += float(loss.detach())
-            sums["accuracy"] += float((chosen_reward > rejected_reward).float().sum())
-            sums["margin"] += float((chosen_reward - rejected_reward).sum())
-            sums["chosen_reward"] += float(chosen_reward.sum())
-            sums["rejected_reward"] += float(rejected_reward.sum())
+            sums["accuracy"] += float(((chosen_reward > rejected_reward).float() * weight).sum())
+            sums["margin"] += float(((chosen_reward - rejected_reward) * weight).sum())
+            sums["chosen_reward"] += float((chosen_reward * weight).sum())
+            sums["rejected_reward"] += float((rejected_reward * weight).sum())
             tokens_seen += int(sides["attention_mask"].sum())
         grad_norm = self.grad_norm()   # of the last optimizer step
         updates = self.updates_per_step(batch)
-        seen = float(len(batch) * self.cfg.epochs)
+        seen = float(batch["pair_mask"].sum()) * self.cfg.epochs
         return {"loss": sums["loss"] / updates, "pairs": seen, "accuracy_x_pairs": sums["accuracy"],
                 "margin_x_pairs": sums["margin"], "chosen_reward_x_pairs": sums["chosen_reward"],
                 "rejected_reward_x_pairs": sums["rejected_reward"], "tokens": float(tokens_seen),

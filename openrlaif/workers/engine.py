@@ -83,12 +83,13 @@ class DeepSpeedWorker:
 
     def pair_micro_batches(self, batch):
         """(micro-batch of pairs, its chosen-then-rejected rows trimmed and on the device, pairs in the global
-        mini-batch) over every epoch and mini-batch of one step; the caller backward_and_steps each."""
+        mini-batch) over every epoch and mini-batch of one step; the caller backward_and_steps each. Pairs with
+        pair_mask 0 (online DPO: a prompt whose responses tied) keep every rank's step count equal and weigh 0."""
         from openrlaif.data.pairs import both_sides
         from openrlaif.workers.common import trim_to_content
         for _ in range(self.cfg.epochs):
             for mini in batch.chunks_of(self.per_rank_mini):
-                num_pairs = float(all_reduce_sum(torch.tensor(float(len(mini))), self.device))
+                num_pairs = max(float(all_reduce_sum(mini["pair_mask"].sum(), self.device)), 1.0)
                 for micro in mini.chunks_of(self.cfg.micro_batch_size):
                     yield micro, trim_to_content(both_sides(micro)).to(self.device), num_pairs
 

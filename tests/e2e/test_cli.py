@@ -111,3 +111,24 @@ def test_judge_eval_with_a_bad_endpoint_config_names_the_fix(cache_env, tmp_path
     out = cli("judge-eval", "model=tiny", "feedback=judge_http", "feedback.judge.base_url=", f"output.dir={tmp_path}",
               env_extra=cache_env)
     assert out.returncode == 2 and "feedback.judge.base_url" in out.stderr
+
+
+def test_self_rewarding_online_dpo_from_the_cli(cache_env, tmp_path):
+    out = cli("train", "pipeline=online_dpo", "algorithm=dpo", "feedback=self_judge", "feedback.judge.min_label_mass=0",
+              "model=tiny", "steps=2", "rollout.engine=hf", "rollout.max_new_tokens=8", "actor.micro_batch_size=2",
+              "cluster.num_cpus=4", f"output.dir={tmp_path}", env_extra=cache_env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row["feedback/judge_requests"] == 16 for row in rows)   # 4 prompts x 4 responses, pointwise
+    assert os.path.isfile(tmp_path / "checkpoint" / "model.safetensors")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["pipeline=label", "rollout.samples_per_prompt=1"], "a preference pair needs at least 2 responses"),
+    (["pipeline=online_dpo", "algorithm=kto"], "algorithm.loss='kto' is not one of"),
+    (["pipeline=label", "feedback=self_judge"], "follow_policy=true (self-rewarding) makes the judge the live policy"),
+])
+def test_ai_feedback_pipelines_bad_input(cache_env, tmp_path, args, needle):
+    out = cli("train", "model=tiny", f"output.dir={tmp_path}", *args, env_extra=cache_env)
+    assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]

@@ -1,0 +1,108 @@
+"""Online / iterative DPO: every step samples a group of responses per prompt from the current policy, scores
+them with the feedback (an AI judge, pointwise or pairwise; a reward model; rules), trains a DPO-family loss on
+each prompt's best-vs-worst pair, and syncs the new weights into the engines (and into the judge when it follows
+the policy: self-rewarding). Same roles and phases as online RL; only the update differs."""
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+from tqdm import tqdm
+
+from openrlaif.batch import Batch
+from openrlaif.config import Config
+from openrlaif.data import PromptStream
+from openrlaif.data.labelling import select_pairs
+from openrlaif.data.pairs import both_sides
+from openrlaif.metrics import MetricsLogger, summary_line, timer
+from openrlaif.pipelines.common import finish, save_checkpoint
+from openrlaif.pipelines.online_rl import (Roles, RunInputs, feedback_metrics, generate, prepare_run, start_roles,
+                                           sync_weights)
+from openrlaif.pipelines.preference import preference_metrics
+from openrlaif.runtime import ray_session
+
+
+def train(cfg: Config) -> dict:
+    """Run `cfg.steps` rounds; returns {"checkpoint": path | None, "metrics": last round's metrics}."""
+    run = prepare_run(cfg)
+    with ray_session(cfg.cluster, run.cpus_needed):
+        roles = start_roles(cfg, run)
+        try:
+            checkpoint, metrics, log_path = train_loop(cfg, run, roles)
+        finally:
+            roles.shutdown()
+    return finish(checkpoint, log_path, metrics, run.out_dir)
+
+
+def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, dict[str, float], str]:
+    """prompts -> rollout -> feedback -> best/worst pairs -> reference log-probs -> DPO update -> weight sync."""
+    stream = PromptStream(run.prompts, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    logger = MetricsLogger(run.out_dir)
+    metrics: dict[str, float] = {}
+    for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
+        metrics, step_start = {}, time.perf_counter()
+        prompts = stream.next_batch()
+        with timer(metrics, "rollout"):        # 1. a group of responses per prompt from the current policy
+            batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
+        with timer(metrics, "feedback"):       # 2. score them; failed verdicts leave their response out
+            feedback = roles.feedback.score(batch.meta["prompt"], batch.meta["response"])
+        pairs, skipped = select_pairs(batch["group_ids"].tolist(), feedback.rewards.tolist(),
+                                      feedback.valid.tolist(), batch.meta["response"], "best_worst",
+                                      cfg.label.min_gap)
+        pair_batch = pairs_from_rollout(batch, pairs, len(prompts))   # 3. one pair per prompt (masked: none)
+        with timer(metrics, "logprobs"):       # 4. reference log-probs of both answers
+            add_reference_logps(roles, pair_batch)
+        with timer(metrics, "update"):         # 5. one DeepSpeed update of the DPO-family loss
+            per_rank = ray.get(roles.actor.map(lambda w, shard: w.preference_step.remote(shard),
+                                               pair_batch.split(len(roles.actor))))
+        with timer(metrics, "sync"):           # 6. the new weights into the engines (and a self-judge)
+            metrics["sync/engine_s"] = sync_weights(roles, cfg, step)
+        metrics["time/step_s"] = time.perf_counter() - step_start
+        response_tokens = float(batch["response_mask"].sum())
+        metrics |= preference_metrics(per_rank, metrics["time/update_s"]) | {"time/step_s": metrics["time/step_s"]}
+        metrics |= feedback_metrics(feedback, response_tokens, metrics["time/feedback_s"])
+        metrics |= {"label/pairs": float(len(pairs)), "label/pair_fraction": len(pairs) / len(prompts),
+                    "label/reward_gap_mean": sum(p.gap for p in pairs) / len(pairs) if pairs else float("nan"),
+                    "response/length_mean": response_tokens / len(batch),
+                    "throughput/rollout_tokens_per_s": response_tokens / max(metrics["time/rollout_s"], 1e-9)}
+        metrics |= {f"label/skipped/{reason}": float(count) for reason, count in skipped.items()}
+        logger.log(step, metrics)
+        tqdm.write(summary_line(step, metrics))
+    logger.close()
+    checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path) if cfg.output.save_final else None
+    return checkpoint, metrics, logger.path
+
+
+def pairs_from_rollout(batch: Batch, pairs: list, num_prompts: int) -> Batch:
+    """The layout pairs_to_batch gives, cut from the rollout rows as sampled (no re-tokenisation). Every prompt
+    gets a row, so every rank runs the same number of micro-steps; a prompt without a pair has pair_mask 0."""
+    by_group = {pair.group: pair for pair in pairs}
+    first_rows = {}
+    for row, group in enumerate(batch["group_ids"].tolist()):
+        first_rows.setdefault(group, []).append(row)
+    chosen, rejected, mask = [], [], []
+    for group in range(num_prompts):
+        pair = by_group.get(group)
+        rows = first_rows[group]
+        chosen.append(pair.chosen if pair else rows[0])
+        rejected.append(pair.rejected if pair else rows[-1])
+        mask.append(1.0 if pair else 0.0)
+    tensors = {}
+    for side, rows in (("chosen", chosen), ("rejected", rejected)):
+        for name in ("input_ids", "attention_mask", "response_mask"):
+            tensors[f"{side}_{name}"] = batch[name][rows]
+    zeros = torch.zeros(num_prompts)
+    return Batch(tensors | {"ref_chosen_logps": zeros, "ref_rejected_logps": zeros.clone(), "margin": zeros.clone(),
+                            "pair_mask": torch.tensor(mask)})
+
+
+def add_reference_logps(roles: Roles, pair_batch: Batch) -> None:
+    """Σ log π_ref of every chosen and rejected answer (skipped for reference-free losses: SimPO, ORPO)."""
+    if roles.reference is None:
+        return
+    rows = both_sides(pair_batch)
+    shards = rows.split(min(len(roles.reference), len(rows)))
+    sequence_logps = torch.cat(ray.get(roles.reference.map(lambda w, shard: w.logprobs.remote(shard), shards))).sum(-1)
+    size = len(pair_batch)
+    pair_batch["ref_chosen_logps"], pair_batch["ref_rejected_logps"] = sequence_logps[:size], sequence_logps[size:]

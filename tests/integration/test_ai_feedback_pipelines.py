@@ -1,0 +1,184 @@
+"""The pipelines built on AI feedback, through the real drivers on the tiny model: pipeline=label feeding the
+preference and reward-model pipelines, online DPO (rules, and a self-rewarding pairwise judge that follows the
+policy), and Constitutional AI critique -> revise -> SFT with a local judge and an HTTP judge that fails."""
+import json
+import math
+import os
+from dataclasses import replace
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from openrlaif.config import (ActorConfig, AlgorithmConfig, ClusterConfig, Config, ConstitutionConfig, DataConfig,
+                              FeedbackConfig, JudgeConfig, LabelConfig, ModelConfig, OutputConfig, Principle,
+                              RoleResources, RolloutConfig, validate)
+from openrlaif.data.pairs import load_pairs
+from openrlaif.feedback.backends import JudgeRequest
+from openrlaif.feedback.judge import JudgeWorker
+from openrlaif.feedback.rules import brevity
+from openrlaif.pipelines import run
+from openrlaif.workers.group import WorkerGroup
+from tests.judge_server import JudgeServer
+
+BREVITY = FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
+                         function_kwargs={"target_words": 3})
+
+
+def sampling_config(tiny_model, out_dir, pipeline, feedback, **overrides) -> Config:
+    cfg = Config(pipeline=pipeline, steps=2, seed=3, model=ModelConfig(path=tiny_model),
+                 data=DataConfig(prompts="demo", prompts_per_step=4),
+                 rollout=RolloutConfig(engine="vllm", samples_per_prompt=4, max_new_tokens=12, kv_cache_gib=0.05),
+                 actor=ActorConfig(zero_stage=2, lr=1e-3, micro_batch_size=2, resources=RoleResources(num_workers=2)),
+                 algorithm=AlgorithmConfig(loss="dpo", beta=0.1), feedback=feedback,
+                 cluster=ClusterConfig(threads_per_worker=1), output=OutputConfig(dir=str(out_dir)))
+    cfg = replace(cfg, **overrides)
+    validate(cfg)
+    return cfg
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def test_label_writes_pairs_the_preference_and_reward_model_pipelines_train_on(ray_cluster, tiny_model,
+                                                                              tiny_tokenizer, tmp_path):
+    cfg = sampling_config(tiny_model, tmp_path / "label", "label", BREVITY, label=LabelConfig(pairs="all"))
+    summary = run(cfg)["metrics"]
+    pairs = read_jsonl(summary["pairs_path"])
+    assert summary["prompts"] == 17 and summary["pairs"] == len(pairs) > 0
+    conversational = 0
+    for row in pairs:   # the rule's own verdict, recomputed: chosen is strictly better, scores are what it gives
+        if isinstance(row["chosen"], list):   # the demo's one multi-message prompt: TRL's conversational form
+            conversational += 1
+            assert row["chosen"][:-1] == row["rejected"][:-1] and row["chosen"][0]["role"] == "system"
+            row = {**row, "chosen": row["chosen"][-1]["content"], "rejected": row["rejected"][-1]["content"]}
+        assert row["chosen"] != row["rejected"] and row["chosen_score"] > row["rejected_score"]
+        assert row["chosen_score"] == pytest.approx(brevity([], [row["chosen"]], 3)[0], abs=1e-6)
+        assert row["rejected_score"] == pytest.approx(brevity([], [row["rejected"]], 3)[0], abs=1e-6)
+    assert conversational < len(pairs)
+    ranked = read_jsonl(summary["ranked_path"])   # single-message prompts only
+    assert len(ranked) == 16 and all(len(row["responses"]) == len(row["scores"]) == 4 for row in ranked)
+    assert len(load_pairs(summary["pairs_path"], tiny_tokenizer, 256, 256)) == len(pairs)
+
+    dpo = replace(cfg, pipeline="preference", data=replace(cfg.data, pairs=summary["pairs_path"], prompts_per_step=4),
+                  output=OutputConfig(dir=str(tmp_path / "dpo")))
+    validate(dpo)
+    rows = read_jsonl(os.path.join(run(dpo)["out_dir"], "metrics.jsonl"))
+    assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)   # policy == reference at step 1
+    rm = replace(dpo, pipeline="reward_model", algorithm=AlgorithmConfig(name="bradley_terry"),
+                 data=replace(dpo.data, eval_fraction=0.25), output=OutputConfig(dir=str(tmp_path / "rm")))
+    validate(rm)
+    assert os.path.exists(os.path.join(run(rm)["checkpoint"], "model.safetensors"))
+
+
+def test_label_with_a_strict_pairwise_judge_keeps_only_consistent_verdicts(ray_cluster, tiny_model, tmp_path):
+    feedback = FeedbackConfig(source="judge", judge=JudgeConfig(mode="pairwise", min_label_mass=0.0,
+                                                                consistency_threshold=1.0))
+    cfg = sampling_config(tiny_model, tmp_path, "label", feedback, data=DataConfig(prompts="demo", prompts_per_step=8),
+                          rollout=RolloutConfig(engine="hf", samples_per_prompt=3, max_new_tokens=8))
+    summary = run(cfg)["metrics"]
+    steps = read_jsonl(tmp_path / "metrics.jsonl")
+    comparisons = sum(row["feedback/judge_comparisons"] for row in steps)
+    assert comparisons == 17 * 3   # 3 pairs in each group of 3
+    assert all(0 <= row["feedback/judge_flip_rate"] <= 1 for row in steps)
+    # best_worst: each prompt gives one pair or one skip reason (no kept comparison -> too_few_scored)
+    assert summary["pairs"] + sum(summary["skipped"].values()) == 17
+    kept = sum(row["feedback/judge_kept_fraction"] * row["feedback/judge_comparisons"] for row in steps)
+    if kept == 0:
+        assert summary["pairs"] == 0
+    for row in read_jsonl(summary["pairs_path"]):
+        assert 0 <= row["rejected_score"] < row["chosen_score"] <= 1
+
+
+def test_online_dpo_with_a_rule_learns_from_its_own_samples(ray_cluster, tiny_model, tmp_path):
+    cfg = sampling_config(tiny_model, tmp_path, "online_dpo", BREVITY, steps=3,
+                          actor=ActorConfig(zero_stage=3, lr=1e-3, micro_batch_size=1,
+                                            resources=RoleResources(num_workers=2)))
+    result = run(cfg)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert row["label/pairs"] + sum(v for k, v in row.items() if k.startswith("label/skipped/")) == 4
+        for phase in ("rollout", "feedback", "logprobs", "update", "sync"):
+            assert row[f"time/{phase}_s"] > 0
+    first = rows[0]
+    assert first["label/pairs"] > 0 and first["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["train/reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    trained = load_file(os.path.join(result["checkpoint"], "model.safetensors"))
+    initial = load_file(os.path.join(tiny_model, "model.safetensors"))
+    assert any(not torch.equal(initial[name], trained[name]) for name in initial)
+
+
+def test_self_rewarding_online_dpo_the_judge_follows_the_policy(ray_cluster, tiny_model, tmp_path):
+    """Pairwise self-judging: after the run the judge group answers exactly like a fresh judge loaded from the
+    final checkpoint, so every weight sync reached it."""
+    from openrlaif.pipelines.online_dpo import train_loop
+    from openrlaif.pipelines.online_rl import prepare_run, start_roles
+    feedback = FeedbackConfig(source="judge", judge=JudgeConfig(mode="pairwise", min_label_mass=0.0,
+                                                                follow_policy=True))
+    cfg = sampling_config(tiny_model, tmp_path, "online_dpo", feedback,
+                          rollout=RolloutConfig(engine="vllm", samples_per_prompt=3, max_new_tokens=8,
+                                                kv_cache_gib=0.05))
+    run_inputs = prepare_run(cfg)
+    roles = start_roles(cfg, run_inputs)
+    request = JudgeRequest([{"role": "user", "content": "Which is better? A or B"}], ["A", "B"])
+    try:
+        before = ray.get(roles.judge.workers[0].complete.remote([request]))[0].label_probs
+        checkpoint, metrics, _ = train_loop(cfg, run_inputs, roles)
+        after = ray.get(roles.judge.workers[0].complete.remote([request]))[0].label_probs
+    finally:
+        roles.shutdown()
+    assert metrics["feedback/judge_comparisons"] == 4 * 3 and math.isfinite(metrics["train/loss"])
+    fresh = WorkerGroup("fresh-judge", JudgeWorker, RoleResources(), lambda rank: dict(
+        model_path=checkpoint, dtype="float32", threads=1, seed=0))
+    try:
+        expected = ray.get(fresh.workers[0].complete.remote([request]))[0].label_probs
+    finally:
+        fresh.shutdown()
+    assert after != before
+    assert after == pytest.approx(expected, abs=1e-5)
+    # verdicts are cached per policy version: two steps, two versions of keys, none reused across steps
+    assert metrics["feedback/judge_cache_hits"] == 0
+
+
+def test_constitutional_critique_revise_then_sft(ray_cluster, tiny_model, tmp_path):
+    cfg = sampling_config(tiny_model, tmp_path, "constitutional", FeedbackConfig(), steps=2,
+                          data=DataConfig(prompts="demo", prompts_per_step=8, max_response_tokens=32),
+                          rollout=RolloutConfig(engine="hf", samples_per_prompt=1, max_new_tokens=10),
+                          constitution=ConstitutionConfig(revisions=2, max_new_tokens=12))
+    result = run(cfg)
+    summary = json.load(open(tmp_path / "constitutional.json"))
+    rows = read_jsonl(tmp_path / "revisions.jsonl")
+    assert summary["responses"] == 17 and summary["revised"] == len(rows)
+    assert summary["revised"] + sum(summary["failures"].values()) == 17
+    assert summary["judge_requests"] >= 17 * 2   # every response was critiqued and revised at least once
+    for row in rows:
+        assert row["response"].strip() and len(row["critiques"]) == len(row["principles"]) == 2
+        assert all(0 <= p < len(cfg.constitution.principles) for p in row["principles"])
+    sft_rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in sft_rows] == [1, 2] and all(math.isfinite(r["train/loss"]) for r in sft_rows)
+    assert os.path.exists(os.path.join(result["checkpoint"], "model.safetensors"))
+
+
+def test_constitutional_with_an_http_judge_drops_failed_critiques(ray_cluster, tiny_model, tmp_path, monkeypatch):
+    """One of two principles makes the endpoint answer 500: exactly those responses are dropped and counted."""
+    server = JudgeServer(tiny_model).start()
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    try:
+        judge = JudgeConfig(backend="http", base_url=server.base_url, model="judge", max_retries=0, timeout_s=20)
+        principles = [Principle("Point out mistakes.", "Fix them."), Principle("FAULT:error500 critique", "Fix.")]
+        cfg = sampling_config(tiny_model, tmp_path, "constitutional", FeedbackConfig(judge=judge),
+                              data=DataConfig(prompts="demo", prompts_per_step=8),
+                              rollout=RolloutConfig(engine="hf", samples_per_prompt=1, max_new_tokens=8),
+                              constitution=ConstitutionConfig(principles=principles, max_new_tokens=8, train=False))
+        summary = run(cfg)["metrics"]
+    finally:
+        server.shutdown()
+    rows = read_jsonl(tmp_path / "revisions.jsonl")
+    faulty = server.faults["error500"]
+    assert 0 < faulty < 17 and summary["failures"].get("endpoint_error") == faulty
+    assert summary["revised"] + sum(summary["failures"].values()) == 17
+    assert all(row["principles"] == [0] for row in rows)
+    assert "unused" not in json.dumps(summary)

@@ -1,0 +1,106 @@
+"""Pair selection from scored groups, dataset rows, online-DPO pair batches, Constitutional AI prompts, and the
+validation of the AI-feedback pipelines."""
+import pytest
+import torch
+
+from openrlaif.batch import Batch
+from openrlaif.config import (Config, ConfigError, ConstitutionConfig, FeedbackConfig, JudgeConfig, LabelConfig,
+                              Principle, RolloutConfig, validate)
+from openrlaif.data.labelling import pair_row, select_pairs
+from openrlaif.feedback.base import JudgeFailure
+from openrlaif.feedback.judge_prompts import clean_revision, critique_messages, revision_messages
+from openrlaif.pipelines.online_dpo import pairs_from_rollout
+
+
+def test_best_worst_takes_the_extremes_of_each_group_and_skips_what_carries_no_label():
+    groups = [0, 0, 0, 1, 1, 2, 2, 3, 3]
+    rewards = [0.2, 0.9, 0.1, 0.5, 0.5, 0.7, 0.1, 0.3, 0.8]
+    valid = [True, True, True, True, True, True, False, True, True]
+    responses = ["a", "b", "c", "d", "e", "f", "g", "same", "same"]
+    pairs, skipped = select_pairs(groups, rewards, valid, responses)
+    assert [(p.group, p.chosen, p.rejected) for p in pairs] == [(0, 1, 2)]
+    assert pairs[0].gap == pytest.approx(0.8)
+    assert skipped == {"tie": 1, "too_few_scored": 1, "identical": 1}
+
+
+def test_min_gap_and_all_pairs():
+    groups, rewards, valid = [0, 0, 0], [0.0, 0.5, 0.55], [True] * 3
+    pairs, skipped = select_pairs(groups, rewards, valid, ["x", "y", "z"], "all", min_gap=0.1)
+    assert {(p.chosen, p.rejected) for p in pairs} == {(1, 0), (2, 0)} and skipped == {"tie": 1}
+    best_worst, _ = select_pairs(groups, rewards, valid, ["x", "y", "z"], "best_worst", min_gap=0.6)
+    assert best_worst == []
+
+
+def test_equal_rewards_pick_the_earliest_best_and_the_latest_worst():
+    pairs, _ = select_pairs([0, 0, 0, 0], [1.0, 0.0, 1.0, 0.0], [True] * 4, ["a", "b", "c", "d"])
+    assert (pairs[0].chosen, pairs[0].rejected) == (0, 3)
+
+
+def test_pair_rows_are_what_the_pairs_loader_reads():
+    assert pair_row("q", [{"role": "user", "content": "q"}], "good", "bad", 0.9, 0.1) == {
+        "prompt": "q", "chosen": "good", "rejected": "bad", "chosen_score": 0.9, "rejected_score": 0.1}
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"}]
+    row = pair_row("q", messages, "good", "bad", 1.0, 0.0)
+    assert row["chosen"] == messages + [{"role": "assistant", "content": "good"}] and "prompt" not in row
+    assert row["rejected"][-1] == {"role": "assistant", "content": "bad"}
+
+
+def test_online_dpo_pair_batch_has_a_row_per_prompt_and_masks_prompts_without_a_pair():
+    from openrlaif.data.labelling import LabelledPair
+    size, width = 6, 5
+    batch = Batch({"input_ids": torch.arange(size * width).view(size, width), "attention_mask": torch.ones(size, width),
+                   "response_mask": torch.ones(size, 3), "group_ids": torch.tensor([0, 0, 0, 1, 1, 1])})
+    out = pairs_from_rollout(batch, [LabelledPair(group=0, chosen=2, rejected=0, gap=0.5)], num_prompts=2)
+    assert len(out) == 2 and out["pair_mask"].tolist() == [1.0, 0.0]
+    assert torch.equal(out["chosen_input_ids"][0], batch["input_ids"][2])
+    assert torch.equal(out["rejected_input_ids"][0], batch["input_ids"][0])
+    assert out["ref_chosen_logps"].tolist() == [0.0, 0.0]
+
+
+def test_constitutional_messages_keep_the_policy_conversation():
+    prompt = [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"}]
+    critique = critique_messages(prompt, "answer", "Find errors.")
+    assert critique[:2] == prompt and critique[2] == {"role": "assistant", "content": "answer"}
+    assert critique[3]["content"] == "Critique request: Find errors."
+    revision = revision_messages(prompt, "answer", "Find errors.", "It is wrong.", "Fix it.")
+    assert revision[:4] == critique and revision[4] == {"role": "assistant", "content": "It is wrong."}
+    assert revision[5]["content"].startswith("Revision request: Fix it.")
+
+
+@pytest.mark.parametrize("reply,expected", [("Revision: Paris.", "Paris."), ("**Revised response:** \"Paris.\"", "Paris."),
+                                            ("  Paris is the capital. ", "Paris is the capital."),
+                                            ("rewritten response: 'ok'", "ok")])
+def test_clean_revision(reply, expected):
+    assert clean_revision(reply) == expected
+
+
+@pytest.mark.parametrize("reply", ["", "Revision:", "  \"\"  "])
+def test_an_empty_revision_is_a_typed_failure(reply):
+    with pytest.raises(JudgeFailure) as info:
+        clean_revision(reply)
+    assert info.value.kind == "empty_revision"
+
+
+def test_validation_of_the_ai_feedback_pipelines():
+    rule = FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity")
+    validate(Config(pipeline="label", feedback=rule))
+    validate(Config(pipeline="online_dpo", feedback=rule))
+    validate(Config(pipeline="constitutional"))
+    with pytest.raises(ConfigError, match="rollout.samples_per_prompt"):
+        validate(Config(pipeline="label", feedback=rule, rollout=RolloutConfig(samples_per_prompt=1)))
+    with pytest.raises(ConfigError, match="label.pairs"):
+        validate(Config(pipeline="label", feedback=rule, label=LabelConfig(pairs="most")))
+    with pytest.raises(ConfigError, match="online_dpo trains on one pair per prompt"):
+        validate(Config(pipeline="online_dpo", feedback=rule, label=LabelConfig(pairs="all")))
+    with pytest.raises(ConfigError, match="algorithm.loss"):
+        from openrlaif.config import AlgorithmConfig
+        validate(Config(pipeline="online_dpo", feedback=rule, algorithm=AlgorithmConfig(loss="kto")))
+    with pytest.raises(ConfigError, match="follow_policy"):
+        validate(Config(pipeline="label", feedback=FeedbackConfig(judge=JudgeConfig(follow_policy=True))))
+    with pytest.raises(ConfigError, match="follow_policy"):
+        validate(Config(pipeline="online_dpo", feedback=FeedbackConfig(judge=JudgeConfig(
+            follow_policy=True, backend="http", base_url="http://127.0.0.1:1/v1", model="m"))))
+    with pytest.raises(ConfigError, match="constitution.principles is empty"):
+        validate(Config(pipeline="constitutional", constitution=ConstitutionConfig(principles=[])))
+    with pytest.raises(ConfigError, match=r"constitution.principles\[0\]"):
+        validate(Config(pipeline="constitutional", constitution=ConstitutionConfig(principles=[Principle("x", " ")])))
