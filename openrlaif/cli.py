@@ -29,6 +29,7 @@ def _train(overrides: list[str]) -> int:
     import hydra
     from omegaconf import OmegaConf
 
+    from openrlaif.checkpointing import RunError
     from openrlaif.config import Config, ConfigError, register_configs, validate
 
     register_configs()
@@ -49,6 +50,9 @@ def _train(overrides: list[str]) -> int:
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             outcome["code"] = 2
+        except RunError as err:   # stopped part-way (a role died): what happened and how to resume
+            print(f"error: {err}", file=sys.stderr)
+            outcome["code"] = 1
 
     sys.argv = ["openrlaif train", *overrides]
     try:

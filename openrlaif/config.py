@@ -226,6 +226,8 @@ class OutputConfig:
     dir: str = "runs/${now:%Y%m%d-%H%M%S}"
     overwrite: bool = False               # consent to replace a checkpoint already in `dir`
     save_final: bool = True               # write <dir>/checkpoint as an HF folder at the end
+    checkpoint_every: int = 0             # online pipelines: a resumable checkpoint every N steps (0 = off)
+    keep_last: int = 2                    # resumable checkpoints kept (the newest); 0 = keep all
 
 
 @dataclass
@@ -233,6 +235,7 @@ class Config:
     pipeline: str = "online_rl"
     steps: int = 4
     seed: int = 0
+    resume: bool = False                  # continue from <output.dir>/checkpoints/<newest> (online pipelines)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -285,6 +288,12 @@ def validate(cfg: Config) -> None:
         if res.num_cpus == 0 and res.num_gpus == 0:
             raise ConfigError(f"{role}.resources reserves neither CPUs nor GPUs; a placement bundle needs one. "
                               f"Fix: {role}.resources.num_cpus=1 (or num_gpus=1).")
+    _positive("output.checkpoint_every", cfg.output.checkpoint_every, allow_zero=True)
+    _positive("output.keep_last", cfg.output.keep_last, allow_zero=True)
+    if (cfg.resume or cfg.output.checkpoint_every) and cfg.pipeline not in ("online_rl", "online_dpo"):
+        raise ConfigError(f"resume / output.checkpoint_every work for pipeline=online_rl and online_dpo; "
+                          f"pipeline={cfg.pipeline} runs start over (the offline ones are short, and label and "
+                          "constitutional reuse the judge's verdict cache).")
     if cfg.pipeline in SAMPLING_PIPELINES:
         _validate_rollout(cfg)
     if cfg.pipeline == "online_rl":

@@ -14,11 +14,19 @@ from openrlaif.workers.group import WorkerGroup
 
 def prepare_output_dir(cfg: Config) -> str:
     """The absolute output folder, with the resolved config written into it; refuses to replace a checkpoint
-    without output.overwrite=true."""
+    without output.overwrite=true (resume=true continues the run that wrote it, and may)."""
     out_dir = os.path.abspath(cfg.output.dir)
-    if cfg.output.save_final and os.path.exists(os.path.join(out_dir, "checkpoint")) and not cfg.output.overwrite:
+    final_exists = os.path.exists(os.path.join(out_dir, "checkpoint"))
+    if cfg.output.save_final and final_exists and not (cfg.output.overwrite or cfg.resume):
         raise ConfigError(f"{out_dir}/checkpoint already exists and would be replaced. Fix: output.overwrite=true "
                           "to replace it, or a new output.dir.")
+    resumable = os.path.join(out_dir, "checkpoints")
+    if os.path.isdir(resumable) and os.listdir(resumable) and not cfg.resume:
+        if not cfg.output.overwrite:
+            raise ConfigError(f"{resumable} holds resumable checkpoints of an earlier run. Fix: resume=true to "
+                              "continue it, output.overwrite=true to start over (they are deleted), or a new "
+                              "output.dir.")
+        shutil.rmtree(resumable)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.yaml"), "w") as handle:
         handle.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

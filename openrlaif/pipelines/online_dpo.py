@@ -17,8 +17,8 @@ from openrlaif.data.labelling import select_pairs
 from openrlaif.data.pairs import both_sides
 from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.pipelines.common import finish, save_checkpoint
-from openrlaif.pipelines.online_rl import (Roles, RunInputs, feedback_metrics, generate, prepare_run, start_roles,
-                                           sync_weights)
+from openrlaif.pipelines.online_rl import (Progress, Roles, RunInputs, feedback_metrics, generate, prepare_run,
+                                           start_roles, sync_weights)
 from openrlaif.pipelines.preference import preference_metrics
 from openrlaif.runtime import ray_session
 
@@ -38,40 +38,50 @@ def train(cfg: Config) -> dict:
 def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, dict[str, float], str]:
     """prompts -> rollout -> feedback -> best/worst pairs -> reference log-probs -> DPO update -> weight sync."""
     stream = PromptStream(run.prompts, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    progress = Progress(cfg, run, roles, stream)
+    first_step = progress.resume()
     logger = MetricsLogger(run.out_dir)
     metrics: dict[str, float] = {}
-    for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
+    for step in tqdm(range(first_step, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True,
+                     initial=first_step - 1, total=cfg.steps):
         metrics, step_start = {}, time.perf_counter()
-        prompts = stream.next_batch()
-        with timer(metrics, "rollout"):        # 1. a group of responses per prompt from the current policy
-            batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
-        with timer(metrics, "feedback"):       # 2. score them; failed verdicts leave their response out
-            feedback = roles.feedback.score(batch.meta["prompt"], batch.meta["response"])
-        pairs, skipped = select_pairs(batch["group_ids"].tolist(), feedback.rewards.tolist(),
-                                      feedback.valid.tolist(), batch.meta["response"], "best_worst",
-                                      cfg.label.min_gap)
-        pair_batch = pairs_from_rollout(batch, pairs, len(prompts))   # 3. one pair per prompt (masked: none)
-        with timer(metrics, "logprobs"):       # 4. reference log-probs of both answers
-            add_reference_logps(roles, pair_batch)
-        with timer(metrics, "update"):         # 5. one DeepSpeed update of the DPO-family loss
-            per_rank = ray.get(roles.actor.map(lambda w, shard: w.preference_step.remote(shard),
-                                               pair_batch.split(len(roles.actor))))
-        with timer(metrics, "sync"):           # 6. the new weights into the engines (and a self-judge)
-            metrics["sync/engine_s"] = sync_weights(roles, cfg, step)
+        with progress.step(step, metrics):
+            one_round(cfg, run, roles, stream, step, metrics)
         metrics["time/step_s"] = time.perf_counter() - step_start
-        response_tokens = float(batch["response_mask"].sum())
-        metrics |= preference_metrics(per_rank, metrics["time/update_s"]) | {"time/step_s": metrics["time/step_s"]}
-        metrics |= feedback_metrics(feedback, response_tokens, metrics["time/feedback_s"])
-        metrics |= {"label/pairs": float(len(pairs)), "label/pair_fraction": len(pairs) / len(prompts),
-                    "label/reward_gap_mean": sum(p.gap for p in pairs) / len(pairs) if pairs else float("nan"),
-                    "response/length_mean": response_tokens / len(batch),
-                    "throughput/rollout_tokens_per_s": response_tokens / max(metrics["time/rollout_s"], 1e-9)}
-        metrics |= {f"label/skipped/{reason}": float(count) for reason, count in skipped.items()}
         logger.log(step, metrics)
         tqdm.write(summary_line(step, metrics))
+        progress.save_if_due(step)
     logger.close()
     checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path) if cfg.output.save_final else None
     return checkpoint, metrics, logger.path
+
+
+def one_round(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, step: int,
+              metrics: dict[str, float]) -> None:
+    prompts = stream.next_batch()
+    with timer(metrics, "rollout"):        # 1. a group of responses per prompt from the current policy
+        batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
+    with timer(metrics, "feedback"):       # 2. score them; failed verdicts leave their response out
+        feedback = roles.feedback.score(batch.meta["prompt"], batch.meta["response"])
+    pairs, skipped = select_pairs(batch["group_ids"].tolist(), feedback.rewards.tolist(), feedback.valid.tolist(),
+                                  batch.meta["response"], "best_worst", cfg.label.min_gap)
+    pair_batch = pairs_from_rollout(batch, pairs, len(prompts))   # 3. one pair per prompt (masked: none)
+    with timer(metrics, "logprobs"):       # 4. reference log-probs of both answers
+        add_reference_logps(roles, pair_batch)
+    with timer(metrics, "update"):         # 5. one DeepSpeed update of the DPO-family loss
+        per_rank = ray.get(roles.actor.map(lambda w, shard: w.preference_step.remote(shard),
+                                           pair_batch.split(len(roles.actor))))
+    with timer(metrics, "sync"):           # 6. the new weights into the engines (and a self-judge)
+        metrics["sync/engine_s"] = sync_weights(roles, cfg, step)
+    response_tokens = float(batch["response_mask"].sum())
+    metrics |= {key: value for key, value in preference_metrics(per_rank, metrics["time/update_s"]).items()
+                if key != "time/step_s"}
+    metrics |= feedback_metrics(feedback, response_tokens, metrics["time/feedback_s"])
+    metrics |= {"label/pairs": float(len(pairs)), "label/pair_fraction": len(pairs) / len(prompts),
+                "label/reward_gap_mean": sum(p.gap for p in pairs) / len(pairs) if pairs else float("nan"),
+                "response/length_mean": response_tokens / len(batch),
+                "throughput/rollout_tokens_per_s": response_tokens / max(metrics["time/rollout_s"], 1e-9)}
+    metrics |= {f"label/skipped/{reason}": float(count) for reason, count in skipped.items()}
 
 
 def pairs_from_rollout(batch: Batch, pairs: list, num_prompts: int) -> Batch:

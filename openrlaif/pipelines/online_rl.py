@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import ray
@@ -13,6 +14,7 @@ from tqdm import tqdm
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
 from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE
 from openrlaif.batch import Batch, split_evenly
+from openrlaif.checkpointing import Checkpointer, dead_workers, role_died, truncate_metrics
 from openrlaif.config import Config, RoleResources, cache_dir, step_batch_size
 from openrlaif.data import PromptStream, load_prompts
 from openrlaif.feedback import Feedback, FeedbackResult
@@ -41,31 +43,22 @@ def train(cfg: Config) -> dict:
 def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, dict[str, float], str]:
     """prompts -> rollout -> feedback -> reference log-probs -> advantages -> actor update -> weight sync."""
     stream = PromptStream(run.prompts, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
+    progress = Progress(cfg, run, roles, stream)
+    first_step = progress.resume()
     logger = MetricsLogger(run.out_dir)
     metrics: dict[str, float] = {}
-    if cfg.feedback.transform != "none":      # 0. per-prompt reference rewards from the starting policy (LSC)
+    if cfg.feedback.transform != "none" and first_step == 1:   # 0. per-prompt reference rewards (LSC)
         reference_metrics = calibrate_references(roles, run, cfg)
         tqdm.write("[openrlaif] reference rewards: " + ", ".join(f"{k}={v:.3g}" for k, v in reference_metrics.items()))
-    for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
+    for step in tqdm(range(first_step, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True,
+                     initial=first_step - 1, total=cfg.steps):
         metrics, step_start = {}, time.perf_counter()
-        prompts = stream.next_batch()
-        with timer(metrics, "rollout"):        # 1. sample a group of responses per prompt
-            batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
-        with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
-            feedback = score(roles, batch)
-            batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
-        with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, critic values, together
-            add_logprobs(roles, batch, cfg)
-        with timer(metrics, "advantage"):      # 4. advantages (group baselines, KL-shaped returns), on the driver
-            batch["advantages"] = compute_advantages(batch, feedback.valid, cfg)
-        with timer(metrics, "update"):         # 5. DeepSpeed updates of the actor (and critic), side by side
-            train_metrics = update_actor(roles, batch)
-        with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
-            metrics["sync/engine_s"] = sync_weights(roles, cfg, step)
+        with progress.step(step, metrics):
+            one_step(cfg, run, roles, stream, step, metrics)
         metrics["time/step_s"] = time.perf_counter() - step_start
-        metrics |= step_metrics(batch, feedback, train_metrics, metrics)
         logger.log(step, metrics)
         tqdm.write(summary_line(step, metrics))
+        progress.save_if_due(step)
     logger.close()
     checkpoint = None
     if cfg.output.save_final:
@@ -73,6 +66,72 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, d
         if roles.critic is not None:
             save_checkpoint(roles.critic, run.out_dir, run.model_path, name="critic")
     return checkpoint, metrics, logger.path
+
+
+def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, step: int,
+             metrics: dict[str, float]) -> None:
+    prompts = stream.next_batch()
+    with timer(metrics, "rollout"):        # 1. sample a group of responses per prompt
+        batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
+    with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
+        feedback = score(roles, batch)
+        batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
+    with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, critic values, together
+        add_logprobs(roles, batch, cfg)
+    with timer(metrics, "advantage"):      # 4. advantages (group baselines, KL-shaped returns), on the driver
+        batch["advantages"] = compute_advantages(batch, feedback.valid, cfg)
+    with timer(metrics, "update"):         # 5. DeepSpeed updates of the actor (and critic), side by side
+        train_metrics = update_actor(roles, batch)
+    with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
+        metrics["sync/engine_s"] = sync_weights(roles, cfg, step)
+    metrics |= step_metrics(batch, feedback, train_metrics, metrics)
+
+
+class Progress:
+    """Resumable checkpoints (output.checkpoint_every, resume=true) and dead-worker reports of an online loop."""
+
+    def __init__(self, cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream) -> None:
+        self.cfg, self.run, self.roles, self.stream = cfg, run, roles, stream
+        self.checkpointer = Checkpointer(run.out_dir, cfg.output.checkpoint_every, cfg.output.keep_last)
+        self.trained = {"actor": roles.actor} | ({"critic": roles.critic} if roles.critic is not None else {})
+
+    def resume(self) -> int:
+        """The first step to run: 1, or the step after the newest checkpoint (resume=true)."""
+        found = self.checkpointer.latest() if self.cfg.resume else None
+        if found is None:
+            if self.cfg.resume:
+                tqdm.write(f"[openrlaif] resume=true: no checkpoint under {self.checkpointer.root}; starting at step 1")
+            return 1
+        step, path = found
+        state = self.checkpointer.load(path, self.trained)
+        self.stream.position = state["stream_position"]
+        if "references" in state:   # LSC reference rewards of the starting policy: not recomputed
+            self.roles.feedback.references = state["references"]
+        sync_weights(self.roles, self.cfg, step)   # engines (and a self-judge) get the restored weights
+        truncate_metrics(os.path.join(self.run.out_dir, "metrics.jsonl"), step)
+        self.checkpointer.last_path = path
+        tqdm.write(f"[openrlaif] resumed from {path}; next step {step + 1} of {self.cfg.steps}")
+        return step + 1
+
+    def save_if_due(self, step: int) -> None:
+        if not self.checkpointer.due(step, self.cfg.steps):
+            return
+        state = {"stream_position": self.stream.position}
+        if getattr(self.roles.feedback, "references", None) is not None:
+            state["references"] = self.roles.feedback.references
+        tqdm.write(f"[openrlaif] resumable checkpoint: {self.checkpointer.save(step, self.trained, state)}")
+
+    @contextmanager
+    def step(self, step: int, metrics: dict[str, float]):
+        """Around one step: if a worker process died, stop with which role, which phase, and how to resume."""
+        try:
+            yield
+        except ray.exceptions.RayError as err:
+            dead = dead_workers(self.roles.groups())
+            if not dead:
+                raise
+            phases = [key[len("time/"):-len("_s")] for key in metrics if key.startswith("time/")]
+            raise role_died(dead, err, phases[-1] if phases else "first", step, self.checkpointer) from err
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
@@ -101,10 +160,14 @@ class Roles:
     reward_model: WorkerGroup | None = None
     judge_client: object | None = None   # the Judge (every backend) when the feedback or pipeline uses one
 
+    def groups(self) -> dict[str, WorkerGroup]:
+        named = {"actor": self.actor, "reference": self.reference, "rollout": self.rollout, "judge": self.judge,
+                 "critic": self.critic, "reward_model": self.reward_model}
+        return {name: group for name, group in named.items() if group is not None}
+
     def shutdown(self) -> None:
-        for group in (self.actor, self.reference, self.rollout, self.judge, self.critic, self.reward_model):
-            if group is not None:
-                group.shutdown()
+        for group in self.groups().values():
+            group.shutdown()
 
 
 def prepare_run(cfg: Config) -> RunInputs:

@@ -93,6 +93,23 @@ class DeepSpeedWorker:
                 for micro in mini.chunks_of(self.cfg.micro_batch_size):
                     yield micro, trim_to_content(both_sides(micro)).to(self.device), num_pairs
 
+    def save_state(self, path: str) -> None:
+        """Weights, optimizer and this rank's RNG into `path` (a resumable checkpoint). Collective."""
+        import random
+        self.engine.save_checkpoint(path, tag="state", save_latest=False)
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()},
+                   os.path.join(path, f"rng_rank{self.rank}.pt"))
+
+    def load_state(self, path: str) -> None:
+        import random
+        load_path, _ = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {path}")
+        rng = torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+
     def updates_per_step(self, batch, rows_per_example: int = 1) -> int:
         return self.cfg.epochs * len(batch.chunks_of(self.per_rank_mini * rows_per_example))
 

@@ -1,0 +1,123 @@
+"""Resumable checkpoints of the online pipelines: <out>/checkpoints/step_<N>/ holds each trained role's DeepSpeed
+state (weights, optimizer, per-rank RNG) and driver.json (step, prompt-stream position, feedback state). A
+checkpoint is written under a temp name and renamed when complete, so `latest()` never sees half of one; only the
+newest `keep_last` are kept. The judge's verdict cache (<out>/judge_cache.jsonl) is already append-only and is
+reused as it is on resume.
+
+Every worker writes its own shard of a role's state, so on a multi-node cluster output.dir must be a filesystem
+all nodes share (as for DeepSpeed itself)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import ray
+
+from openrlaif.config import ConfigError
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class RunError(RuntimeError):
+    """A run stopped part-way (a role died, ...). The message says what happened and how to resume."""
+
+
+class Checkpointer:
+    def __init__(self, out_dir: str, every: int, keep_last: int) -> None:
+        self.root = os.path.join(out_dir, "checkpoints")
+        self.every, self.keep_last = every, keep_last
+        self.last_path: str | None = None
+
+    def due(self, step: int, final_step: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == final_step)
+
+    def latest(self) -> tuple[int, str] | None:
+        if not os.path.isdir(self.root):
+            return None
+        steps = [int(m.group(1)) for name in os.listdir(self.root) if (m := _STEP_DIR.match(name))
+                 and os.path.exists(os.path.join(self.root, name, "driver.json"))]
+        if not steps:
+            return None
+        step = max(steps)
+        return step, os.path.join(self.root, f"step_{step:06d}")
+
+    def save(self, step: int, roles: dict, driver_state: dict) -> str:
+        """roles: name -> WorkerGroup of DeepSpeedWorkers. Collective on each role's workers."""
+        final = os.path.join(self.root, f"step_{step:06d}")
+        staging = final + ".tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        ray.get([ref for name, group in roles.items()
+                 for ref in group.call(lambda w, name=name: w.save_state.remote(os.path.join(staging, name)))])
+        with open(os.path.join(staging, "driver.json"), "w") as handle:   # written last: marks it complete
+            json.dump({"step": step, **driver_state}, handle)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(staging, final)
+        self.last_path = final
+        self._prune()
+        return final
+
+    def load(self, path: str, roles: dict) -> dict:
+        missing = [name for name in roles if not os.path.isdir(os.path.join(path, name))]
+        if missing:
+            raise ConfigError(f"resume: {path} has no state for role(s) {missing}; it was written by a run with "
+                              "different roles. Fix: resume with the same algorithm/feedback, or a new output.dir.")
+        ray.get([ref for name, group in roles.items()
+                 for ref in group.call(lambda w, name=name: w.load_state.remote(os.path.join(path, name)))])
+        with open(os.path.join(path, "driver.json")) as handle:
+            return json.load(handle)
+
+    def _prune(self) -> None:
+        steps = sorted(int(m.group(1)) for name in os.listdir(self.root) if (m := _STEP_DIR.match(name)))
+        for step in steps[:-self.keep_last] if self.keep_last > 0 else []:
+            shutil.rmtree(os.path.join(self.root, f"step_{step:06d}"), ignore_errors=True)
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drop metric rows after the checkpoint a run resumes from (a killed run may have logged later steps)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as handle:
+        lines = handle.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            continue   # a line cut by the kill
+    with open(path + ".tmp", "w") as handle:
+        handle.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def dead_workers(groups: dict, timeout_s: float = 10.0) -> list[str]:
+    """'role (worker r of n)' for every worker that no longer answers because its process is gone. A worker
+    still busy (e.g. blocked in a collective with the dead one) is not reported."""
+    from ray.exceptions import RayActorError
+    probes = {}
+    for name, group in groups.items():
+        for rank, worker in enumerate(group.workers):
+            probes[worker.ready.remote()] = f"role {name!r} (worker {rank} of {len(group.workers)})"
+    ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
+    dead = []
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except RayActorError:
+            dead.append(probes[ref])
+    return dead
+
+
+def role_died(dead: list[str], err: Exception, phase: str, step: int, checkpointer: Checkpointer) -> RunError:
+    """The error a run stops with when a worker died: which role, when, and how to go on."""
+    if checkpointer.last_path:
+        how = f"The last checkpoint is {checkpointer.last_path}: rerun the same command with resume=true."
+    elif checkpointer.every > 0:
+        how = "No checkpoint was written yet: rerun the same command to start over."
+    else:
+        how = "Checkpoints are off: set output.checkpoint_every=N to make runs resumable."
+    return RunError(f"{', '.join(dead)} died during the {phase} phase of step {step} "
+                    f"({type(err).__name__}). {how}")

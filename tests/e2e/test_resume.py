@@ -1,0 +1,84 @@
+"""Survive: a run killed after step 2 resumes and its step 3 equals an uninterrupted run's; a run whose actor
+worker is killed stops naming the role and resumes. Real CLI processes, real SIGKILLs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUN = ["train", "model=tiny", "feedback=function", "feedback.function_kwargs.target_words=3", "steps=3", "seed=5",
+       "rollout.engine=hf", "rollout.max_new_tokens=8", "actor.lr=1e-3", "actor.resources.num_workers=2",
+       "actor.micro_batch_size=4", "output.checkpoint_every=1", "output.keep_last=2", "cluster.num_cpus=5"]
+COMPARED = ["reward/mean", "train/loss", "train/kl", "train/grad_norm", "response/length_mean", "train/clip_fraction"]
+
+
+@pytest.fixture(scope="module")
+def env(model_cache, tiny_model):
+    return dict(os.environ, OPENRLAIF_CACHE=model_cache)
+
+
+def start(env, out_dir, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "openrlaif", *RUN, f"output.dir={out_dir}", *extra], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(path, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
+    deadline = time.time() + timeout_s
+    while not os.path.exists(path):
+        assert process.poll() is None, f"the run ended before {path} appeared: {process.communicate()[1][-3000:]}"
+        assert time.time() < deadline, f"{path} did not appear in {timeout_s} s"
+        time.sleep(0.2)
+
+
+def finish(process: subprocess.Popen, timeout_s: float = 600.0) -> tuple[int, str]:
+    _, err = process.communicate(timeout=timeout_s)
+    return process.returncode, err
+
+
+def metrics(out_dir) -> dict[int, dict]:
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
+    return {row["step"]: row for row in rows}
+
+
+def test_killed_after_step_2_resumes_to_the_same_step_3(env, tmp_path):
+    straight = start(env, tmp_path / "straight")
+    code, err = finish(straight)
+    assert code == 0, err[-3000:]
+    expected = metrics(tmp_path / "straight")
+
+    killed = start(env, tmp_path / "killed")
+    wait_for(tmp_path / "killed" / "checkpoints" / "step_000002" / "driver.json", killed)
+    os.killpg(killed.pid, signal.SIGKILL)     # the driver and everything in its session, no clean-up
+    killed.wait()
+    resumed = start(env, tmp_path / "killed", "resume=true")
+    code, err = finish(resumed)
+    assert code == 0, err[-3000:]
+    got = metrics(tmp_path / "killed")
+    assert sorted(got) == [1, 2, 3]
+    for key in COMPARED:
+        assert got[3][key] == pytest.approx(expected[3][key], rel=1e-5, abs=1e-7), key
+    assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["step_000002", "step_000003"]   # keep_last=2
+    assert os.path.isfile(tmp_path / "killed" / "checkpoint" / "model.safetensors")
+
+
+def test_a_dead_actor_worker_is_named_and_the_run_resumes(env, tmp_path):
+    run = start(env, tmp_path)
+    wait_for(tmp_path / "checkpoints" / "step_000001" / "driver.json", run)
+    pids = subprocess.run(["pgrep", "-f", "ray::ActorWorker"], capture_output=True, text=True).stdout.split()
+    assert pids, "no actor worker process found"
+    os.kill(int(pids[-1]), signal.SIGKILL)
+    code, err = finish(run)
+    assert code == 1, err[-3000:]
+    assert "role 'actor' (worker" in err and "died during the" in err and "resume=true" in err, err[-3000:]
+    assert "Traceback" not in err
+    resumed = start(env, tmp_path, "resume=true")
+    code, err = finish(resumed)
+    assert code == 0, err[-3000:]
+    assert sorted(metrics(tmp_path)) == [1, 2, 3]
