@@ -8,6 +8,7 @@
     openrlaif train pipeline=constitutional                         # critique -> revise -> SFT
     openrlaif train --cfg job                         # print the composed config (any Hydra flag works)
     openrlaif judge-eval feedback=judge_pairwise data.pairs=labelled.jsonl   # judge vs gold labels
+    openrlaif plot runs/my-run                        # metrics.jsonl -> runs/my-run/metrics.png
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import sys
 
 COMMANDS = {"train": "run a training job: pipeline=online_rl (default: PPO, GRPO family, REINFORCE++, ReMax), "
                      "preference (DPO family, KTO, BCO, LiPO), reward_model, sft, label, online_dpo, constitutional",
-            "judge-eval": "score the judge against a labelled pairs file: agreement, position consistency, failures"}
+            "judge-eval": "score the judge against a labelled pairs file: agreement, position consistency, failures",
+            "plot": "render a run's metrics.jsonl to PNG: openrlaif plot RUN_DIR [--out F.png] [--keys a,b]"}
 
 
 def _config_dir() -> str:
@@ -74,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         return _train(rest)
     if command == "judge-eval":
         return _train(["pipeline=judge_eval", *rest])
+    if command == "plot":
+        from openrlaif.plot import main as plot
+        return plot(rest)
     print(f"error: unknown command {command!r}. Commands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 

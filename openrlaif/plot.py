@@ -1,0 +1,101 @@
+"""`openrlaif plot <run dir | metrics.jsonl> [--out file.png] [--keys k1,k2,...]`: the metrics of a run as one PNG
+of small line charts (reward, KL, loss, judge metrics over steps). Drawn with Pillow, which the install already
+has; no plotting library needed."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+DEFAULT_KEYS = ["reward/mean", "train/kl", "train/loss", "train/reward_accuracy", "train/grad_norm",
+                "feedback/failure_rate", "feedback/judge_flip_rate", "feedback/judge_kept_fraction",
+                "feedback/judge_seconds", "response/length_mean", "label/pairs", "time/step_s"]
+PANEL_W, PANEL_H, MARGIN, COLUMNS = 360, 220, 44, 3
+
+
+def read_series(path: str) -> dict[str, list[tuple[int, float]]]:
+    """metric -> [(step, value)] over the finite values of a metrics.jsonl (cut lines are skipped)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path) as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    return series
+
+
+def render(series: dict[str, list[tuple[int, float]]], keys: list[str], out_path: str, title: str) -> list[str]:
+    """Write the PNG; returns the keys drawn (those with at least one value)."""
+    from PIL import Image, ImageDraw
+    drawn = [key for key in keys if series.get(key)]
+    if not drawn:
+        raise ValueError(f"none of {keys} has a finite value in the metrics; pick others with --keys")
+    rows = math.ceil(len(drawn) / COLUMNS)
+    image = Image.new("RGB", (PANEL_W * min(COLUMNS, len(drawn)), PANEL_H * rows + 24), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((8, 6), title, fill="black")
+    for index, key in enumerate(drawn):
+        left, top = (index % COLUMNS) * PANEL_W, 24 + (index // COLUMNS) * PANEL_H
+        panel(draw, series[key], key, left, top)
+    image.save(out_path)
+    return drawn
+
+
+def panel(draw, points: list[tuple[int, float]], key: str, left: int, top: int) -> None:
+    x0, y0, x1, y1 = left + MARGIN, top + 20, left + PANEL_W - 12, top + PANEL_H - 28
+    steps, values = [s for s, _ in points], [v for _, v in points]
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    first, last = min(steps), max(steps)
+    span = max(last - first, 1)
+
+    def xy(step: int, value: float) -> tuple[float, float]:
+        return x0 + (step - first) / span * (x1 - x0), y1 - (value - lo) / (hi - lo) * (y1 - y0)
+
+    draw.text((left + 8, top + 4), key, fill="black")
+    draw.rectangle([x0, y0, x1, y1], outline=(180, 180, 180))
+    for value in (lo, hi):
+        draw.text((left + 2, xy(first, value)[1] - 6), f"{value:.3g}", fill=(90, 90, 90))
+    draw.text((x0, y1 + 6), str(first), fill=(90, 90, 90))
+    draw.text((x1 - 24, y1 + 6), str(last), fill=(90, 90, 90))
+    coords = [xy(s, v) for s, v in points]
+    if len(coords) > 1:
+        draw.line(coords, fill=(31, 119, 180), width=2)
+    for x, y in coords:
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(31, 119, 180))
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    source, out, keys = argv[0], None, DEFAULT_KEYS
+    rest = argv[1:]
+    while rest:
+        flag, value, rest = rest[0], (rest[1] if len(rest) > 1 else None), rest[2:]
+        if flag == "--out" and value:
+            out = value
+        elif flag == "--keys" and value:
+            keys = [k for k in value.split(",") if k]
+        else:
+            print(f"error: unknown or incomplete option {flag!r}. Usage: openrlaif plot RUN_DIR [--out F.png] "
+                  "[--keys a,b]", file=sys.stderr)
+            return 2
+    path = os.path.join(source, "metrics.jsonl") if os.path.isdir(source) else source
+    if not os.path.isfile(path):
+        print(f"error: {path} not found. Fix: pass a run's output.dir or its metrics.jsonl.", file=sys.stderr)
+        return 2
+    out = out or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.png")
+    try:
+        drawn = render(read_series(path), keys, out, title=os.path.abspath(path))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"[openrlaif] {len(drawn)} charts ({', '.join(drawn)}): {out}")
+    return 0
