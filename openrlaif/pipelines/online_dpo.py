@@ -4,56 +4,28 @@ each prompt's best-vs-worst pair, and syncs the new weights into the engines (an
 the policy: self-rewarding). Same roles and phases as online RL; only the update differs."""
 from __future__ import annotations
 
-import time
-
 import ray
 import torch
-from tqdm import tqdm
 
 from openrlaif.batch import Batch
 from openrlaif.config import Config
 from openrlaif.data import PromptStream
 from openrlaif.data.labelling import select_pairs
 from openrlaif.data.pairs import both_sides
-from openrlaif.metrics import MetricsLogger, summary_line, timer
-from openrlaif.pipelines.common import finish, save_checkpoint
-from openrlaif.pipelines.online_rl import (Progress, Roles, RunInputs, feedback_metrics, generate, prepare_run,
-                                           start_roles, sync_weights)
+from openrlaif.metrics import timer
+from openrlaif.pipelines import online_rl
+from openrlaif.pipelines.online_rl import Roles, RunInputs, feedback_metrics, generate, sync_weights
 from openrlaif.pipelines.preference import preference_metrics
-from openrlaif.runtime import ray_session
 
 
 def train(cfg: Config) -> dict:
     """Run `cfg.steps` rounds; returns {"checkpoint": path | None, "metrics": last round's metrics}."""
-    run = prepare_run(cfg)
-    with ray_session(cfg.cluster, run.cpus_needed):
-        roles = start_roles(cfg, run)
-        try:
-            checkpoint, metrics, log_path = train_loop(cfg, run, roles)
-        finally:
-            roles.shutdown()
-    return finish(checkpoint, log_path, metrics, run.out_dir)
+    return online_rl.train(cfg, one_round)
 
 
 def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, dict[str, float], str]:
-    """prompts -> rollout -> feedback -> best/worst pairs -> reference log-probs -> DPO update -> weight sync."""
-    stream = PromptStream(run.prompts, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
-    progress = Progress(cfg, run, roles, stream)
-    first_step = progress.resume()
-    logger = MetricsLogger(run.out_dir)
-    metrics: dict[str, float] = {}
-    for step in tqdm(range(first_step, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True,
-                     initial=first_step - 1, total=cfg.steps):
-        metrics, step_start = {}, time.perf_counter()
-        with progress.step(step, metrics):
-            one_round(cfg, run, roles, stream, step, metrics)
-        metrics["time/step_s"] = time.perf_counter() - step_start
-        logger.log(step, metrics)
-        tqdm.write(summary_line(step, metrics))
-        progress.save_if_due(step)
-    logger.close()
-    checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path) if cfg.output.save_final else None
-    return checkpoint, metrics, logger.path
+    """Online RL's loop (resume, checkpoints, metrics) around `one_round`."""
+    return online_rl.train_loop(cfg, run, roles, one_round)
 
 
 def one_round(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, step: int,

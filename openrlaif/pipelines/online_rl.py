@@ -28,20 +28,23 @@ from openrlaif.runtime import ray_session
 from openrlaif.workers.group import WorkerGroup, check_cluster_fits
 
 
-def train(cfg: Config) -> dict:
-    """Run `cfg.steps` online steps; returns {"checkpoint": path | None, "metrics": last step's metrics}."""
+def train(cfg: Config, step_fn=None) -> dict:
+    """Run `cfg.steps` online steps; returns {"checkpoint": path | None, "metrics": last step's metrics}.
+    `step_fn` is one step's work (default: `one_step`, policy gradient; online DPO passes its own)."""
     run = prepare_run(cfg)                     # paths, tokenizer, prompts: every input checked before Ray starts
     with ray_session(cfg.cluster, run.cpus_needed):
         roles = start_roles(cfg, run)
         try:
-            checkpoint, metrics, log_path = train_loop(cfg, run, roles)
+            checkpoint, metrics, log_path = train_loop(cfg, run, roles, step_fn)
         finally:
             roles.shutdown()       # frees the placement groups also when the cluster outlives the run
     return finish(checkpoint, log_path, metrics, run.out_dir)
 
 
-def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, dict[str, float], str]:
-    """prompts -> rollout -> feedback -> reference log-probs -> advantages -> actor update -> weight sync."""
+def train_loop(cfg: Config, run: RunInputs, roles: Roles, step_fn=None) -> tuple[str | None, dict[str, float], str]:
+    """Steps with resume, dead-worker reports, metrics and checkpoints around `step_fn` (default `one_step`:
+    prompts -> rollout -> feedback -> reference log-probs -> advantages -> actor update -> weight sync)."""
+    step_fn = step_fn or one_step
     stream = PromptStream(run.prompts, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
     progress = Progress(cfg, run, roles, stream)
     first_step = progress.resume()
@@ -54,7 +57,7 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles) -> tuple[str | None, d
                      initial=first_step - 1, total=cfg.steps):
         metrics, step_start = {}, time.perf_counter()
         with progress.step(step, metrics):
-            one_step(cfg, run, roles, stream, step, metrics)
+            step_fn(cfg, run, roles, stream, step, metrics)
         metrics["time/step_s"] = time.perf_counter() - step_start
         logger.log(step, metrics)
         tqdm.write(summary_line(step, metrics))
