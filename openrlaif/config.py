@@ -7,6 +7,7 @@ the fix. Nothing here rewrites a user's value.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -19,7 +20,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class RoleResources:
-    """How many Ray workers a role gets and what each one reserves. Each role is its own placement group."""
+    """How many Ray workers a role gets and what each one reserves. Each role is its own placement group
+    unless cluster.colocate names it."""
     num_workers: int = 1
     num_cpus: float = 1.0   # per worker
     num_gpus: float = 0.0   # per worker; 0 on CPU machines
@@ -219,6 +221,19 @@ class ClusterConfig:
     num_cpus: int = 0                     # local cluster only; 0 = what the roles reserve
     dist_backend: str = "auto"            # auto (nccl with GPUs, gloo without) | gloo | nccl
     threads_per_worker: int = 0           # torch threads in each worker; 0 = all cores of the machine (roles run one after another)
+    # roles that share one placement group, rank i of each in bundle i (e.g. [actor,reference,rollout]: one GPU
+    # holds the policy's trainer, its reference and its vLLM engine). [] = every role in a group of its own.
+    colocate: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases run settings, used when "wandb" is in output.loggers."""
+    project: str = "openrlaif"
+    entity: Optional[str] = None
+    name: Optional[str] = None            # default: the name of output.dir
+    mode: str = "online"                  # online (needs WANDB_API_KEY or `wandb login`) | offline (sync later)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -228,6 +243,8 @@ class OutputConfig:
     save_final: bool = True               # write <dir>/checkpoint as an HF folder at the end
     checkpoint_every: int = 0             # online pipelines: a resumable checkpoint every N steps (0 = off)
     keep_last: int = 2                    # resumable checkpoints kept (the newest); 0 = keep all
+    loggers: list[str] = field(default_factory=list)   # besides metrics.jsonl: tensorboard, wandb
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -294,6 +311,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"resume / output.checkpoint_every work for pipeline=online_rl and online_dpo; "
                           f"pipeline={cfg.pipeline} runs start over (the offline ones are short, and label and "
                           "constitutional reuse the judge's verdict cache).")
+    _validate_loggers(cfg.output)
+    _validate_colocation(cfg)
     if cfg.pipeline in SAMPLING_PIPELINES:
         _validate_rollout(cfg)
     if cfg.pipeline == "online_rl":
@@ -320,6 +339,45 @@ def step_batch_size(cfg: Config) -> int:
     if cfg.pipeline == "online_rl":
         return cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
     return cfg.data.prompts_per_step
+
+
+COLOCATABLE = {"actor", "reference", "rollout", "critic", "judge", "reward_model"}
+
+
+def _validate_colocation(cfg: Config) -> None:
+    colocate = cfg.cluster.colocate
+    if not colocate:
+        return
+    for role in colocate:
+        _choice("cluster.colocate", role, COLOCATABLE)
+    if len(set(colocate)) != len(colocate) or len(colocate) < 2:
+        raise ConfigError(f"cluster.colocate={list(colocate)} must name two or more different roles. "
+                          "Fix: e.g. cluster.colocate=[actor,reference,rollout], or cluster.colocate=[] for none.")
+    if cfg.pipeline not in SAMPLING_PIPELINES:
+        raise ConfigError(f"cluster.colocate places the roles of {sorted(SAMPLING_PIPELINES)}; pipeline="
+                          f"{cfg.pipeline} runs its roles one after another already. Fix: cluster.colocate=[].")
+
+
+LOGGERS = {"tensorboard": "tensorboardX", "wandb": "wandb"}   # logger -> the module it needs
+
+
+def _validate_loggers(output: OutputConfig) -> None:
+    import importlib.util
+
+    for name in output.loggers:
+        _choice("output.loggers", name, LOGGERS)
+        if importlib.util.find_spec(LOGGERS[name]) is None:
+            raise ConfigError(f"output.loggers has {name!r} but {LOGGERS[name]} is not installed. "
+                              f"Fix: pip install {LOGGERS[name]} (make install adds it), or drop {name} from output.loggers.")
+    if "wandb" not in output.loggers:
+        return
+    _choice("output.wandb.mode", output.wandb.mode, {"online", "offline"})
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    logged_in = os.environ.get("WANDB_API_KEY") or (os.path.exists(netrc) and "api.wandb.ai" in Path(netrc).read_text())
+    if output.wandb.mode == "online" and not logged_in:
+        raise ConfigError("output.loggers has wandb in online mode but no W&B key was found (WANDB_API_KEY or "
+                          "`wandb login`). Fix: export WANDB_API_KEY=..., or output.wandb.mode=offline and "
+                          "`wandb sync <output.dir>/wandb/offline-run-*` later.")
 
 
 def _validate_rollout(cfg: Config) -> None:

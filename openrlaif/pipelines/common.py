@@ -9,7 +9,7 @@ import ray
 from omegaconf import OmegaConf
 
 from openrlaif.config import Config, ConfigError
-from openrlaif.workers.group import WorkerGroup
+from openrlaif.workers.group import SharedPlacement, WorkerGroup
 
 
 def prepare_output_dir(cfg: Config) -> str:
@@ -55,14 +55,16 @@ def threads_per_worker(cfg: Config, num_workers: int) -> int:
     return cfg.cluster.threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
 
 
-def start_actor(cfg: Config, model_path: str, step_batch_size: int, temperature: float = 1.0) -> WorkerGroup:
+def start_actor(cfg: Config, model_path: str, step_batch_size: int, temperature: float = 1.0,
+                shared: SharedPlacement | None = None) -> WorkerGroup:
     """The DeepSpeed policy workers."""
     from openrlaif.workers.actor import ActorWorker
     return start_trainer(cfg, "actor", ActorWorker, cfg.actor, step_batch_size, model_path=model_path,
-                         algo=cfg.algorithm, temperature=temperature)
+                         algo=cfg.algorithm, temperature=temperature, shared=shared)
 
 
-def start_trainer(cfg: Config, role: str, worker_class, train_cfg, step_batch_size: int, **kwargs) -> WorkerGroup:
+def start_trainer(cfg: Config, role: str, worker_class, train_cfg, step_batch_size: int,
+                  shared: SharedPlacement | None = None, **kwargs) -> WorkerGroup:
     """A DeepSpeed-trained role (actor, critic, reward model) with its own torch.distributed rendezvous."""
     resources = train_cfg.resources
     backend = cfg.cluster.dist_backend if cfg.cluster.dist_backend != "auto" else (
@@ -74,7 +76,7 @@ def start_trainer(cfg: Config, role: str, worker_class, train_cfg, step_batch_si
         cfg=train_cfg, rank=rank, world_size=resources.num_workers, master_addr=master_addr,
         master_port=master_port, backend=backend, dtype=cfg.model.dtype, step_batch_size=step_batch_size,
         threads=threads_per_worker(cfg, resources.num_workers), seed=cfg.seed,
-        trust_remote_code=cfg.model.trust_remote_code, **kwargs))
+        trust_remote_code=cfg.model.trust_remote_code, **kwargs), shared=shared)
 
 
 def save_checkpoint(actor: WorkerGroup, out_dir: str, tokenizer_path: str, name: str = "checkpoint") -> str:

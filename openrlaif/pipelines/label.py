@@ -39,7 +39,7 @@ def train(cfg: Config) -> dict:
 
 
 def label_prompts(cfg: Config, run: RunInputs, roles: Roles) -> dict:
-    logger = MetricsLogger(run.out_dir)
+    logger = MetricsLogger(run.out_dir, cfg)
     pair_rows, ranked_rows, skipped = [], [], Counter()
     start, size = time.perf_counter(), cfg.data.prompts_per_step
     chunks = range(0, len(run.prompts), size)

@@ -25,7 +25,7 @@ from openrlaif.rollout.types import SamplingSpec
 from openrlaif.pipelines.common import (finish, load_tokenizer, prepare_output_dir, save_checkpoint,
                                         start_actor, start_trainer, threads_per_worker)
 from openrlaif.runtime import ray_session
-from openrlaif.workers.group import WorkerGroup, check_cluster_fits
+from openrlaif.workers.group import SharedPlacement, WorkerGroup, check_cluster_fits, colocated_plan, reserved_cpus
 
 
 def train(cfg: Config, step_fn=None) -> dict:
@@ -48,21 +48,23 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles, step_fn=None) -> tuple
     stream = PromptStream(run.prompts, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
     progress = Progress(cfg, run, roles, stream)
     first_step = progress.resume()
-    logger = MetricsLogger(run.out_dir)
+    logger = MetricsLogger(run.out_dir, cfg, first_step)
     metrics: dict[str, float] = {}
     if cfg.feedback.transform != "none" and first_step == 1:   # 0. per-prompt reference rewards (LSC)
         reference_metrics = calibrate_references(roles, run, cfg)
         tqdm.write("[openrlaif] reference rewards: " + ", ".join(f"{k}={v:.3g}" for k, v in reference_metrics.items()))
-    for step in tqdm(range(first_step, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True,
-                     initial=first_step - 1, total=cfg.steps):
-        metrics, step_start = {}, time.perf_counter()
-        with progress.step(step, metrics):
-            step_fn(cfg, run, roles, stream, step, metrics)
-        metrics["time/step_s"] = time.perf_counter() - step_start
-        logger.log(step, metrics)
-        tqdm.write(summary_line(step, metrics))
-        progress.save_if_due(step)
-    logger.close()
+    try:
+        for step in tqdm(range(first_step, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True,
+                         initial=first_step - 1, total=cfg.steps):
+            metrics, step_start = {}, time.perf_counter()
+            with progress.step(step, metrics):
+                step_fn(cfg, run, roles, stream, step, metrics)
+            metrics["time/step_s"] = time.perf_counter() - step_start
+            logger.log(step, metrics)
+            tqdm.write(summary_line(step, metrics))
+            progress.save_if_due(step)
+    finally:
+        logger.close()      # also on a failed step: TensorBoard and W&B keep what was logged
     checkpoint = None
     if cfg.output.save_final:
         checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path)
@@ -162,6 +164,7 @@ class Roles:
     critic: WorkerGroup | None = None
     reward_model: WorkerGroup | None = None
     judge_client: object | None = None   # the Judge (every backend) when the feedback or pipeline uses one
+    shared: SharedPlacement | None = None  # the placement group of cluster.colocate's roles
 
     def groups(self) -> dict[str, WorkerGroup]:
         named = {"actor": self.actor, "reference": self.reference, "rollout": self.rollout, "judge": self.judge,
@@ -171,6 +174,8 @@ class Roles:
     def shutdown(self) -> None:
         for group in self.groups().values():
             group.shutdown()
+        if self.shared is not None:
+            self.shared.shutdown()
 
 
 def prepare_run(cfg: Config) -> RunInputs:
@@ -195,7 +200,8 @@ def prepare_run(cfg: Config) -> RunInputs:
     prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
     out_dir = prepare_output_dir(cfg)
     plan = role_plan(cfg, judge_path)
-    cpus = sum(r.num_cpus * r.num_workers for r in plan.values())
+    colocated_plan(plan, cfg.cluster.colocate)   # unequal worker counts fail here, before Ray starts
+    cpus = reserved_cpus(plan, cfg.cluster.colocate)
     return RunInputs(out_dir, model_path, judge_path, critic_path, reward_model_path, tokenizer, prompts, plan, cpus)
 
 
@@ -225,7 +231,8 @@ def needs_reference(cfg: Config) -> bool:
 
 
 def start_roles(cfg: Config, run: RunInputs) -> Roles:
-    """Each role in its own placement group; all models load in parallel, then we wait once."""
+    """Each role in its own placement group (cluster.colocate's roles in one shared group); all models load in
+    parallel, then we wait once."""
     from openrlaif.feedback.combine import CombinedFeedback
     from openrlaif.feedback.reward_model import RewardModelFeedback, RewardModelWorker
     from openrlaif.feedback.rules import FunctionFeedback
@@ -234,7 +241,9 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     from openrlaif.workers.rollout import RolloutWorker
 
     plan = run.plan
-    check_cluster_fits(plan)
+    check_cluster_fits(plan, cfg.cluster.colocate)
+    colocate = cfg.cluster.colocate
+    shared = SharedPlacement(plan, colocate) if "colocated" in colocated_plan(plan, colocate) else None
 
     def threads(role: str) -> int:
         return threads_per_worker(cfg, plan[role].num_workers)
@@ -243,27 +252,27 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     trust = cfg.model.trust_remote_code
     # Log-probs for a policy-gradient ratio use the sampling temperature; DPO's log-ratios use the model itself.
     temperature = cfg.rollout.temperature if cfg.pipeline == "online_rl" else 1.0
-    actor = start_actor(cfg, run.model_path, step_batch, temperature) if "actor" in plan else None
+    actor = start_actor(cfg, run.model_path, step_batch, temperature, shared) if "actor" in plan else None
     rollout = WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
         model_path=run.model_path, cfg=cfg.rollout,
         max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-        threads=threads("rollout"), seed=cfg.seed + rank, trust_remote_code=trust))
+        threads=threads("rollout"), seed=cfg.seed + rank, trust_remote_code=trust), shared=shared)
     reference = None
     if "reference" in plan:
         reference = WorkerGroup("reference", ReferenceWorker, cfg.reference.resources, lambda rank: dict(
             model_path=run.model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.reference.micro_batch_size,
-            temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust))
+            temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust), shared=shared)
     judge = reward_model = critic = None
     objectives = {}
     if cfg.feedback.source == "judge" or cfg.pipeline == "constitutional":
         judge, objectives["judge"] = start_judge(cfg, run.judge_path, run.out_dir,
-                                                 threads("judge") if "judge" in plan else 1)
+                                                 threads("judge") if "judge" in plan else 1, shared)
     elif "reward_model" in plan:
         rm = cfg.feedback.reward_model
         reward_model = WorkerGroup("reward_model", RewardModelWorker, rm.resources, lambda rank: dict(
             model_path=run.reward_model_path, micro_batch_size=rm.micro_batch_size,
             max_tokens=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, dtype=cfg.model.dtype,
-            threads=threads("reward_model"), seed=cfg.seed, trust_remote_code=trust))
+            threads=threads("reward_model"), seed=cfg.seed, trust_remote_code=trust), shared=shared)
         objectives["reward_model"] = RewardModelFeedback(reward_model)
     else:
         objectives[function_name(cfg.feedback.function)] = FunctionFeedback(cfg.feedback.function,
@@ -276,13 +285,14 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
                                     cfg.feedback.reference_quantile)
     if "critic" in plan:
         critic = start_trainer(cfg, "critic", CriticWorker, cfg.critic, step_batch, model_path=run.critic_path,
-                               pad_token_id=run.tokenizer.pad_token_id)
+                               pad_token_id=run.tokenizer.pad_token_id, shared=shared)
     groups = [g for g in (actor, rollout, reference, judge, reward_model, critic) if g is not None]
     ray.get([ref for g in groups for ref in g.call(lambda w: w.ready.remote())])
-    return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, objectives.get("judge"))
+    return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, objectives.get("judge"), shared)
 
 
-def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int):
+def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,
+                shared: SharedPlacement | None = None):
     """(worker group or None, Judge): a local judge model in its own group, or an HTTP endpoint client."""
     from openrlaif.feedback.backends import HTTPBackend, LocalBackend
     from openrlaif.feedback.judge import Judge, JudgeWorker
@@ -295,7 +305,7 @@ def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int)
     group = WorkerGroup("judge", JudgeWorker, jc.resources, lambda rank: dict(
         model_path=judge_path, dtype=cfg.model.dtype, threads=threads, seed=cfg.seed,
         max_prompt_tokens=jc.max_prompt_tokens, micro_batch_size=jc.micro_batch_size,
-        trust_remote_code=cfg.model.trust_remote_code))
+        trust_remote_code=cfg.model.trust_remote_code), shared=shared)
     return group, Judge(LocalBackend(group, judge_path), jc, cache_path)
 
 

@@ -43,7 +43,7 @@ def train(cfg: Config) -> dict:
                 add_reference_logps(cfg, model_path, examples, tokenizer.pad_token_id)
             ray.get(actor.call(lambda w: w.ready.remote()))
             stream = PromptStream(examples, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
-            logger = MetricsLogger(out_dir)
+            logger = MetricsLogger(out_dir, cfg)
             metrics: dict[str, float] = {}
             for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
                 metrics = {}

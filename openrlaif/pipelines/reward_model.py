@@ -38,7 +38,7 @@ def train(cfg: Config) -> dict:
         try:
             ray.get(trainer.call(lambda w: w.ready.remote()))
             stream = PromptStream(train_pairs, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
-            logger = MetricsLogger(out_dir)
+            logger = MetricsLogger(out_dir, cfg)
             metrics: dict[str, float] = {}
             for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
                 metrics = {}

@@ -27,7 +27,7 @@ def train(cfg: Config) -> dict:
         actor = start_actor(cfg, model_path, cfg.data.prompts_per_step)
         try:
             stream = PromptStream(list(range(len(examples))), cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
-            logger = MetricsLogger(out_dir)
+            logger = MetricsLogger(out_dir, cfg)
             metrics: dict[str, float] = {}
             for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
                 metrics = {}

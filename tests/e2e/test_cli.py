@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tests.unit.test_metrics_writers import tensorboard_scalars, wandb_history
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -73,13 +75,23 @@ def test_tiny_run_then_refuses_to_overwrite_without_consent(cache_env, tmp_path)
     assert os.path.getmtime(tmp_path / "checkpoint" / "model.safetensors") == before
 
 
-def test_preference_pipeline_from_the_cli(cache_env, tmp_path):
+def test_preference_pipeline_from_the_cli_logs_to_tensorboard_and_wandb(cache_env, tmp_path):
+    wandb_env = {"WANDB_CONFIG_DIR": str(tmp_path / "wandb-home"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-home"),
+                 "WANDB_DATA_DIR": str(tmp_path / "wandb-home"), "WANDB_SILENT": "true"}
     out = cli("train", "pipeline=preference", "algorithm=simpo", "model=tiny", "steps=2", "data.pairs=demo",
-              "data.prompts_per_step=4", "actor.micro_batch_size=2", f"output.dir={tmp_path}", env_extra=cache_env,
+              "data.prompts_per_step=4", "actor.micro_batch_size=2", f"output.dir={tmp_path}",
+              "output.loggers=[tensorboard,wandb]", "output.wandb.mode=offline", env_extra=cache_env | wandb_env,
               timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert len(open(tmp_path / "metrics.jsonl").readlines()) == 2
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 2
     assert os.path.isfile(tmp_path / "checkpoint" / "model.safetensors")
+    losses = [(row["step"], row["train/loss"]) for row in rows]
+    board = [(step, value) for step, tag, value, _ in tensorboard_scalars(tmp_path) if tag == "train/loss"]
+    assert [step for step, _ in board] == [1, 2]
+    assert [value for _, value in board] == pytest.approx([loss for _, loss in losses], rel=1e-6)   # float32 there
+    history = [(row["step"], row["train/loss"]) for row in wandb_history(tmp_path)]
+    assert history == losses
 
 
 def test_preference_pipeline_bad_input(cache_env, tmp_path):

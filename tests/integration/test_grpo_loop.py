@@ -94,3 +94,40 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
         finally:
             group.shutdown()
         assert len(completions) == 2 and all(c.token_ids for c in completions)
+
+
+def test_colocated_actor_reference_and_rollout_share_bundles_rank_by_rank(ray_cluster, tiny_model, tmp_path):
+    """Two CPUs per worker for three roles of two workers: 12 CPUs apart, which the 6-CPU cluster refuses;
+    colocated, they share one placement group of two 2-CPU bundles (4 CPUs), and two steps train as usual."""
+    from openrlaif.pipelines.online_rl import one_step
+
+    cfg = loop_config(tiny_model, tmp_path / "colocated", "hf", 2,
+                      FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity"),
+                      AlgorithmConfig(kl_coef=0.05))
+    for resources in (cfg.actor.resources, cfg.reference.resources, cfg.rollout.resources):
+        resources.num_workers, resources.num_cpus = 2, 2
+    with pytest.raises(Exception, match="do not fit the Ray cluster.*cluster.colocate"):
+        train(cfg)
+    cfg.cluster.colocate = ["actor", "reference", "rollout"]
+    cfg.output.overwrite = True
+    validate(cfg)
+    seen = {}
+
+    def observe(cfg, run, roles, stream, step, metrics):
+        one_step(cfg, run, roles, stream, step, metrics)
+        for name in ("actor", "reference", "rollout"):
+            seen[name] = ray.get([w.__ray_call__.remote(lambda self: (
+                ray.get_runtime_context().get_placement_group_id(),
+                ray.get_runtime_context().get_assigned_resources()["CPU"])) for w in roles.groups()[name].workers])
+        seen["table"] = ray.util.placement_group_table()
+
+    result = train(cfg, step_fn=observe)
+    assert result["metrics"]["train/kl"] > 0
+    groups = {group for name in ("actor", "reference", "rollout") for group, _ in seen[name]}
+    assert len(groups) == 1                               # one placement group for the three roles
+    shared = seen["table"][groups.pop()]
+    assert shared["name"] == "openrlaif-colocated" and shared["bundles"] == {0: {"CPU": 2.0}, 1: {"CPU": 2.0}}
+    assert all(cpus == pytest.approx(2 / 3, abs=1e-3) for name in ("actor", "reference", "rollout")
+               for _, cpus in seen[name])                 # each takes a third of its bundle
+    names = {entry["name"] for entry in ray.util.placement_group_table().values() if entry["state"] != "REMOVED"}
+    assert not any(name.startswith("openrlaif-") for name in names)   # the shared group is gone after the run

@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from openrlaif.config import Config, ConfigError, register_configs, validate
+from openrlaif.config import Config, ConfigError, RoleResources, register_configs, validate
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
@@ -120,3 +120,28 @@ def test_new_keys_are_validated(overrides, key):
 
 def test_critic_checks_are_skipped_without_a_critic():
     validate(composed("algorithm=grpo", "critic.micro_batch_size=3"))
+
+
+def test_colocated_plan_merges_the_roles_into_one_bundle_per_rank():
+    from openrlaif.workers.group import colocated_plan, reserved_cpus
+    plan = {"actor": RoleResources(2, 2.0, 1.0), "reference": RoleResources(2, 1.0, 0.5),
+            "rollout": RoleResources(2, 1.0, 1.0), "judge": RoleResources(1, 4.0, 0.0)}
+    merged = colocated_plan(plan, ["actor", "reference", "rollout", "critic"])   # no critic in this run: skipped
+    assert merged == {"judge": RoleResources(1, 4.0, 0.0), "colocated": RoleResources(2, 2.0, 1.0)}
+    assert reserved_cpus(plan, ["actor", "reference", "rollout"]) == 8.0 and reserved_cpus(plan, []) == 12.0
+    assert colocated_plan(plan, ["actor", "critic"]) == plan                      # one started role: nothing shared
+    with pytest.raises(ConfigError, match="same number of workers.*judge.resources.num_workers=1"):
+        colocated_plan(plan, ["actor", "judge"])
+
+
+@pytest.mark.parametrize("colocate, pipeline, needle", [
+    (["actor", "trainer"], "online_rl", "cluster.colocate='trainer' is not one of"),
+    (["actor"], "online_rl", "two or more different roles"),
+    (["actor", "actor"], "online_rl", "two or more different roles"),
+    (["actor", "reference"], "preference", "pipeline=preference runs its roles one after another"),
+])
+def test_colocation_validation_names_the_fix(colocate, pipeline, needle):
+    cfg = Config(pipeline=pipeline)
+    cfg.cluster.colocate = colocate
+    with pytest.raises(ConfigError, match=needle):
+        validate(cfg)
