@@ -26,9 +26,13 @@ test-integration: install
 test-e2e: install
 	$(PYTEST) tests/e2e -q
 
+# Each script prints a table and writes benchmarks/results/<name>.json; vs_trl.py builds .venv-trl (TRL) once.
 bench: install
 	$(PY) benchmarks/rollout_throughput.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/zero_vs_ddp.py
+	$(PY) benchmarks/judge_cost.py
+	$(PY) benchmarks/vs_trl.py
 
 clean:
 	rm -rf $(VENV) runs outputs

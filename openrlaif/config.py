@@ -61,6 +61,9 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0             # vLLM KV-cache size on CPU
     gpu_memory_utilization: float = 0.5   # vLLM on GPU
     enforce_eager: bool = True            # skip CUDA graphs / torch.compile (slow start, little gain for small models)
+    # 0: sample, then train on the samples. 1: one-step-off: the engines sample step t+1's batch while the actor
+    # trains on step t's (the bound on staleness: samples are at most one update old; see algorithm.is_cap)
+    async_steps: int = 0
     resources: RoleResources = field(default_factory=RoleResources)
 
 
@@ -103,6 +106,7 @@ class AlgorithmConfig:
     dual_clip: Optional[float] = None     # dual-clip c > 1 (Ye et al. 2020) for negative advantages; null = off
     entropy_coef: float = 0.0             # entropy bonus coefficient
     loss_agg: str = "token_mean"          # token_mean | seq_mean_token_mean
+    is_cap: float = 2.0                   # one-step-off: truncation of the importance weights π_old / π_behaviour
     kl_coef: float = 0.04                 # β of GRPO (DeepSeekMath); 0 turns the reference role off
     kl_estimator: str = "k3"              # k1 | k2 | k3
     kl_in_reward: bool = False            # True: −β·KL_t shapes the per-token rewards (REINFORCE++), not the loss
@@ -386,6 +390,9 @@ def _validate_rollout(cfg: Config) -> None:
     _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     _positive("rollout.temperature", cfg.rollout.temperature)
     _positive("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt)
+    if cfg.rollout.async_steps and cfg.pipeline != "online_rl":
+        raise ConfigError(f"rollout.async_steps=1 is for pipeline=online_rl; pipeline={cfg.pipeline} samples from "
+                          "the current policy. Fix: rollout.async_steps=0.")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
 
@@ -423,6 +430,7 @@ def _validate_feedback_source(cfg: Config) -> None:
 
 
 def _validate_online(cfg: Config) -> None:
+    _validate_async(cfg)
     from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
     from openrlaif.algorithms.advantages import CRITIC, GROUP_BASELINES, TOKEN_LEVEL
     from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
@@ -455,6 +463,18 @@ def _validate_online(cfg: Config) -> None:
         if cfg.critic.value_clip is not None and cfg.critic.value_clip <= 0:
             raise ConfigError(f"critic.value_clip={cfg.critic.value_clip} must be > 0, or null to turn it off.")
     _validate_feedback_source(cfg)
+
+
+def _validate_async(cfg: Config) -> None:
+    if cfg.rollout.async_steps not in (0, 1):
+        raise ConfigError(f"rollout.async_steps={cfg.rollout.async_steps} must be 0 (synchronous) or 1 (one-step-off).")
+    if not cfg.rollout.async_steps:
+        return
+    if cfg.rollout.temperature != 1.0 or cfg.rollout.top_p != 1.0:
+        raise ConfigError("rollout.async_steps=1 weighs each token by π_old / π_behaviour with the engine's "
+                          "log-probs, which are those of the untempered, untruncated model. Fix: "
+                          "rollout.temperature=1.0 rollout.top_p=1.0, or rollout.async_steps=0.")
+    _positive("algorithm.is_cap", cfg.algorithm.is_cap)
 
 
 def _validate_labelling(cfg: Config) -> None:

@@ -45,7 +45,7 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
                   clip_eps: float = 0.2, ref_logprobs: Tensor | None = None, kl_coef: float = 0.0,
                   kl_estimator: str = "k3", num_tokens: float | None = None, clip_eps_high: float | None = None,
                   dual_clip: float | None = None, entropy: Tensor | None = None, entropy_coef: float = 0.0,
-                  loss_agg: str = "token_mean") -> PolicyLossOutput:
+                  loss_agg: str = "token_mean", is_weights: Tensor | None = None) -> PolicyLossOutput:
     """PPO-clip surrogate (Schulman et al. 2017, eq. 7) plus β·KL to the reference in the loss (GRPO, eq. 3).
 
     L = agg[ −min(ρ_t A, clip(ρ_t, 1−ε_low, 1+ε_high) A) + β · KL_t − c_H · H_t ],  ρ_t = exp(log π_θ − log π_old).
@@ -53,6 +53,8 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
     negative-advantage tokens at c·|A| so a huge ratio cannot blow it up. advantages may be (B,) or (B, T).
     num_tokens: the normaliser of the whole mini-batch (#tokens for token_mean, #sequences for
     seq_mean_token_mean) when this call sees one micro-batch of it; None means this call sees the whole batch.
+    is_weights (B, T), no gradient: per-token importance weights π_old / π_behaviour, already truncated, for
+    samples drawn by an older policy than π_old (one-step-off rollouts; the decoupled PPO objective).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
@@ -63,6 +65,8 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
     per_token = -torch.minimum(unclipped, clipped)
     if dual_clip is not None:
         per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
     policy_loss = aggregate(per_token, mask, loss_agg, num_tokens)
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     kl = aggregate(KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs), mask, loss_agg, num_tokens) \

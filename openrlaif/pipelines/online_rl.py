@@ -75,9 +75,8 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles, step_fn=None) -> tuple
 
 def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, step: int,
              metrics: dict[str, float]) -> None:
-    prompts = stream.next_batch()
-    with timer(metrics, "rollout"):        # 1. sample a group of responses per prompt
-        batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
+    with timer(metrics, "rollout"):        # 1. sample a group of responses per prompt (or take the prefetched group)
+        batch = next_rollout(roles, stream, cfg, run.tokenizer, step, metrics)
     with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
         feedback = score(roles, batch)
         batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
@@ -86,7 +85,7 @@ def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, st
     with timer(metrics, "advantage"):      # 4. advantages (group baselines, KL-shaped returns), on the driver
         batch["advantages"] = compute_advantages(batch, feedback.valid, cfg)
     with timer(metrics, "update"):         # 5. DeepSpeed updates of the actor (and critic), side by side
-        train_metrics = update_actor(roles, batch)
+        train_metrics = update_actor(roles, batch, cfg)
     with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
         metrics["sync/engine_s"] = sync_weights(roles, cfg, step)
     metrics |= step_metrics(batch, feedback, train_metrics, metrics)
@@ -121,7 +120,9 @@ class Progress:
     def save_if_due(self, step: int) -> None:
         if not self.checkpointer.due(step, self.cfg.steps):
             return
-        state = {"stream_position": self.stream.position}
+        # a prefetched batch (one-step-off) is not trained yet: a resume samples it again
+        prefetched = self.cfg.data.prompts_per_step if self.roles.pending_rollout is not None else 0
+        state = {"stream_position": self.stream.position - prefetched}
         if getattr(self.roles.feedback, "references", None) is not None:
             state["references"] = self.roles.feedback.references
         tqdm.write(f"[openrlaif] resumable checkpoint: {self.checkpointer.save(step, self.trained, state)}")
@@ -165,6 +166,7 @@ class Roles:
     reward_model: WorkerGroup | None = None
     judge_client: object | None = None   # the Judge (every backend) when the feedback or pipeline uses one
     shared: SharedPlacement | None = None  # the placement group of cluster.colocate's roles
+    pending_rollout: object | None = None  # rollout.async_steps=1: the next step's PendingRollout, in flight
 
     def groups(self) -> dict[str, WorkerGroup]:
         named = {"actor": self.actor, "reference": self.reference, "rollout": self.rollout, "judge": self.judge,
@@ -328,6 +330,19 @@ def generate(roles: Roles, prompts: list, cfg: Config, tokenizer, seed: int) -> 
     """Spread the prompts over the engines; every engine samples `samples_per_prompt` responses per prompt.
     Estimators with a greedy baseline (ReMax) also get one greedy response per prompt, launched alongside, in
     batch.meta["baseline_response"] (one per sample, repeated within its group)."""
+    return collect_rollout(launch_rollout(roles, prompts, cfg, seed), tokenizer)
+
+
+@dataclass
+class PendingRollout:
+    """Sampling requests in flight on the engines (ray refs), and what is needed to collate their answers."""
+    prompts: list
+    spans: list
+    sample_refs: list
+    greedy_refs: list
+
+
+def launch_rollout(roles: Roles, prompts: list, cfg: Config, seed: int) -> PendingRollout:
     spec = SamplingSpec(n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
     spans = split_evenly(len(prompts), len(roles.rollout))
@@ -336,10 +351,13 @@ def generate(roles: Roles, prompts: list, cfg: Config, tokenizer, seed: int) -> 
         return roles.rollout.map(lambda worker, span: worker.generate.remote(
             [p.token_ids for p in prompts[span]], replace(sampling, seed=seed + span.start)), spans)
 
-    sample_refs = launch(spec)
     wants_greedy = cfg.pipeline == "online_rl" and cfg.algorithm.advantage in GREEDY_BASELINE
-    greedy_refs = launch(replace(spec, n=1, temperature=0.0)) if wants_greedy else []
-    shards = ray.get(sample_refs + greedy_refs)
+    return PendingRollout(prompts, spans, launch(spec), launch(replace(spec, n=1, temperature=0.0)) if wants_greedy else [])
+
+
+def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
+    prompts, spans = pending.prompts, pending.spans
+    shards = ray.get(pending.sample_refs + pending.greedy_refs)
     completions, greedy = [], {}
     for span, shard in zip(spans, shards[:len(spans)]):
         for completion in shard:
@@ -355,6 +373,21 @@ def generate(roles: Roles, prompts: list, cfg: Config, tokenizer, seed: int) -> 
         greedy_texts = tokenizer.batch_decode([greedy[i] for i in range(len(prompts))], skip_special_tokens=True)
         batch.meta["baseline_response"] = [greedy_texts[c.prompt_index] for c in completions]
     return batch
+
+
+def next_rollout(roles: Roles, stream: PromptStream, cfg: Config, tokenizer, step: int,
+                 metrics: dict[str, float]) -> Batch:
+    """This step's samples. One-step-off (rollout.async_steps=1): take the batch launched during the previous step
+    and launch the next one before this one trains, so the engines sample while the actor updates. That batch
+    comes from the weights before this step's update (one update stale); the actor corrects for it with
+    truncated importance weights against the engine's log-probs (algorithm.is_cap)."""
+    pending, roles.pending_rollout = roles.pending_rollout, None
+    metrics["rollout/staleness"] = float(pending is not None)
+    if pending is None:
+        pending = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step)
+    if cfg.rollout.async_steps and step < cfg.steps:
+        roles.pending_rollout = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step + 1)
+    return collect_rollout(pending, tokenizer)
 
 
 def score(roles: Roles, batch: Batch) -> FeedbackResult:
@@ -418,9 +451,11 @@ def add_logprobs(roles: Roles, batch: Batch, cfg: Config) -> None:
         batch["values"] = torch.cat(results[len(ref_refs) + len(old_refs):])
 
 
-def update_actor(roles: Roles, batch: Batch) -> dict[str, float]:
+def update_actor(roles: Roles, batch: Batch, cfg: Config) -> dict[str, float]:
     fields = ["input_ids", "attention_mask", "response_mask", "sample_mask", "advantages"]
     fields += [k for k in ("ref_logprobs", "old_logprobs") if k in batch]
+    if cfg.rollout.async_steps:            # behaviour-policy log-probs for the importance weights
+        fields.append("rollout_logprobs")
     train_batch = Batch({k: batch[k] for k in fields})
     actor_refs = roles.actor.map(lambda w, shard: w.train_step.remote(shard), train_batch.split(len(roles.actor)))
     critic_refs = []
@@ -466,6 +501,9 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
         "train/loss": train["loss"], "train/policy_loss": train["policy_loss"], "train/kl": train["kl"],
         "train/clip_fraction": train["clip_fraction_x_tokens"] / max(train["response_tokens"], 1.0),
         "train/ratio_mean": train["ratio_x_tokens"] / max(train["response_tokens"], 1.0),
+        **({"train/is_weight_mean": train["is_weight_x_tokens"] / max(train["response_tokens"], 1.0),
+            "train/is_truncated_fraction": train["is_truncated_x_tokens"] / max(train["response_tokens"], 1.0)}
+           if train.get("is_weight_x_tokens") else {}),
         "train/grad_norm": train["grad_norm"],
         "throughput/rollout_tokens_per_s": response_tokens / max(times["time/rollout_s"], 1e-9),
         "throughput/logprobs_tokens_per_s": all_tokens / max(times["time/logprobs_s"], 1e-9),

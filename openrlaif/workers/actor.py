@@ -36,7 +36,8 @@ class ActorWorker(DeepSpeedWorker):
         self.engine.train()
         loss_fn = POLICY_LOSSES[self.algo.policy_loss]
         start_time = time.perf_counter()
-        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "ratio": 0.0}
+        sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "ratio": 0.0,
+                "is_weight": 0.0, "is_truncated": 0.0}
         algo = self.algo
         tokens_seen, grad_norm = 0, 0.0
         for _ in range(self.cfg.epochs):
@@ -53,13 +54,20 @@ class ActorWorker(DeepSpeedWorker):
                     else:
                         logprobs = response_logprobs(self.engine, micro, self.temperature)
                     old = micro["old_logprobs"] if "old_logprobs" in micro else logprobs.detach()
+                    is_weights = None
+                    if "rollout_logprobs" in micro:   # sampled by an older policy: truncated IS to π_old
+                        raw = torch.exp(old.detach() - micro["rollout_logprobs"])
+                        is_weights = raw.clamp(max=algo.is_cap)
+                        token_mask = micro["response_mask"] * micro["sample_mask"].unsqueeze(-1)
+                        sums["is_weight"] += float((is_weights * token_mask).sum())
+                        sums["is_truncated"] += float(((raw > algo.is_cap).float() * token_mask).sum())
                     out = loss_fn(logprobs, old, micro["advantages"],
                                   micro["response_mask"] * micro["sample_mask"].unsqueeze(-1),
                                   clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
                                   ref_logprobs=micro["ref_logprobs"] if "ref_logprobs" in micro else None,
                                   kl_coef=0.0 if algo.kl_in_reward else algo.kl_coef, kl_estimator=algo.kl_estimator,
                                   entropy=entropy, entropy_coef=algo.entropy_coef, loss_agg=algo.loss_agg,
-                                  num_tokens=max(float(normalizer), 1.0))
+                                  num_tokens=max(float(normalizer), 1.0), is_weights=is_weights)
                     self.backward_and_step(out.loss)
                     micro_tokens = float(micro["response_mask"].sum())
                     tokens_seen += int(micro["attention_mask"].sum())
@@ -79,6 +87,7 @@ class ActorWorker(DeepSpeedWorker):
             "kl": sums["kl"] / updates,
             **({"entropy": sums["entropy"] / updates} if algo.entropy_coef > 0 else {}),
             "clip_fraction_x_tokens": sums["clip_fraction"],
+            "is_weight_x_tokens": sums["is_weight"], "is_truncated_x_tokens": sums["is_truncated"],
             "ratio_x_tokens": sums["ratio"],
             "response_tokens": response_tokens,
             "tokens": float(tokens_seen),

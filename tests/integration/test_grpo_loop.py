@@ -131,3 +131,24 @@ def test_colocated_actor_reference_and_rollout_share_bundles_rank_by_rank(ray_cl
                for _, cpus in seen[name])                 # each takes a third of its bundle
     names = {entry["name"] for entry in ray.util.placement_group_table().values() if entry["state"] != "REMOVED"}
     assert not any(name.startswith("openrlaif-") for name in names)   # the shared group is gone after the run
+
+
+def test_one_step_off_trains_on_samples_one_update_old_with_importance_weights(ray_cluster, tiny_model, tmp_path):
+    """rollout.async_steps=1: step 1 samples now; steps 2 and 3 take the batch sampled while the previous step
+    trained, i.e. by the weights before that update. So π_old / π_behaviour is 1 at step 1 (same weights, engine
+    and trainer agree) and moves away from 1 afterwards; the checkpoint keeps the prompt stream before the
+    prefetched batch, so a resume samples it again."""
+    cfg = loop_config(tiny_model, tmp_path / "async", "hf", 2,
+                      FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
+                                     function_kwargs={"target_words": 2}),
+                      AlgorithmConfig(kl_coef=0.05))
+    cfg.steps, cfg.rollout.async_steps, cfg.output.checkpoint_every = 3, 1, 2
+    validate(cfg)
+    train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "async" / "metrics.jsonl")]
+    assert [row["rollout/staleness"] for row in rows] == [0.0, 1.0, 1.0]
+    assert abs(rows[0]["train/is_weight_mean"] - 1) < 1e-3
+    assert all(abs(row["train/is_weight_mean"] - 1) > 1e-3 for row in rows[1:])
+    assert all(0 < row["train/is_weight_mean"] <= cfg.algorithm.is_cap for row in rows)
+    driver = json.load(open(tmp_path / "async" / "checkpoints" / "step_000002" / "driver.json"))
+    assert driver["stream_position"] == 2 * cfg.data.prompts_per_step      # not 3: step 3's batch was in flight

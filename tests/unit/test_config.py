@@ -145,3 +145,15 @@ def test_colocation_validation_names_the_fix(colocate, pipeline, needle):
     cfg.cluster.colocate = colocate
     with pytest.raises(ConfigError, match=needle):
         validate(cfg)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"rollout.async_steps": 2}, "must be 0 \\(synchronous\\) or 1"),
+    ({"rollout.async_steps": 1, "rollout.temperature": 0.7}, "rollout.temperature=1.0 rollout.top_p=1.0"),
+    ({"rollout.async_steps": 1, "algorithm.is_cap": 0.0}, "algorithm.is_cap=0.0 must be > 0"),
+    ({"rollout.async_steps": 1, "pipeline": "label", "rollout.samples_per_prompt": 2}, "is for pipeline=online_rl"),
+])
+def test_one_step_off_validation_names_the_fix(overrides, needle):
+    cfg = composed(*[f"{key}={value}" for key, value in overrides.items()])
+    with pytest.raises(ConfigError, match=needle):
+        validate(cfg)

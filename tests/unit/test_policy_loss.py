@@ -124,3 +124,18 @@ def test_sequence_mean_micro_batches_with_global_sequence_count_equal_the_full_b
     parts = sum(ppo_clip_loss(logprobs[i:i + 2], old[i:i + 2], advantages[i:i + 2], mask[i:i + 2],
                               loss_agg="seq_mean_token_mean", num_tokens=4.0).loss for i in (0, 2))
     assert torch.allclose(parts, full, atol=1e-6)
+
+
+def test_importance_weights_scale_each_tokens_loss_and_carry_no_gradient():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    old = logprobs.detach().clone()
+    mask = torch.ones(1, 3)
+    weights = torch.tensor([[1.0, 0.5, 2.0]], requires_grad=True)
+    plain = ppo_clip_loss(logprobs, old, torch.tensor([1.0]), mask)
+    weighted = ppo_clip_loss(logprobs, old, torch.tensor([1.0]), mask, is_weights=weights)
+    # at ratio 1 each token's surrogate is -A; the weights make it -(1 + 0.5 + 2) / 3
+    assert plain.policy_loss.item() == pytest.approx(-1.0)
+    assert weighted.policy_loss.item() == pytest.approx(-3.5 / 3)
+    weighted.loss.backward()
+    assert weights.grad is None                              # detached inside the loss
+    assert logprobs.grad[0].tolist() == pytest.approx([-1 / 3, -0.5 / 3, -2 / 3])

