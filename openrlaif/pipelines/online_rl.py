@@ -502,7 +502,8 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
         "train/clip_fraction": train["clip_fraction_x_tokens"] / max(train["response_tokens"], 1.0),
         "train/ratio_mean": train["ratio_x_tokens"] / max(train["response_tokens"], 1.0),
         **({"train/is_weight_mean": train["is_weight_x_tokens"] / max(train["response_tokens"], 1.0),
-            "train/is_truncated_fraction": train["is_truncated_x_tokens"] / max(train["response_tokens"], 1.0)}
+            "train/is_truncated_fraction": train["is_truncated_x_tokens"] / max(train["response_tokens"], 1.0),
+            "train/behaviour_kl": train["behaviour_kl_x_tokens"] / max(train["response_tokens"], 1.0)}
            if train.get("is_weight_x_tokens") else {}),
         "train/grad_norm": train["grad_norm"],
         "throughput/rollout_tokens_per_s": response_tokens / max(times["time/rollout_s"], 1e-9),

@@ -37,7 +37,7 @@ class ActorWorker(DeepSpeedWorker):
         loss_fn = POLICY_LOSSES[self.algo.policy_loss]
         start_time = time.perf_counter()
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "ratio": 0.0,
-                "is_weight": 0.0, "is_truncated": 0.0}
+                "is_weight": 0.0, "is_truncated": 0.0, "behaviour_kl": 0.0}
         algo = self.algo
         tokens_seen, grad_norm = 0, 0.0
         for _ in range(self.cfg.epochs):
@@ -61,6 +61,8 @@ class ActorWorker(DeepSpeedWorker):
                         token_mask = micro["response_mask"] * micro["sample_mask"].unsqueeze(-1)
                         sums["is_weight"] += float((is_weights * token_mask).sum())
                         sums["is_truncated"] += float(((raw > algo.is_cap).float() * token_mask).sum())
+                        # k3 estimate of KL(behaviour || π_old): w - 1 - log w >= 0 per token, 0 when on-policy
+                        sums["behaviour_kl"] += float(((raw - 1 - torch.log(raw)) * token_mask).sum())
                     out = loss_fn(logprobs, old, micro["advantages"],
                                   micro["response_mask"] * micro["sample_mask"].unsqueeze(-1),
                                   clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
@@ -88,6 +90,7 @@ class ActorWorker(DeepSpeedWorker):
             **({"entropy": sums["entropy"] / updates} if algo.entropy_coef > 0 else {}),
             "clip_fraction_x_tokens": sums["clip_fraction"],
             "is_weight_x_tokens": sums["is_weight"], "is_truncated_x_tokens": sums["is_truncated"],
+            "behaviour_kl_x_tokens": sums["behaviour_kl"],
             "ratio_x_tokens": sums["ratio"],
             "response_tokens": response_tokens,
             "tokens": float(tokens_seen),
