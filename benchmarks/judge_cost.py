@@ -17,6 +17,8 @@ from common import config, metrics_rows, print_table, write_report  # noqa: E402
 MODES = {
     "pointwise (probs)": ["feedback=judge"],
     "pairwise + swap (probs)": ["feedback=judge_pairwise"],
+}
+GENERATE_MODE = {   # --with-generate: sampled verdicts, two per order (Repeat Ranking); slow on CPU
     "pairwise + swap, 2 repeats (generate, T=0.7)": ["feedback=judge_pairwise", "feedback.judge.readout=generate",
                                                      "feedback.judge.repeats=2", "feedback.judge.temperature=0.7"],
 }
@@ -27,7 +29,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--with-generate", action="store_true", help="also time a generate-readout judge")
     args = parser.parse_args()
+    modes = MODES | (GENERATE_MODE if args.with_generate else {})
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import ray
 
@@ -37,7 +41,7 @@ def main() -> None:
     rows = []
     init_local_ray(num_cpus=4)
     try:
-        for name, extra in MODES.items():
+        for name, extra in modes.items():
             with tempfile.TemporaryDirectory() as out_dir:
                 run(config(["pipeline=label", f"model.path={args.model}", "data.prompts_per_step=4",
                             f"rollout.samples_per_prompt={args.samples}", f"rollout.max_new_tokens={args.max_new_tokens}",

@@ -33,14 +33,15 @@ DPO = {"batch": 8, "lr": 1e-6, "beta": 0.1}
 def ensure_trl_venv() -> str:
     """.venv-trl/bin/python with trl and the torch/transformers/accelerate versions of our venv."""
     pins = [f"torch=={md.version('torch').split('+')[0]}", f"trl=={TRL_VERSION}",
-            f"transformers=={md.version('transformers')}", f"accelerate=={md.version('accelerate')}"]
+            f"transformers=={md.version('transformers')}", f"accelerate=={md.version('accelerate')}",
+            "requests"]   # GRPOTrainer imports it; trl does not declare it
     python, stamp = os.path.join(TRL_VENV, "bin", "python"), os.path.join(TRL_VENV, ".pins")
     if os.path.exists(stamp) and open(stamp).read() == " ".join(pins):
         return python
     print(f"[vs_trl] creating {TRL_VENV} with {' '.join(pins)} (about a minute with a warm pip cache)")
     subprocess.run([sys.executable, "-m", "venv", TRL_VENV], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", pins[0]], check=True)       # the CPU wheel first
-    subprocess.run([python, "-m", "pip", "install", "-q", *pins], check=True)
+    for step in ([pins[0]], pins):                                                 # the CPU torch wheel first
+        subprocess.run([python, "-m", "pip", "install", "-q", *step], check=True, stderr=subprocess.DEVNULL)
     with open(stamp, "w") as handle:
         handle.write(" ".join(pins))
     return python
@@ -79,7 +80,7 @@ def run_trl(python: str, kind: str, model_path: str, steps: int, extra: dict) ->
             return json.load(handle)
 
 
-def run_ours(kind: str, model: str, steps: int, engine: str, async_steps: int = 0) -> list[float]:
+def run_ours(kind: str, model: str, steps: int, engine: str, async_steps: int = 0) -> list[dict]:
     from openrlaif.pipelines import run
 
     common = [f"model.path={model}", f"steps={steps}", "output.save_final=false", "actor.resources.num_workers=1",
@@ -97,7 +98,7 @@ def run_ours(kind: str, model: str, steps: int, engine: str, async_steps: int = 
                               f"data.prompts_per_step={DPO['batch']}", f"actor.micro_batch_size={DPO['batch']}"]
     with tempfile.TemporaryDirectory() as out_dir:
         run(config(overrides + [f"output.dir={out_dir}"]))
-        return [row["time/step_s"] for row in metrics_rows(out_dir)]
+        return metrics_rows(out_dir)
 
 
 def summary(name: str, side: str, step_s: list[float], warmup: int) -> dict:
@@ -137,13 +138,17 @@ def main() -> None:
             init_local_ray(num_cpus=4)
             try:
                 start = time.perf_counter()
-                step_s = run_ours(kind, args.model, args.steps, engine, async_steps)
+                metrics = run_ours(kind, args.model, args.steps, engine, async_steps)
             finally:
                 ray.shutdown()
+            step_s = [m["time/step_s"] for m in metrics]
+            phases = {f"{p}_s": statistics.median(m[f"time/{p}_s"] for m in metrics[args.warmup:])
+                      for p in ("rollout", "feedback", "logprobs", "update", "sync") if f"time/{p}_s" in metrics[0]}
             side = f"openrlaif ({engine} engine{', one-step-off' if async_steps else ''})" if engine != "-" \
                 else "openrlaif"
-            rows.append(summary(kind, side, step_s, args.warmup) | {"wall_s": time.perf_counter() - start})
-            print(f"[vs_trl] {kind} {side}: median {rows[-1]['median_step_s']:.3f} s/step")
+            rows.append(summary(kind, side, step_s, args.warmup) | {"wall_s": time.perf_counter() - start,
+                                                                   "phases_s": phases})
+            print(f"[vs_trl] {kind} {side}: median {rows[-1]['median_step_s']:.3f} s/step; phases {phases}")
     for row in rows:      # TRL's step time over this row's: > 1 means this row is faster than TRL
         trl = next(r for r in rows if r["name"] == row["name"] and r["side"] == "trl")
         row["trl_over_this"] = trl["median_step_s"] / row["median_step_s"]

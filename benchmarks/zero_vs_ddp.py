@@ -141,7 +141,7 @@ def run_ddp(model_path: str, batch, steps: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="samples per step, all ranks together")
     parser.add_argument("--prompt-len", type=int, default=32)
