@@ -390,9 +390,7 @@ def _validate_rollout(cfg: Config) -> None:
     _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     _positive("rollout.temperature", cfg.rollout.temperature)
     _positive("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt)
-    if cfg.rollout.async_steps and cfg.pipeline != "online_rl":
-        raise ConfigError(f"rollout.async_steps=1 is for pipeline=online_rl; pipeline={cfg.pipeline} samples from "
-                          "the current policy. Fix: rollout.async_steps=0.")
+    _validate_async(cfg)
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
 
@@ -430,7 +428,6 @@ def _validate_feedback_source(cfg: Config) -> None:
 
 
 def _validate_online(cfg: Config) -> None:
-    _validate_async(cfg)
     from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
     from openrlaif.algorithms.advantages import CRITIC, GROUP_BASELINES, TOKEN_LEVEL
     from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
@@ -470,6 +467,9 @@ def _validate_async(cfg: Config) -> None:
         raise ConfigError(f"rollout.async_steps={cfg.rollout.async_steps} must be 0 (synchronous) or 1 (one-step-off).")
     if not cfg.rollout.async_steps:
         return
+    if cfg.pipeline != "online_rl":
+        raise ConfigError(f"rollout.async_steps=1 is for pipeline=online_rl; pipeline={cfg.pipeline} samples from "
+                          "the current policy. Fix: rollout.async_steps=0.")
     if cfg.rollout.temperature != 1.0 or cfg.rollout.top_p != 1.0:
         raise ConfigError("rollout.async_steps=1 weighs each token by π_old / π_behaviour with the engine's "
                           "log-probs, which are those of the untempered, untruncated model. Fix: "

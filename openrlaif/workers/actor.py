@@ -54,17 +54,16 @@ class ActorWorker(DeepSpeedWorker):
                     else:
                         logprobs = response_logprobs(self.engine, micro, self.temperature)
                     old = micro["old_logprobs"] if "old_logprobs" in micro else logprobs.detach()
+                    token_mask = micro["response_mask"] * micro["sample_mask"].unsqueeze(-1)
                     is_weights = None
                     if "rollout_logprobs" in micro:   # sampled by an older policy: truncated IS to π_old
                         raw = torch.exp(old.detach() - micro["rollout_logprobs"])
                         is_weights = raw.clamp(max=algo.is_cap)
-                        token_mask = micro["response_mask"] * micro["sample_mask"].unsqueeze(-1)
                         sums["is_weight"] += float((is_weights * token_mask).sum())
                         sums["is_truncated"] += float(((raw > algo.is_cap).float() * token_mask).sum())
                         # k3 estimate of KL(behaviour || π_old): w - 1 - log w >= 0 per token, 0 when on-policy
                         sums["behaviour_kl"] += float(((raw - 1 - torch.log(raw)) * token_mask).sum())
-                    out = loss_fn(logprobs, old, micro["advantages"],
-                                  micro["response_mask"] * micro["sample_mask"].unsqueeze(-1),
+                    out = loss_fn(logprobs, old, micro["advantages"], token_mask,
                                   clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
                                   ref_logprobs=micro["ref_logprobs"] if "ref_logprobs" in micro else None,
                                   kl_coef=0.0 if algo.kl_in_reward else algo.kl_coef, kl_estimator=algo.kl_estimator,
