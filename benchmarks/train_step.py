@@ -15,21 +15,20 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import config  # noqa: E402
+
 ONLINE = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "ppo"]
 PREFERENCE = ["dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo", "kto", "bco", "lipo"]
 PHASES = ["rollout", "feedback", "logprobs", "advantage", "update", "sync"]
 
 
 def config_for(name: str, out_dir: str, steps: int):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from openrlaif.config import register_configs, validate
-
     overrides = [f"algorithm={name}", "model=tiny", f"steps={steps}", f"output.dir={out_dir}", "output.save_final=false",
                  "actor.resources.num_workers=2", "cluster.threads_per_worker=1"]
     if name in ONLINE:
@@ -46,11 +45,7 @@ def config_for(name: str, out_dir: str, steps: int):
         overrides += ["pipeline=preference", "data.prompts_per_step=8", "actor.micro_batch_size=4"]
         if name == "cdpo":
             overrides.append("algorithm.label_smoothing=0.1")
-    register_configs()
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(HERE), "configs"), version_base=None):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
-    validate(cfg)
-    return cfg
+    return config(overrides)
 
 
 def main() -> None:
