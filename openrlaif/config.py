@@ -70,7 +70,7 @@ class RolloutConfig:
 @dataclass
 class ActorConfig:
     """The trained policy: DeepSpeed ZeRO engines, one per worker (data parallel)."""
-    zero_stage: int = 2
+    zero_stage: int = 2                   # one worker without offload runs stage 0: nothing to partition
     offload: bool = False                 # ZeRO-Offload of optimizer (and params at stage 3) to CPU
     lr: float = 1e-6
     weight_decay: float = 0.0

@@ -27,23 +27,34 @@ def response_logprobs(model, batch: Batch, temperature: float = 1.0, with_entrop
     with_entropy=True also returns the entropy of π at each response position, (B, R).
 
     input_ids is [left-padded prompt | right-padded response]; position ids count real tokens only, so a
-    padded row sees the same positions as the unpadded sequence (and as the rollout engine did).
+    padded row sees the same positions as the unpadded sequence (and as the rollout engine did). Only the
+    response positions go through the LM head (`logits_to_keep`), and log π is x_target − logsumexp(x), so the
+    (B, R, vocab) log-softmax is never materialised unless the entropy needs it.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     response_len = batch["response_mask"].shape[1]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"logits_to_keep": response_len + 1} if accepts_logits_to_keep(model) else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
+                   use_cache=False, **kwargs).logits
     logits = logits[:, -response_len - 1:-1].float()
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, -response_len:]
-    all_logprobs = logits.log_softmax(-1)
-    logprobs = all_logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
+    targets = input_ids[:, -response_len:].unsqueeze(-1)
     if not with_entropy:
-        return logprobs
+        logprobs = logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)
+        return logprobs * batch["response_mask"]
+    all_logprobs = logits.log_softmax(-1)
+    logprobs = all_logprobs.gather(-1, targets).squeeze(-1) * batch["response_mask"]
     entropy = -(all_logprobs.exp() * all_logprobs).sum(-1) * batch["response_mask"]
     return logprobs, entropy
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (transformers' own models do; some remote-code
+    models do not). `model` may be a DeepSpeed engine around it."""
+    import inspect
+    return "logits_to_keep" in inspect.signature(getattr(model, "module", model).forward).parameters
 
 
 def trim_to_content(batch: Batch) -> Batch:

@@ -6,17 +6,28 @@ import os
 
 import torch
 
-from openrlaif.config import ActorConfig
+from openrlaif.config import ActorConfig, ConfigError
 from openrlaif.workers.common import setup_process
 
 
+def effective_zero_stage(cfg: ActorConfig, world_size: int) -> int:
+    """The ZeRO stage a role runs: `cfg.zero_stage`, except 0 for one worker without offload. ZeRO partitions
+    optimizer state, gradients and weights across ranks; with one rank there is nothing to split, and stages 1-3
+    only add their bucketing and flattening (9.4 -> 7.5 s per DPO step on SmolLM2-135M through the driver, with
+    the world-size-1 all-reduce skip in build_engine)."""
+    if world_size == 1 and not cfg.offload:
+        return 0
+    return cfg.zero_stage
+
+
 def deepspeed_config(cfg: ActorConfig, world_size: int, micro_batch: int, accumulation: int, bf16: bool) -> dict:
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.zero_stage == 3:
+    stage = effective_zero_stage(cfg, world_size)
+    zero: dict = {"stage": stage}
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if cfg.offload and cfg.zero_stage > 0:
+    if cfg.offload and stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
-        if cfg.zero_stage == 3:
+        if stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -52,6 +63,7 @@ class DeepSpeedWorker:
                           MASTER_PORT=str(master_port))
         self._deepspeed = init_distributed(backend)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.zero_stage = effective_zero_stage(cfg, world_size)
         self.bf16 = dtype == "bfloat16"
         mini = cfg.mini_batch_size or step_batch_size
         self.per_rank_mini = mini // world_size
@@ -66,6 +78,9 @@ class DeepSpeedWorker:
             model=model, optimizer=optimizer,
             config=deepspeed_config(self.cfg, self.world_size, self.cfg.micro_batch_size, self.accumulation,
                                     self.bf16))
+        if self.world_size == 1:
+            # Nothing to average over; DeepSpeed would still flatten every gradient into buckets and back.
+            self.engine.enable_backward_allreduce = False
         self.device = self.engine.device
 
     def ready(self) -> bool:
@@ -95,13 +110,18 @@ class DeepSpeedWorker:
 
     def save_state(self, path: str) -> None:
         """Weights, optimizer and this rank's RNG into `path` (a resumable checkpoint). Collective."""
+        import json
         import random
         self.engine.save_checkpoint(path, tag="state", save_latest=False)
+        if self.rank == 0:
+            with open(os.path.join(path, "layout.json"), "w") as handle:
+                json.dump(self.layout(), handle)
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()},
                    os.path.join(path, f"rng_rank{self.rank}.pt"))
 
     def load_state(self, path: str) -> None:
         import random
+        check_layout(path, self.layout())
         load_path, _ = self.engine.load_checkpoint(path, tag="state", load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
@@ -109,6 +129,10 @@ class DeepSpeedWorker:
         rng = torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
+
+    def layout(self) -> dict:
+        """What a saved DeepSpeed state depends on: the ZeRO stage that ran and the number of ranks."""
+        return {"zero_stage": self.zero_stage, "world_size": self.world_size}
 
     def updates_per_step(self, batch, rows_per_example: int = 1) -> int:
         return self.cfg.epochs * len(batch.chunks_of(self.per_rank_mini * rows_per_example))
@@ -119,13 +143,31 @@ class DeepSpeedWorker:
         target = getattr(torch, dtype)
         state = {}
         for name, param in module.named_parameters():
-            if self.cfg.zero_stage == 3:
+            if self.zero_stage == 3:
                 with self._deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                     if self.rank == 0:
                         state[name] = param.data.detach().to("cpu", target).clone()
             elif self.rank == 0:
                 state[name] = param.data.detach().to("cpu", target).clone()
         return state if self.rank == 0 else None
+
+
+def check_layout(path: str, layout: dict) -> None:
+    """Refuse DeepSpeed state saved under another ZeRO stage or number of workers than `layout` (what
+    DeepSpeedWorker.layout() returns): DeepSpeed cannot load one into the other. States from before layout.json
+    existed are not checked."""
+    import json
+    layout_path = os.path.join(path, "layout.json")
+    if not os.path.exists(layout_path):
+        return
+    with open(layout_path) as handle:
+        saved = json.load(handle)
+    if saved != layout:
+        raise ConfigError(
+            f"{path} holds DeepSpeed state for ZeRO stage {saved['zero_stage']} on {saved['world_size']} worker(s); "
+            f"this run has stage {layout['zero_stage']} on {layout['world_size']} (one worker without offload always "
+            "runs stage 0). DeepSpeed cannot load one layout into the other. Fix: resume with the saved run's "
+            "resources.num_workers / zero_stage / offload, or start a new output.dir.")
 
 
 def all_reduce_sum(value: torch.Tensor, device) -> torch.Tensor:

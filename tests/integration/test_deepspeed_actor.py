@@ -1,4 +1,5 @@
-"""Real DeepSpeed ZeRO-2 and ZeRO-3 engines, world size 2, inside Ray actors on the gloo backend."""
+"""Real DeepSpeed ZeRO-2 and ZeRO-3 engines, world size 2, inside Ray actors on the gloo backend; one worker
+asked for ZeRO-2 runs stage 0 and matches them, and refuses to load the world-size-2 state."""
 import math
 
 import pytest
@@ -11,37 +12,51 @@ from openrlaif.workers.group import WorkerGroup
 from tests.integration.helpers import synthetic_batch
 
 
-def train_three_steps(tiny_model, stage: int, port: int):
+def train_three_steps(tiny_model, stage: int, port: int, workers: int = 2, save_to=None, load_from=None):
     cfg = ActorConfig(zero_stage=stage, lr=1e-3, micro_batch_size=2,
-                      resources=RoleResources(num_workers=2, num_cpus=1))
+                      resources=RoleResources(num_workers=workers, num_cpus=1))
     algo = AlgorithmConfig(kl_coef=0.0)
-    group = WorkerGroup(f"actor-z{stage}", ActorWorker, cfg.resources, lambda rank: dict(
-        model_path=tiny_model, cfg=cfg, algo=algo, rank=rank, world_size=2, master_addr="127.0.0.1",
+    group = WorkerGroup(f"actor-z{stage}-w{workers}", ActorWorker, cfg.resources, lambda rank: dict(
+        model_path=tiny_model, cfg=cfg, algo=algo, rank=rank, world_size=workers, master_addr="127.0.0.1",
         master_port=port, backend="gloo", dtype="float32", step_batch_size=8, temperature=1.0, threads=1, seed=0))
     try:
+        layout = ray.get(group.call(lambda w: w.layout.remote()))[0]
+        load_error = None
+        if load_from is not None:
+            with pytest.raises(ray.exceptions.RayTaskError) as raised:
+                ray.get(group.call(lambda w: w.load_state.remote(str(load_from))))
+            load_error = str(raised.value)
         before = ray.get(group.call(lambda w: w.full_state_dict.remote()))[0]
         batch = synthetic_batch(8)
         # Fixed log π_old from the initial policy: the PPO surrogate then really moves as the policy trains
         # (on-policy, its value is constant: the ratio is exactly 1 at every step).
-        batch["old_logprobs"] = torch.cat(ray.get(group.map(lambda w, s: w.logprobs.remote(s), batch.split(2))))
+        shards = batch.split(workers)
+        batch["old_logprobs"] = torch.cat(ray.get(group.map(lambda w, s: w.logprobs.remote(s), shards)))
         losses = []
         for _ in range(3):
-            per_rank = ray.get(group.map(lambda w, shard: w.train_step.remote(shard), batch.split(2)))
+            per_rank = ray.get(group.map(lambda w, shard: w.train_step.remote(shard), batch.split(workers)))
             losses.append(sum(r["loss"] for r in per_rank))
         after = ray.get(group.call(lambda w: w.full_state_dict.remote()))[0]
+        if save_to is not None:
+            ray.get(group.call(lambda w: w.save_state.remote(str(save_to))))
     finally:
         group.shutdown()
-    return before, after, losses
+    return before, after, losses, layout, load_error
 
 
 @pytest.fixture(scope="module")
-def zero_runs(ray_cluster, tiny_model):
-    return {stage: train_three_steps(tiny_model, stage, 29510 + stage) for stage in (2, 3)}
+def zero_runs(ray_cluster, tiny_model, tmp_path_factory):
+    state = tmp_path_factory.mktemp("zero2-state")
+    runs = {stage: train_three_steps(tiny_model, stage, 29510 + stage, save_to=state if stage == 2 else None)
+            for stage in (2, 3)}
+    runs["one worker"] = train_three_steps(tiny_model, 2, 29520, workers=1, load_from=state)
+    return runs
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_trains_and_changes_every_weight_tensor(zero_runs, stage):
-    before, after, losses = zero_runs[stage]
+    before, after, losses, layout, _ = zero_runs[stage]
+    assert layout == {"zero_stage": stage, "world_size": 2}
     assert all(math.isfinite(loss) for loss in losses)
     assert before.keys() == after.keys() and len(before) > 5
     unchanged = [name for name in before if torch.equal(before[name], after[name])]
@@ -50,7 +65,7 @@ def test_zero_trains_and_changes_every_weight_tensor(zero_runs, stage):
 
 def test_zero2_and_zero3_agree(zero_runs):
     """Same data, seed and optimizer: the sharding strategy must not change the maths."""
-    (_, after2, losses2), (_, after3, losses3) = zero_runs[2], zero_runs[3]
+    (_, after2, losses2, *_), (_, after3, losses3, *_) = zero_runs[2], zero_runs[3]
     assert losses2 == pytest.approx(losses3, rel=1e-4, abs=1e-5)
     for name in after2:
         diff = (after2[name] - after3[name]).abs()
@@ -61,5 +76,19 @@ def test_zero2_and_zero3_agree(zero_runs):
 
 def test_loss_goes_down_on_a_fixed_batch(zero_runs):
     """With positive-advantage-weighted log-likelihood on a fixed batch, the surrogate keeps falling."""
-    _, _, losses = zero_runs[2]
+    _, _, losses, *_ = zero_runs[2]
     assert losses[-1] < losses[0]
+
+
+def test_one_worker_runs_stage_0_with_the_same_maths_and_refuses_a_zero2_state(zero_runs):
+    """ZeRO has nothing to partition over one rank: the worker asked for stage 2 runs stage 0, trains to the
+    weights of ZeRO-2 on two workers (same global batch and gradient), and names both layouts when asked to
+    load the two-worker state."""
+    _, after1, losses1, layout, load_error = zero_runs["one worker"]
+    _, after2, losses2, *_ = zero_runs[2]
+    assert layout == {"zero_stage": 0, "world_size": 1}
+    assert losses1 == pytest.approx(losses2, rel=1e-4, abs=1e-5)
+    for name in after2:
+        diff = (after1[name] - after2[name]).abs()
+        assert float(diff.mean()) < 1e-5 and float(diff.max()) < 6e-3, (name, float(diff.mean()), float(diff.max()))
+    assert "ZeRO stage 2 on 2 worker(s)" in load_error and "stage 0 on 1" in load_error, load_error
