@@ -64,8 +64,13 @@ class Checkpointer:
         if missing:
             raise ConfigError(f"resume: {path} has no state for role(s) {missing}; it was written by a run with "
                               "different roles. Fix: resume with the same algorithm/feedback, or a new output.dir.")
-        ray.get([ref for name, group in roles.items()
-                 for ref in group.call(lambda w, name=name: w.load_state.remote(os.path.join(path, name)))])
+        try:
+            ray.get([ref for name, group in roles.items()
+                     for ref in group.call(lambda w, name=name: w.load_state.remote(os.path.join(path, name)))])
+        except ray.exceptions.RayTaskError as err:   # e.g. a state saved under another ZeRO layout
+            if isinstance(err.cause, ConfigError):
+                raise err.cause from None
+            raise
         with open(os.path.join(path, "driver.json")) as handle:
             return json.load(handle)
 

@@ -125,11 +125,14 @@ class Progress:
         state = {"stream_position": self.stream.position - prefetched}
         if getattr(self.roles.feedback, "references", None) is not None:
             state["references"] = self.roles.feedback.references
-        tqdm.write(f"[openrlaif] resumable checkpoint: {self.checkpointer.save(step, self.trained, state)}")
+        with self.step(step, {}, phase="checkpoint"):   # a worker may die while writing its shard, too
+            path = self.checkpointer.save(step, self.trained, state)
+        tqdm.write(f"[openrlaif] resumable checkpoint: {path}")
 
     @contextmanager
-    def step(self, step: int, metrics: dict[str, float]):
-        """Around one step: if a worker process died, stop with which role, which phase, and how to resume."""
+    def step(self, step: int, metrics: dict[str, float], phase: str | None = None):
+        """Around one step (or its checkpoint): if a worker process died, stop with which role, which phase
+        (`phase`, else the last one timed in `metrics`), and how to resume."""
         try:
             yield
         except ray.exceptions.RayError as err:
@@ -137,7 +140,7 @@ class Progress:
             if not dead:
                 raise
             phases = [key[len("time/"):-len("_s")] for key in metrics if key.startswith("time/")]
-            raise role_died(dead, err, phases[-1] if phases else "first", step, self.checkpointer) from err
+            raise role_died(dead, err, phase or (phases[-1] if phases else "first"), step, self.checkpointer) from err
 
 
 # ---------------------------------------------------------------------------------------------------- set-up

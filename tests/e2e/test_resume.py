@@ -67,6 +67,14 @@ def test_killed_after_step_2_resumes_to_the_same_step_3(env, tmp_path):
     assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["step_000002", "step_000003"]   # keep_last=2
     assert os.path.isfile(tmp_path / "killed" / "checkpoint" / "model.safetensors")
 
+    # Resuming that ZeRO-2 state on one worker (which runs stage 0) stops before loading, naming both layouts.
+    other = start(env, tmp_path / "killed", "resume=true", "steps=4", "actor.resources.num_workers=1")
+    code, err = finish(other)
+    assert code == 2, err[-3000:]   # a configuration error
+    assert "ZeRO stage 2 on 2 worker(s)" in err and "stage 0 on 1" in err and "Traceback" not in err, err[-3000:]
+    assert sorted(metrics(tmp_path / "killed")) == [1, 2, 3]
+    assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["step_000002", "step_000003"]
+
 
 def test_a_dead_actor_worker_is_named_and_the_run_resumes(env, tmp_path):
     run = start(env, tmp_path)
