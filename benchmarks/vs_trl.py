@@ -7,6 +7,7 @@ we report the median step wall time after `--warmup` steps, and TRL's median ove
 
     .venv/bin/python benchmarks/vs_trl.py                      # SmolLM2-135M, GRPO and DPO
     .venv/bin/python benchmarks/vs_trl.py --model tiny --steps 4 --only grpo
+    .venv/bin/python benchmarks/vs_trl.py --only grpo --with-async   # plus one-step-off rollouts
 """
 from __future__ import annotations
 
@@ -110,9 +111,12 @@ def summary(name: str, side: str, step_s: list[float], warmup: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a short name or an HF folder")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="steps left out of the median: both sides need about two to reach their pace")
     parser.add_argument("--only", nargs="*", default=["grpo", "dpo"])
+    parser.add_argument("--with-async", action="store_true",
+                        help="also time one-step-off GRPO (rollout.async_steps=1); it only pays on separate devices")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import ray
@@ -133,7 +137,8 @@ def main() -> None:
             trl_versions = result["versions"]
             rows.append(summary(kind, side, result["step_s"], args.warmup) | {"wall_s": time.perf_counter() - start})
             print(f"[vs_trl] {kind} {side}: median {rows[-1]['median_step_s']:.3f} s/step")
-        engines = [("vllm", 0), ("vllm", 1), ("hf", 0)] if kind == "grpo" else [("-", 0)]
+        engines = [("vllm", 0), ("hf", 0)] + ([("vllm", 1)] if args.with_async else []) if kind == "grpo" \
+            else [("-", 0)]
         for engine, async_steps in engines:
             init_local_ray(num_cpus=4)
             try:

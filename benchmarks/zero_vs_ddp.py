@@ -2,8 +2,9 @@
 through our Ray actor workers, vs plain torch DDP (gloo) on the same model, batch and loss. Reports samples/s,
 tokens/s, achieved FLOP/s and MFU against this machine's fp32 matmul peak, which the script measures itself.
 
-FLOPs per step = 6 · N · tokens + 12 · layers · hidden · Σ seq² (attention scores and values, forward and
-backward), with N the weights of every matmul (the LM head included, the embedding lookup not).
+FLOPs per step = 6 · N · tokens + 6 · vocab · hidden · response tokens + 12 · layers · hidden · Σ seq²
+(attention scores and values, forward and backward), with N the weights of every matmul in the layers. The LM
+head runs on response positions only (`logits_to_keep`); the embedding lookup is not a matmul.
 
     .venv/bin/python benchmarks/zero_vs_ddp.py                  # SmolLM2-135M, 8 samples x 64 tokens
     .venv/bin/python benchmarks/zero_vs_ddp.py --model tiny --steps 6
@@ -54,10 +55,11 @@ def step_flops(model_path: str, batch) -> float:
     kv = c.num_key_value_heads * head
     per_layer = c.hidden_size * (c.num_attention_heads * head) * 2 + c.hidden_size * kv * 2 \
         + 3 * c.hidden_size * c.intermediate_size
-    n = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
+    n = c.num_hidden_layers * per_layer
     seq = batch["attention_mask"].sum(-1).float()
     tokens = float(seq.sum())
-    return 6 * n * tokens + 12 * c.num_hidden_layers * c.num_attention_heads * head * float((seq ** 2).sum())
+    lm_head = 6 * c.vocab_size * c.hidden_size * float(batch["response_mask"].sum())
+    return 6 * n * tokens + lm_head + 12 * c.num_hidden_layers * c.num_attention_heads * head * float((seq ** 2).sum())
 
 
 def run_zero(model_path: str, stage: int, batch, steps: int) -> list[float]:
