@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 import pytest
 from tensorboardX.proto import event_pb2
@@ -46,7 +47,19 @@ def tensorboard_scalars(directory) -> list[tuple[int, str, float, bool]]:
     return out
 
 
-def wandb_history(directory) -> list[dict[str, float]]:
+def wandb_history(directory, rows_expected: int) -> list[dict[str, float]]:
+    """History rows of the offline runs, once `rows_expected` of them are on disk or 60 s have passed.
+    run.finish() returns when wandb-core has the exit record, but the service closes the run's file (and flushes
+    the records) asynchronously; a loaded CI machine read the file before that and found no rows."""
+    deadline = time.monotonic() + 60
+    while True:
+        rows = read_wandb_history(directory)
+        if len(rows) >= rows_expected or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def read_wandb_history(directory) -> list[dict[str, float]]:
     """History rows of the offline runs (a .wandb file is LevelDB's log format after a 7-byte W&B header)."""
     rows = []
     for path in sorted(glob.glob(str(directory / "wandb" / "offline-run-*" / "run-*.wandb")), key=os.path.getmtime):
@@ -82,7 +95,7 @@ def test_tensorboard_and_wandb_get_the_finite_numbers_of_each_step(tmp_path, wan
     scalars = [(s, tag, v) for s, tag, v, _ in tensorboard_scalars(tmp_path) if tag]
     assert scalars == [(1, "reward/mean", 0.25), (1, "time/step_s", 0.5), (2, "reward/mean", 0.5),
                        (2, "time/step_s", 0.5)]
-    assert wandb_history(tmp_path) == [{"step": 1, "reward/mean": 0.25, "time/step_s": 0.5},
+    assert wandb_history(tmp_path, 2) == [{"step": 1, "reward/mean": 0.25, "time/step_s": 0.5},
                                        {"step": 2, "reward/mean": 0.5, "time/step_s": 0.5}]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows[0]["train/kl"] is None                    # jsonl keeps the key; the writers skip non-finite values
@@ -103,7 +116,7 @@ def test_resumed_logger_purges_tensorboard_and_continues_the_same_wandb_run(tmp_
     events = tensorboard_scalars(tmp_path)
     purge = [i for i, (step, _, _, purges) in enumerate(events) if purges and step == 3]
     assert purge and events[purge[-1] + 1:] == [(3, "reward/mean", 30.0, False)]   # TensorBoard drops the old step 3
-    assert [row["step"] for row in wandb_history(tmp_path)] == [1, 2, 3, 3]          # W&B keeps both, x-axis = step
+    assert [row["step"] for row in wandb_history(tmp_path, 4)] == [1, 2, 3, 3]          # W&B keeps both, x-axis = step
 
 
 def test_logger_validation_names_the_fix(tmp_path, wandb_offline):
