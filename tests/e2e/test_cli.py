@@ -90,7 +90,7 @@ def test_preference_pipeline_from_the_cli_logs_to_tensorboard_and_wandb(cache_en
     board = [(step, value) for step, tag, value, _ in tensorboard_scalars(tmp_path) if tag == "train/loss"]
     assert [step for step, _ in board] == [1, 2]
     assert [value for _, value in board] == pytest.approx([loss for _, loss in losses], rel=1e-6)   # float32 there
-    history = [(row["step"], row["train/loss"]) for row in wandb_history(tmp_path)]
+    history = [(row["step"], row["train/loss"]) for row in wandb_history(tmp_path, len(losses))]
     assert history == losses
 
 
