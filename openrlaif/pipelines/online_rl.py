@@ -14,7 +14,7 @@ from tqdm import tqdm
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
 from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE
 from openrlaif.batch import Batch, split_evenly
-from openrlaif.checkpointing import Checkpointer, dead_workers, role_died, truncate_metrics
+from openrlaif.checkpointing import Checkpointer, RunError, dead_workers, role_died, truncate_metrics
 from openrlaif.config import Config, RoleResources, cache_dir, step_batch_size
 from openrlaif.data import PromptStream, load_prompts
 from openrlaif.feedback import Feedback, FeedbackResult
@@ -237,7 +237,27 @@ def needs_reference(cfg: Config) -> bool:
 
 def start_roles(cfg: Config, run: RunInputs) -> Roles:
     """Each role in its own placement group (cluster.colocate's roles in one shared group); all models load in
-    parallel, then we wait once."""
+    parallel, then we wait once. If any role fails to start, the roles already started and their placement groups
+    are freed before the error is raised, so a cluster that outlives the run (a notebook, `ray job submit` against
+    a long-lived head) is left as it was."""
+    plan = run.plan
+    check_cluster_fits(plan, cfg.cluster.colocate)
+    started: list[WorkerGroup] = []
+    shared = None
+    try:
+        if "colocated" in colocated_plan(plan, cfg.cluster.colocate):
+            shared = SharedPlacement(plan, cfg.cluster.colocate)
+        return launch_roles(cfg, run, shared, started)
+    except BaseException:
+        for group in started:
+            group.shutdown()
+        if shared is not None:
+            shared.shutdown()
+        raise
+
+
+def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, started: list[WorkerGroup]) -> Roles:
+    """start_roles' work; every group is appended to `started` as soon as it exists."""
     from openrlaif.feedback.combine import CombinedFeedback
     from openrlaif.feedback.reward_model import RewardModelFeedback, RewardModelWorker
     from openrlaif.feedback.rules import FunctionFeedback
@@ -246,9 +266,11 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     from openrlaif.workers.rollout import RolloutWorker
 
     plan = run.plan
-    check_cluster_fits(plan, cfg.cluster.colocate)
-    colocate = cfg.cluster.colocate
-    shared = SharedPlacement(plan, colocate) if "colocated" in colocated_plan(plan, colocate) else None
+
+    def keep(group: WorkerGroup | None) -> WorkerGroup | None:
+        if group is not None:
+            started.append(group)
+        return group
 
     def threads(role: str) -> int:
         return threads_per_worker(cfg, plan[role].num_workers)
@@ -257,27 +279,29 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
     trust = cfg.model.trust_remote_code
     # Log-probs for a policy-gradient ratio use the sampling temperature; DPO's log-ratios use the model itself.
     temperature = cfg.rollout.temperature if cfg.pipeline == "online_rl" else 1.0
-    actor = start_actor(cfg, run.model_path, step_batch, temperature, shared) if "actor" in plan else None
-    rollout = WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
+    actor = keep(start_actor(cfg, run.model_path, step_batch, temperature, shared)) if "actor" in plan else None
+    rollout = keep(WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
         model_path=run.model_path, cfg=cfg.rollout,
         max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-        threads=threads("rollout"), seed=cfg.seed + rank, trust_remote_code=trust), shared=shared)
+        threads=threads("rollout"), seed=cfg.seed + rank, trust_remote_code=trust), shared=shared))
     reference = None
     if "reference" in plan:
-        reference = WorkerGroup("reference", ReferenceWorker, cfg.reference.resources, lambda rank: dict(
+        reference = keep(WorkerGroup("reference", ReferenceWorker, cfg.reference.resources, lambda rank: dict(
             model_path=run.model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.reference.micro_batch_size,
-            temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust), shared=shared)
+            temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust),
+            shared=shared))
     judge = reward_model = critic = None
     objectives = {}
     if cfg.feedback.source == "judge" or cfg.pipeline == "constitutional":
         judge, objectives["judge"] = start_judge(cfg, run.judge_path, run.out_dir,
                                                  threads("judge") if "judge" in plan else 1, shared)
+        keep(judge)
     elif "reward_model" in plan:
         rm = cfg.feedback.reward_model
-        reward_model = WorkerGroup("reward_model", RewardModelWorker, rm.resources, lambda rank: dict(
+        reward_model = keep(WorkerGroup("reward_model", RewardModelWorker, rm.resources, lambda rank: dict(
             model_path=run.reward_model_path, micro_batch_size=rm.micro_batch_size,
             max_tokens=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, dtype=cfg.model.dtype,
-            threads=threads("reward_model"), seed=cfg.seed, trust_remote_code=trust), shared=shared)
+            threads=threads("reward_model"), seed=cfg.seed, trust_remote_code=trust), shared=shared))
         objectives["reward_model"] = RewardModelFeedback(reward_model)
     else:
         objectives[function_name(cfg.feedback.function)] = FunctionFeedback(cfg.feedback.function,
@@ -289,11 +313,27 @@ def start_roles(cfg: Config, run: RunInputs) -> Roles:
         feedback = CombinedFeedback(objectives, cfg.feedback.weights, cfg.feedback.transform,
                                     cfg.feedback.reference_quantile)
     if "critic" in plan:
-        critic = start_trainer(cfg, "critic", CriticWorker, cfg.critic, step_batch, model_path=run.critic_path,
-                               pad_token_id=run.tokenizer.pad_token_id, shared=shared)
-    groups = [g for g in (actor, rollout, reference, judge, reward_model, critic) if g is not None]
-    ray.get([ref for g in groups for ref in g.call(lambda w: w.ready.remote())])
+        critic = keep(start_trainer(cfg, "critic", CriticWorker, cfg.critic, step_batch, model_path=run.critic_path,
+                                    pad_token_id=run.tokenizer.pad_token_id, shared=shared))
+    wait_until_ready(started)
     return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, objectives.get("judge"), shared)
+
+
+def wait_until_ready(groups: list[WorkerGroup]) -> None:
+    """Wait for every worker's constructor (model loads run in parallel). A worker that fails to start is
+    reported by role and rank with its own error, e.g. a model folder whose weights cannot be read."""
+    pending = {ref: (group.name, rank) for group in groups
+               for rank, ref in enumerate(group.call(lambda w: w.ready.remote()))}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name, rank = pending.pop(done[0])
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayError as err:
+            lines = str(getattr(err, "cause", None) or err).strip().splitlines()   # the traceback's last line
+            raise RunError(f"role {name!r} (worker {rank}) failed to start: {lines[-1] if lines else type(err)}\n"
+                           "Nothing was trained and no checkpoint was touched. Fix: correct what the error names (often the "
+                           "role's model path or its resources) and run again.") from err
 
 
 def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,
