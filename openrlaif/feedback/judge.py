@@ -21,6 +21,7 @@ from openrlaif.feedback.base import FeedbackResult, JudgeFailure
 from openrlaif.feedback.judge_prompts import (choice_probability, expected_score, normalise, pairwise_messages,
                                               parse_choice, parse_score, pointwise_messages, swap_debiased)
 from openrlaif.workers.common import load_causal_lm, setup_process
+from openrlaif.workers.weights import Weights, named_tensors
 
 
 @ray.remote
@@ -42,9 +43,10 @@ class JudgeWorker:
     def ready(self) -> bool:
         return True
 
-    def update_weights(self, state: dict[str, torch.Tensor]) -> float:
+    def update_weights(self, weights: Weights) -> float:
         """Self-rewarding: take the policy's new weights in place (names as the trainer's named_parameters)."""
         start = time.perf_counter()
+        state = dict(named_tensors(weights))
         params = dict(self.model.named_parameters())
         unknown = [name for name in state if name not in params]
         if unknown:

@@ -524,7 +524,7 @@ def update_actor(roles: Roles, batch: Batch, cfg: Config) -> dict[str, float]:
 def sync_weights(roles: Roles, cfg: Config, step: int) -> float:
     """Rank 0 gathers full weights (a collective under ZeRO-3), the engines load them from the object store. A
     judge that follows the policy (self-rewarding) loads them too, and its verdicts are cached per policy version."""
-    state_refs = roles.actor.call(lambda w: w.full_state_dict.remote(cfg.rollout.dtype))
+    state_refs = roles.actor.call(lambda w: w.packed_weights.remote(cfg.rollout.dtype))
     targets = [roles.rollout]
     if cfg.feedback.judge.follow_policy and roles.judge is not None:
         targets.append(roles.judge)

@@ -11,6 +11,7 @@ from openrlaif.batch import Batch
 from openrlaif.config import ActorConfig, AlgorithmConfig
 from openrlaif.workers.common import batched_response_logprobs, load_causal_lm, response_logprobs, trim_to_content
 from openrlaif.workers.engine import DeepSpeedWorker, all_reduce_sum
+from openrlaif.workers.weights import PackedWeights
 
 
 @ray.remote
@@ -235,6 +236,12 @@ class ActorWorker(DeepSpeedWorker):
     def full_state_dict(self, dtype: str = "float32") -> dict[str, torch.Tensor] | None:
         """HF-named full weights on rank 0 (None elsewhere). Collective under ZeRO-3: call it on every rank."""
         return self.gathered_state_dict(self.engine.module, dtype)
+
+    def packed_weights(self, dtype: str = "float32") -> PackedWeights | None:
+        """full_state_dict for the engines, as byte arrays that Ray's object store passes without pickling
+        (workers/weights.py). Collective under ZeRO-3."""
+        state = self.full_state_dict(dtype)
+        return None if state is None else PackedWeights(state)
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF folder (config, safetensors, tokenizer) that transformers and vLLM load. Collective."""

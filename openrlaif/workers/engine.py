@@ -139,7 +139,9 @@ class DeepSpeedWorker:
 
     def gathered_state_dict(self, module, dtype: str = "float32") -> dict[str, torch.Tensor] | None:
         """Full weights of `module` on rank 0 (None elsewhere). Collective under ZeRO-3: call it on every rank.
-        Tied weights appear once in named_parameters; engines load them by either name."""
+        Tied weights appear once in named_parameters; engines load them by either name. Below ZeRO-3, a tensor
+        already on the CPU in `dtype` is the live parameter itself (no copy): use the state before the next update
+        (returning it from a Ray method copies it)."""
         target = getattr(torch, dtype)
         state = {}
         for name, param in module.named_parameters():
@@ -148,7 +150,7 @@ class DeepSpeedWorker:
                     if self.rank == 0:
                         state[name] = param.data.detach().to("cpu", target).clone()
             elif self.rank == 0:
-                state[name] = param.data.detach().to("cpu", target).clone()
+                state[name] = param.data.detach().to("cpu", target)
         return state if self.rank == 0 else None
 
 

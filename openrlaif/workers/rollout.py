@@ -4,11 +4,11 @@ from __future__ import annotations
 import time
 
 import ray
-import torch
 
 from openrlaif.config import RolloutConfig
 from openrlaif.rollout.types import Completion, SamplingSpec
 from openrlaif.workers.common import setup_process
+from openrlaif.workers.weights import Weights, named_tensors
 
 
 @ray.remote
@@ -32,8 +32,8 @@ class RolloutWorker:
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
         return self.engine.generate(prompt_ids, spec)
 
-    def update_weights(self, state: dict[str, torch.Tensor]) -> float:
+    def update_weights(self, weights: Weights) -> float:
         """Load new weights in place (no restart); returns the seconds it took."""
         start = time.perf_counter()
-        self.engine.update_weights(list(state.items()))
+        self.engine.update_weights(named_tensors(weights))
         return time.perf_counter() - start

@@ -8,6 +8,7 @@ from openrlaif.config import RolloutConfig, RoleResources
 from openrlaif.rollout.types import SamplingSpec
 from openrlaif.workers.group import WorkerGroup
 from openrlaif.workers.rollout import RolloutWorker
+from openrlaif.workers.weights import PackedWeights
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_weight_sync_changes_outputs_accordingly(engine, prompts, tiny_model):
     state = {name: tensor + 0.01 * torch.randn_like(tensor) for name, tensor in model.state_dict().items()}
     state["lm_head.weight"] = -state["lm_head.weight"]
     model.load_state_dict(state)
-    seconds = ray.get(worker.update_weights.remote(state))
+    seconds = ray.get(worker.update_weights.remote(PackedWeights(state)))   # as the driver sends them
     assert seconds < 30
     after = ray.get(worker.generate.remote(prompts, greedy_spec))
     sampled = ray.get(worker.generate.remote(prompts, SamplingSpec(n=2, max_new_tokens=6, seed=3)))
