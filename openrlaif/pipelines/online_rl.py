@@ -332,8 +332,8 @@ def wait_until_ready(groups: list[WorkerGroup]) -> None:
         except ray.exceptions.RayError as err:
             lines = str(getattr(err, "cause", None) or err).strip().splitlines()   # the traceback's last line
             raise RunError(f"role {name!r} (worker {rank}) failed to start: {lines[-1] if lines else type(err)}\n"
-                           "Nothing was trained and no checkpoint was touched. Fix: correct what the error names (often the "
-                           "role's model path or its resources) and run again.") from err
+                           "Nothing was trained and no checkpoint was touched. Fix: correct what the error names "
+                           "(often the role's model path or its resources) and run again.") from err
 
 
 def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,
