@@ -8,6 +8,7 @@ we report the median step wall time after `--warmup` steps, and TRL's median ove
     .venv/bin/python benchmarks/vs_trl.py                      # SmolLM2-135M, GRPO and DPO
     .venv/bin/python benchmarks/vs_trl.py --model tiny --steps 4 --only grpo
     .venv/bin/python benchmarks/vs_trl.py --only grpo --with-async   # plus one-step-off rollouts
+    .venv/bin/python benchmarks/vs_trl.py --only grpo --engines vllm --steps 12 --report vs_trl_grpo_12
 """
 from __future__ import annotations
 
@@ -115,6 +116,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2,
                         help="steps left out of the median: both sides need about two to reach their pace")
     parser.add_argument("--only", nargs="*", default=["grpo", "dpo"])
+    parser.add_argument("--engines", nargs="*", default=["vllm", "hf"], choices=["vllm", "hf"],
+                        help="our rollout engines to time in GRPO")
+    parser.add_argument("--report", default="vs_trl",
+                        help="the JSON's name under benchmarks/results/ (keep make bench's vs_trl.json apart)")
     parser.add_argument("--with-async", action="store_true",
                         help="also time one-step-off GRPO (rollout.async_steps=1); it only pays on separate devices")
     args = parser.parse_args()
@@ -137,7 +142,8 @@ def main() -> None:
             trl_versions = result["versions"]
             rows.append(summary(kind, side, result["step_s"], args.warmup) | {"wall_s": time.perf_counter() - start})
             print(f"[vs_trl] {kind} {side}: median {rows[-1]['median_step_s']:.3f} s/step")
-        engines = [("vllm", 0), ("hf", 0)] + ([("vllm", 1)] if args.with_async else []) if kind == "grpo" \
+        engines = [(engine, 0) for engine in args.engines] + ([("vllm", 1)] if args.with_async else []) \
+            if kind == "grpo" \
             else [("-", 0)]
         for engine, async_steps in engines:
             init_local_ray(num_cpus=4)
@@ -161,9 +167,9 @@ def main() -> None:
     print_table(rows, [("name", "step", "s"), ("side", "framework", "s"), ("median_step_s", "median s", ".3f"),
                        ("min_step_s", "min s", ".3f"), ("max_step_s", "max s", ".3f"),
                        ("trl_over_this", "TRL s / this s", ".2f")])
-    write_report("vs_trl", {"model": args.model, "steps": args.steps, "warmup": args.warmup, "trl": trl_versions,
-                            "grpo": GRPO, "dpo": DPO, "command": "benchmarks/vs_trl.py " + " ".join(sys.argv[1:]),
-                            "rows": rows})
+    write_report(args.report, {"model": args.model, "steps": args.steps, "warmup": args.warmup,
+                               "trl": trl_versions, "grpo": GRPO, "dpo": DPO,
+                               "command": "benchmarks/vs_trl.py " + " ".join(sys.argv[1:]), "rows": rows})
 
 
 if __name__ == "__main__":
