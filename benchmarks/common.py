@@ -59,9 +59,14 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
 
 
+def results_dir() -> str:
+    """benchmarks/results, or $OPENRLAIF_BENCH_RESULTS (the smoke test writes there, never over the tables)."""
+    return os.environ.get("OPENRLAIF_BENCH_RESULTS") or os.path.join(HERE, "results")
+
+
 def write_report(name: str, report: dict) -> str:
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", f"{name}.json")
+    os.makedirs(results_dir(), exist_ok=True)
+    path = os.path.join(results_dir(), f"{name}.json")
     with open(path + ".tmp", "w") as handle:
         json.dump(environment() | report, handle, indent=2)
     os.replace(path + ".tmp", path)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import write_report  # noqa: E402
 
 
 def measure(model: str, engine: str, prompts: int, n: int, max_new_tokens: int, repeats: int) -> dict:
@@ -102,15 +103,8 @@ def main() -> None:
             ratio = f"{row['tokens_per_s'] / hf:.2f}" if hf else "-"
             print(f"{model:24s} {engine:6s} {row['tokens_per_s']:9.1f} {ratio:>6s} {row['generated_tokens']:7d} "
                   f"{row['startup_s']:8.1f} {row['weight_update_s']:7.3f} {row['first_weight_update_s']:8.3f}")
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "worker"}
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "python": platform.python_version(), "settings": settings, "rows": rows}
-    path = os.path.join(HERE, "results", "rollout_throughput.json")
-    with open(path, "w") as handle:
-        json.dump(report, handle, indent=2)
-    print(f"\nwrote {path}")
-
+    write_report("rollout_throughput", {"settings": {k: v for k, v in vars(args).items() if k != "worker"},
+                                        "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import config  # noqa: E402
+from common import config, write_report  # noqa: E402
 
 ONLINE = ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "ppo"]
 PREFERENCE = ["dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo", "kto", "bco", "lipo"]
@@ -82,16 +81,10 @@ def main() -> None:
     for row in rows:
         phases = " ".join(f"{p}={row[p + '_s']:.3f}" for p in PHASES if p + "_s" in row)
         print(f"{row['name']:24s} {row['kind']:10s} {row['step_s']:8.3f} {row['update_tokens_per_s']:13.0f}  {phases}")
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "model": "tiny-random-llama (2 layers, hidden 128)", "steps": args.steps,
-              "setup": "actor 2 workers ZeRO-2 (gloo); online: vLLM rollout, 4 prompts x 4 samples x 32 tokens, rule "
-                       "reward (ppo: + critic, 2 workers); preference/sft/reward model: 8 examples per step", "rows": rows}
-    path = os.path.join(HERE, "results", "train_step.json")
-    with open(path, "w") as handle:
-        json.dump(report, handle, indent=2)
-    print(f"\nwrote {path}")
-
+    write_report("train_step", {
+        "model": "tiny-random-llama (2 layers, hidden 128)", "steps": args.steps,
+        "setup": "actor 2 workers ZeRO-2 (gloo); online: vLLM rollout, 4 prompts x 4 samples x 32 tokens, rule "
+                 "reward (ppo: + critic, 2 workers); preference/sft/reward model: 8 examples per step", "rows": rows})
 
 if __name__ == "__main__":
     main()
