@@ -3,7 +3,7 @@ through the real driver.
 
 One local Ray cluster for all runs; each run does `--steps` steps and we report the median step time after the
 first (warm-up) step, with the per-phase split for online runs. Prints a table and writes
-benchmarks/results/train_step.json. Timings belong here, never in tests.
+train_step.json under benchmarks/results/ (or $OPENRLAIF_BENCH_RESULTS). Timings belong here, never in tests.
 
     .venv/bin/python benchmarks/train_step.py
     .venv/bin/python benchmarks/train_step.py --only grpo dpo --steps 6
@@ -85,6 +85,7 @@ def main() -> None:
         "model": "tiny-random-llama (2 layers, hidden 128)", "steps": args.steps,
         "setup": "actor 2 workers ZeRO-2 (gloo); online: vLLM rollout, 4 prompts x 4 samples x 32 tokens, rule "
                  "reward (ppo: + critic, 2 workers); preference/sft/reward model: 8 examples per step", "rows": rows})
+
 
 if __name__ == "__main__":
     main()

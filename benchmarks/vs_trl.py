@@ -142,9 +142,10 @@ def main() -> None:
             trl_versions = result["versions"]
             rows.append(summary(kind, side, result["step_s"], args.warmup) | {"wall_s": time.perf_counter() - start})
             print(f"[vs_trl] {kind} {side}: median {rows[-1]['median_step_s']:.3f} s/step")
-        engines = [(engine, 0) for engine in args.engines] + ([("vllm", 1)] if args.with_async else []) \
-            if kind == "grpo" \
-            else [("-", 0)]
+        if kind == "grpo":
+            engines = [(engine, 0) for engine in args.engines] + ([("vllm", 1)] if args.with_async else [])
+        else:
+            engines = [("-", 0)]
         for engine, async_steps in engines:
             init_local_ray(num_cpus=4)
             try:
