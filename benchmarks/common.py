@@ -65,8 +65,9 @@ def results_dir() -> str:
 
 
 def write_report(name: str, report: dict) -> str:
-    os.makedirs(results_dir(), exist_ok=True)
-    path = os.path.join(results_dir(), f"{name}.json")
+    folder = results_dir()
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.json")
     with open(path + ".tmp", "w") as handle:
         json.dump(environment() | report, handle, indent=2)
     os.replace(path + ".tmp", path)

@@ -21,7 +21,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import write_report  # noqa: E402
+from common import print_table, write_report  # noqa: E402
 
 
 def measure(model: str, engine: str, prompts: int, n: int, max_new_tokens: int, repeats: int) -> dict:
@@ -93,17 +93,14 @@ def main() -> None:
                 print(f"{model} / {engine} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(result[-1][len("RESULT "):]))
-    by_model = {}
-    print(f"\n{'model':24s} {'engine':6s} {'tok/s':>9s} {'vs hf':>6s} {'tokens':>7s} {'start s':>8s} {'sync s':>7s} "
-          f"{'1st sync':>8s}")
+    hf_rate = {row["model"]: row["tokens_per_s"] for row in rows if row["engine"] == "hf"}
     for row in rows:
-        by_model.setdefault(row["model"], {})[row["engine"]] = row
-    for model, engines in by_model.items():
-        hf = engines.get("hf", {}).get("tokens_per_s")
-        for engine, row in engines.items():
-            ratio = f"{row['tokens_per_s'] / hf:.2f}" if hf else "-"
-            print(f"{model:24s} {engine:6s} {row['tokens_per_s']:9.1f} {ratio:>6s} {row['generated_tokens']:7d} "
-                  f"{row['startup_s']:8.1f} {row['weight_update_s']:7.3f} {row['first_weight_update_s']:8.3f}")
+        if row["model"] in hf_rate:
+            row["vs_hf"] = row["tokens_per_s"] / hf_rate[row["model"]]
+    print()
+    print_table(rows, [("model", "model", "s"), ("engine", "engine", "s"), ("tokens_per_s", "tok/s", ".1f"),
+                       ("vs_hf", "vs hf", ".2f"), ("generated_tokens", "tokens", "d"), ("startup_s", "start s", ".1f"),
+                       ("weight_update_s", "sync s", ".3f"), ("first_weight_update_s", "1st sync", ".3f")])
     write_report("rollout_throughput", {"settings": {k: v for k, v in vars(args).items() if k != "worker"},
                                         "rows": rows})
 

@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="*", default=["vllm", "hf"], choices=["vllm", "hf"],
                         help="our rollout engines to time in GRPO")
     parser.add_argument("--report", default="vs_trl",
-                        help="the JSON's name under benchmarks/results/ (keep make bench's vs_trl.json apart)")
+                        help="the JSON's name in the results folder (keep make bench's vs_trl.json apart)")
     parser.add_argument("--with-async", action="store_true",
                         help="also time one-step-off GRPO (rollout.async_steps=1); it only pays on separate devices")
     args = parser.parse_args()
