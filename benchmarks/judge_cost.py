@@ -18,7 +18,7 @@ MODES = {
     "pointwise (probs)": ["feedback=judge"],
     "pairwise + swap (probs)": ["feedback=judge_pairwise"],
 }
-GENERATE_MODE = {   # --with-generate: sampled verdicts, two per order (Repeat Ranking); slow on CPU
+GENERATE_MODE = {   # --with-generate: sampled verdicts, two per order (pairwise consistency filter); slow on CPU
     "pairwise + swap, 2 repeats (generate, T=0.7)": ["feedback=judge_pairwise", "feedback.judge.readout=generate",
                                                      "feedback.judge.repeats=2", "feedback.judge.temperature=0.7"],
 }

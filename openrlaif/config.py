@@ -79,6 +79,7 @@ class ActorConfig:
     mini_batch_size: int = 0              # samples per optimizer step, all workers together; 0 = the whole step batch
     epochs: int = 1                       # passes over each step's batch
     gradient_checkpointing: bool = False
+    keep_dropout: bool = False            # false: dropout off while training (as TRL); the on-policy ratio is then 1
     resources: RoleResources = field(default_factory=RoleResources)
 
 
@@ -124,6 +125,13 @@ class AlgorithmConfig:
     margin: float = 0.0                   # pipeline=reward_model: Bradley–Terry margin (rows may carry their own)
 
 
+# probs readout: a judge asked to answer with the label alone, that puts less than this on the labels' tokens (every
+# whitespace variant), has not answered with a label; its renormalised verdict would be noise. A competent judge
+# clears it easily. The shipped SmolLM2-135M-Instruct does not (4-24% on "1".."9" over the demo prompts), so its
+# own default is lower: models/registry.py JUDGE_LABEL_MASS.
+MIN_LABEL_MASS = 0.5
+
+
 @dataclass
 class JudgeConfig:
     backend: str = "local"                # local (a model in its own Ray worker group) | http (OpenAI-compatible)
@@ -136,19 +144,27 @@ class JudgeConfig:
     backoff_s: float = 0.5                # http: first retry delay, doubled each time
     concurrency: int = 8                  # http: requests in flight
     top_logprobs: int = 20                # http, readout=probs: alternatives the endpoint returns (labels outside = 0)
-    mode: str = "pointwise"               # pointwise (a score per response) | pairwise (A/B within each group)
+    mode: str = "pointwise"               # pointwise (a score per response) | pairwise (A/B within each group) |
+                                          # listwise (rank each group, `rankings` times: Repeat Ranking)
     readout: str = "probs"                # probs (next-token probabilities of the labels) | generate (parse a reply)
+    chain_of_thought: bool = False        # reason first: generate: brief reasoning, then "Score: N" / "Verdict: A";
+                                          # probs: generate a rationale, append it, then read the label (RLAIF 2-step)
     rubric: str = ("Rate how helpful, correct and concise the response is for the user's message, "
                    "on a scale from {score_min} (useless) to {score_max} (excellent).")
     pairwise_rubric: str = ("Compare two responses to the user's message for helpfulness, correctness and "
                             "concision.")
+    listwise_rubric: str = "Rank the responses to the user's message by helpfulness, correctness and concision."
     score_min: int = 1
     score_max: int = 9
-    min_label_mass: float = 0.01          # probs: below this probability on the labels = unparseable
-    max_new_tokens: int = 8               # generate readout (room for a short chain of thought: raise it)
+    # probs: below this probability on the labels (all their variants) = unparseable. null = MIN_LABEL_MASS (0.5),
+    # or the shipped weak judge's own value (smollm2-135m-instruct: 0.02)
+    min_label_mass: Optional[float] = None
+    max_new_tokens: int = 8               # generate readout, and the rationale of chain_of_thought (raise it: 256)
     temperature: float = 0.0              # generate readout; > 0 makes repeats independent samples
-    repeats: int = 1                      # pairwise: verdicts per order (Repeat Ranking); both orders always run
-    consistency_threshold: float = 0.0    # pairwise: keep a pair only if this share of its verdicts agree
+    repeats: int = 1                      # pairwise: verdicts per order; both orders always run
+    consistency_threshold: float = 0.0    # pairwise consistency filter: keep a pair only if this share of its
+                                          # verdicts (both orders × repeats) agree with its majority
+    rankings: int = 5                     # listwise: rankings per group, each in a shuffled order (R of Repeat Ranking)
     cache: bool = True                    # reuse verdicts from <output.dir>/judge_cache.jsonl
     follow_policy: bool = False           # self-rewarding: the judge is the live policy (its starting weights, then
                                           # every weight sync); local backend, online pipelines only
@@ -186,6 +202,9 @@ class LabelConfig:
     """How a sampled group of responses per prompt becomes preference pairs (pipeline=label, online_dpo)."""
     pairs: str = "best_worst"             # best_worst (one pair per prompt) | all (every pair of distinct rewards)
     min_gap: float = 0.0                  # keep a pair only if the rewards differ by more than this (ties carry no label)
+    # listwise judge (Repeat Ranking): keep only this share of the prompts, those whose rankings agree most
+    # (highest Kendall's W); the paper's best was 0.5. 1.0 keeps every prompt.
+    keep_top_fraction: float = 1.0
 
 
 @dataclass
@@ -443,6 +462,12 @@ def _validate_online(cfg: Config) -> None:
         raise ConfigError(f"algorithm.kl_in_reward=true needs a token-level estimator ({', '.join(sorted(TOKEN_LEVEL))}"
                           f"); algorithm.advantage={algo.advantage} uses one reward per sequence. Fix: "
                           "algorithm.kl_in_reward=false (KL in the loss) or algorithm=reinforce_pp.")
+    if algo.kl_estimator == "k1" and algo.kl_coef > 0 and not algo.kl_in_reward:
+        # ∇(log π − log π_ref) = ∇log π, whose expectation under π is 0: k1 in the loss regularises nothing.
+        raise ConfigError("algorithm.kl_estimator=k1 in the loss has zero expected gradient (E[∇log π] = 0), so "
+                          "the run would have no KL regularisation at all. Fix: algorithm.kl_estimator=k3 (GRPO's) "
+                          "or k2 (its gradient is that of KL(π‖π_ref)) for the KL in the loss, or "
+                          "algorithm.kl_in_reward=true to use k1 as a per-token reward penalty (REINFORCE++, PPO).")
     if algo.clip_eps_high is not None and algo.clip_eps_high < 0:
         raise ConfigError(f"algorithm.clip_eps_high={algo.clip_eps_high} must be >= 0, or null.")
     _positive("algorithm.entropy_coef", algo.entropy_coef, allow_zero=True)
@@ -481,6 +506,15 @@ def _validate_labelling(cfg: Config) -> None:
     """pipeline=label, and the pair-building half of online_dpo: a group per prompt, scored, best vs worst."""
     _choice("label.pairs", cfg.label.pairs, {"best_worst", "all"})
     _positive("label.min_gap", cfg.label.min_gap, allow_zero=True)
+    if not 0 < cfg.label.keep_top_fraction <= 1:
+        raise ConfigError(f"label.keep_top_fraction={cfg.label.keep_top_fraction} must be in (0, 1]: the share of "
+                          "prompts kept, most consistently ranked first (Repeat Ranking: 0.25, 0.5 or 0.75).")
+    listwise = cfg.feedback.source == "judge" and cfg.feedback.judge.mode == "listwise"
+    if cfg.label.keep_top_fraction < 1 and not listwise:
+        raise ConfigError("label.keep_top_fraction < 1 keeps the prompts whose repeated rankings agree most "
+                          "(Kendall's W), which only a listwise judge gives. Fix: feedback=judge_listwise, or "
+                          "label.keep_top_fraction=1.0 (for a pairwise judge, feedback.judge.consistency_threshold "
+                          "filters pairs instead).")
     if cfg.rollout.samples_per_prompt < 2:
         raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: a preference pair needs at "
                           f"least 2 responses per prompt. Fix: rollout.samples_per_prompt=4")
@@ -514,7 +548,7 @@ def _validate_constitution(cfg: Config) -> None:
 
 
 def _validate_judge(judge: JudgeConfig, pipeline: str) -> None:
-    _choice("feedback.judge.mode", judge.mode, {"pointwise", "pairwise"})
+    _choice("feedback.judge.mode", judge.mode, {"pointwise", "pairwise", "listwise"})
     _choice("feedback.judge.readout", judge.readout, {"probs", "generate"})
     _choice("feedback.judge.backend", judge.backend, {"local", "http"})
     if judge.score_min >= judge.score_max:
@@ -534,14 +568,29 @@ def _validate_judge(judge: JudgeConfig, pipeline: str) -> None:
         raise ConfigError("feedback.judge.repeats > 1 needs sampled verdicts, else every repeat is the same. "
                           "Fix: feedback.judge.readout=generate feedback.judge.temperature=0.7, or repeats=1 "
                           "(both orders of every pair are always judged).")
+    if judge.chain_of_thought and judge.max_new_tokens < 32:
+        raise ConfigError(f"feedback.judge.chain_of_thought=true with max_new_tokens={judge.max_new_tokens}: the "
+                          "reasoning would be cut before the verdict. Fix: feedback.judge.max_new_tokens=256.")
+    if judge.mode == "listwise":
+        if judge.readout != "generate":
+            raise ConfigError("feedback.judge.mode=listwise parses a generated ranking (\"Ranking: 2 > 1 > 3\"). "
+                              "Fix: feedback.judge.readout=generate (feedback=judge_listwise sets it).")
+        if judge.max_new_tokens < 16:
+            raise ConfigError(f"feedback.judge.mode=listwise with max_new_tokens={judge.max_new_tokens}: a ranking "
+                              "of the group needs room. Fix: feedback.judge.max_new_tokens=64.")
+        _positive("feedback.judge.rankings", judge.rankings)
+        if pipeline in ("judge_eval", "constitutional"):
+            raise ConfigError(f"feedback.judge.mode=listwise ranks a group of samples; pipeline={pipeline} judges "
+                              "pairs or single responses. Fix: feedback.judge.mode=pairwise or pointwise.")
     if judge.follow_policy and (judge.backend != "local" or pipeline not in ("online_rl", "online_dpo")):
         raise ConfigError("feedback.judge.follow_policy=true (self-rewarding) makes the judge the live policy: it "
                           "needs feedback.judge.backend=local and pipeline=online_rl or online_dpo, where weights "
                           f"are synced (got backend={judge.backend}, pipeline={pipeline}).")
     _positive("feedback.judge.timeout_s", judge.timeout_s)
     _positive("feedback.judge.concurrency", judge.concurrency)
-    if not 0 <= judge.min_label_mass < 1:
-        raise ConfigError(f"feedback.judge.min_label_mass={judge.min_label_mass} must be in [0, 1).")
+    if judge.min_label_mass is not None and not 0 <= judge.min_label_mass < 1:
+        raise ConfigError(f"feedback.judge.min_label_mass={judge.min_label_mass} must be in [0, 1), or null for "
+                          "the judge model's default.")
     try:
         judge.rubric.format(score_min=judge.score_min, score_max=judge.score_max)
     except (KeyError, IndexError, ValueError) as err:
@@ -584,11 +633,7 @@ def _validate_offline(cfg: Config) -> None:
         _positive("data.eval_every", cfg.data.eval_every)
     _positive("data.max_response_tokens", cfg.data.max_response_tokens)
     _positive("data.pack_length", cfg.data.pack_length, allow_zero=True)
-    world, examples = cfg.actor.resources.num_workers, cfg.data.prompts_per_step
-    if examples % world or (examples // world) % cfg.actor.micro_batch_size:
-        raise ConfigError(f"data.prompts_per_step={examples} examples per step must split evenly over the "
-                          f"actor.resources.num_workers={world} workers in micro-batches of "
-                          f"actor.micro_batch_size={cfg.actor.micro_batch_size}.")
+    _validate_trained("actor", cfg.actor, cfg.data.prompts_per_step, "data.prompts_per_step")
 
 
 def _validate_preference_loss(algo: AlgorithmConfig) -> None:

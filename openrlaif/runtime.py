@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from contextlib import contextmanager
 
 from openrlaif.config import ClusterConfig
@@ -24,12 +25,28 @@ def worker_env(local: bool) -> dict[str, str]:
 
 
 def init_local_ray(num_cpus: int) -> None:
-    """A single-node cluster on 127.0.0.1 (no dashboard)."""
+    """A single-node cluster that listens on 127.0.0.1 only (no dashboard), however this process was started.
+
+    Ray picks a local node's IP, and with it the address every server binds to, from
+    `ray_constants.ENABLE_RAY_CLUSTER`, which it reads from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when `ray` is
+    first imported. Setting the variable afterwards (as this module once did) is too late: run directly,
+    `openrlaif train` advertised the machine's routable address and listened on 0.0.0.0 / [::]. So the flag is
+    set for this call itself and restored after it; workers take the node's IP from the raylet. A cluster that
+    is joined (cluster.address) never goes through here: its driver must keep its routable address."""
     import ray
-    # Without this Ray advertises and listens on the machine's routable address even for a local cluster.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env(local=True)},
-             configure_logging=False)
+    from ray._private import ray_constants
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env(local=True)},
+                 configure_logging=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != "127.0.0.1":   # a Ray version that no longer honours the flag: say so, never silently
+        print(f"[openrlaif] warning: the local Ray cluster's node IP is {node_ip}, not 127.0.0.1; its servers may "
+              "be reachable from other machines. Fix: export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Python "
+              "starts.", file=sys.stderr)
 
 
 @contextmanager

@@ -6,9 +6,14 @@ judge tests. A request whose last message contains `FAULT:<kind>` gets that faul
     error500once  HTTP 500 the first time this exact request arrives, a normal answer after (a retry succeeds)
     garbage       200 with reply text "banana" and no label tokens among the logprobs
     truncated     200 with the JSON body cut in half
+    cutbody       200 announcing `Content-Length: 200`, then 13 bytes and the connection closed (IncompleteRead)
+    badstatus     a garbled status line instead of an HTTP response (BadStatusLine)
+    positional    (listwise) the ranking follows the presentation order: "Ranking: 1 > 2 > ... > K"
 
-`always` = "A" makes every answer "A" with probability 1 (a maximally position-biased judge). `api_key` set:
-requests without `Authorization: Bearer <key>` get 401. Run standalone:
+`always` = "A" makes every answer "A" with probability 1 (a maximally position-biased judge). A listwise request
+("[Response 1]" ...) is answered by rule, not by the model: shortest response first, ties by text, so its rankings
+of a group agree whatever the order shown. `api_key` set: requests without `Authorization: Bearer <key>` get 401.
+Run standalone:
     python tests/judge_server.py --model PATH --port 8000
 """
 from __future__ import annotations
@@ -112,6 +117,26 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(server.slow_s)
         if kind in ("error500", "error500once"):
             return self._send(500, b'{"error": "injected"}')
+        if kind == "cutbody":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "200")
+            self.end_headers()
+            self.wfile.write(b'{"choices": [')
+            self.wfile.flush()
+            self.close_connection = True
+            return None
+        if kind == "badstatus":
+            self.wfile.write(b"garbled\r\n\r\n")
+            self.close_connection = True
+            return None
+        responses = re.findall(r"\[Response (\d+)\]\n(.*?)(?=\n\n\[Response \d+\]|\n\n[^\n]*$)", content, re.S)
+        if responses:   # listwise: a rule-based ranking
+            order = [int(n) for n, _ in responses]
+            if kind != "positional":
+                order.sort(key=lambda n: (len(responses[n - 1][1]), responses[n - 1][1]))
+            text = "Ranking: " + " > ".join(str(n) for n in order)
+            return self._send(200, json.dumps(completion(text, [], 1, 1)).encode())
         if kind == "garbage":
             top = [{"token": "banana", "logprob": math.log(0.9)}] if body.get("logprobs") else []
             return self._send(200, json.dumps(completion("banana", top, 1, 1)).encode())

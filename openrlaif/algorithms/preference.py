@@ -53,13 +53,25 @@ def simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, b
     return -F.logsigmoid(logits)
 
 
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 − exp(x)) for x < 0, accurate over the whole range (Mächler 2012, "Accurately computing
+    log(1 − exp(−|a|))"): log(−expm1(x)) for x > −ln 2, where 1 − exp(x) cancels, and log1p(−exp(x)) below. x is clamped just below 0
+    (x = 0 is P = 1, whose log-odds are infinite); each branch sees only its own inputs, so neither can put a NaN
+    into the other's gradient."""
+    x = x.clamp(max=-1e-12)
+    near_zero = x > -0.6931471805599453
+    safe = torch.full_like(x, -1.0)
+    return torch.where(near_zero, torch.log(-torch.expm1(torch.where(near_zero, x, safe))),
+                       torch.log1p(-torch.exp(torch.where(near_zero, safe, x))))
+
+
 def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta: float = 0.1, **_) -> Tensor:
     """ORPO (Hong et al. 2024, eq. 6-7), reference-free: NLL(y_w) + λ·ℓ(log odds(y_w) − log odds(y_l)),
-    odds(y) = P/(1−P) with P = exp(mean token log-prob); λ = `beta`."""
+    odds(y) = P/(1−P) with P = exp(mean token log-prob); λ = `beta`. log odds = log P − log(1 − P) with an exact
+    log1mexp: near P = 1 (mean log-prob above about −1e-5) log1p(−exp(·)) loses its precision and, clamped at
+    P < 1 − 1e-6, froze the rejected side's gradient."""
     chosen_mean, rejected_mean = chosen_logps / chosen_lengths, rejected_logps / rejected_lengths
-    # log odds = log P − log(1 − P), computed stably from log P < 0
-    log_odds = (chosen_mean - torch.log1p(-torch.exp(chosen_mean).clamp(max=1 - 1e-6))) \
-        - (rejected_mean - torch.log1p(-torch.exp(rejected_mean).clamp(max=1 - 1e-6)))
+    log_odds = (chosen_mean - log1mexp(chosen_mean)) - (rejected_mean - log1mexp(rejected_mean))
     return -chosen_mean - beta * F.logsigmoid(log_odds)
 
 

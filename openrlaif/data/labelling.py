@@ -2,6 +2,7 @@
 the preference and reward-model pipelines read. Pure: unit-tested without any model."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations
@@ -60,3 +61,10 @@ def pair_row(prompt_text: str, prompt_messages: list[dict] | None, chosen: str, 
         return {"prompt": prompt_text, "chosen": chosen, "rejected": rejected, **scores}
     return {"chosen": prompt_messages + [{"role": "assistant", "content": chosen}],
             "rejected": prompt_messages + [{"role": "assistant", "content": rejected}], **scores}
+
+
+def most_consistent(consistency: dict[int, float], fraction: float) -> set[int]:
+    """Repeat Ranking's filter (Devine 2024): of the n groups with a Kendall's W, the ceil(fraction × n) with the
+    highest W (ties: the lower id first). The paper keeps the top 25, 50 or 75% of prompts; 50% was best."""
+    ranked = sorted(consistency, key=lambda group: (-consistency[group], group))
+    return set(ranked[:math.ceil(fraction * len(ranked) - 1e-9)])

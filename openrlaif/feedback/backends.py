@@ -1,8 +1,13 @@
 """Judge backends behind one interface: `complete(requests) -> replies`, one reply per request, in order.
 
 A request is chat messages plus either `labels` (read the next-token probability of each label: "1".."9", or
-"A"/"B") or nothing (generate text to parse). Backends never raise on a bad judgement: a reply carries a typed
-`failure` instead (timeout, endpoint_error, bad_response), which the judge masks and counts.
+"A"/"B") or nothing (generate text to parse). A label's probability is the sum over every token that reads as it
+once surrounding whitespace is stripped ("7", " 7", "\n7"), in both backends. Backends never raise on a bad
+judgement: a reply carries a typed `failure` instead (timeout, endpoint_error, bad_response), which the judge masks
+and counts.
+
+Each backend has an `identity`: everything besides the request that changes its answers (the model's contents,
+dtype and prompt truncation; the endpoint, its model and top_logprobs). The verdict cache keys on it.
 
 - LocalBackend: the judge model in its own Ray worker group (JudgeWorker, HF on CPU or GPU).
 - HTTPBackend: any OpenAI-compatible endpoint (`/v1/chat/completions`: vLLM, SGLang, TGI, OpenAI, ...), with a
@@ -11,6 +16,8 @@ A request is chat messages plus either `labels` (read the next-token probability
 """
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import math
 import os
@@ -21,6 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from openrlaif.batch import split_evenly
+
+# bad_response details of a broken transfer (a cut JSON body, a cut HTTP body): worth retrying, unlike a complete
+# reply that has no usable verdict.
+RETRIED = ("json", "http")
 
 
 @dataclass
@@ -43,11 +54,37 @@ class Reply:
     attempts: int = 1
 
 
+def model_fingerprint(path: str, chunks: int = 16, chunk_bytes: int = 1 << 16) -> str:
+    """A short hash of a model folder's contents: the name, size and `chunks` evenly spaced 64 KiB samples of
+    every weight file, plus the config and tokenizer files whole. Retraining changes essentially every weight, so
+    two checkpoints written to the same path get different fingerprints; reading 1 MiB per file keeps it cheap
+    for a 70B model. A path that is not a folder is hashed by name (a served model name, say)."""
+    digest = hashlib.sha256(path.encode())
+    if not os.path.isdir(path):
+        return digest.hexdigest()[:16]
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            continue
+        size = os.path.getsize(full)
+        digest.update(f"{name}:{size}".encode())
+        with open(full, "rb") as handle:
+            if name.endswith((".json", ".txt", ".model", ".jinja")) and size <= 64 << 20:
+                digest.update(handle.read())
+                continue
+            for k in range(chunks):
+                handle.seek(max(0, (size - chunk_bytes) * k // max(chunks - 1, 1)))
+                digest.update(handle.read(chunk_bytes))
+    return digest.hexdigest()[:16]
+
+
 class LocalBackend:
     """Fans requests out over the JudgeWorker group (contiguous shards, one call per worker)."""
 
-    def __init__(self, group, name: str) -> None:
+    def __init__(self, group, name: str, dtype: str = "float32", max_prompt_tokens: int = 1024) -> None:
         self.group, self.name = group, name
+        self.identity = {"backend": "local", "model": name, "weights": model_fingerprint(name), "dtype": dtype,
+                         "max_prompt_tokens": max_prompt_tokens}
 
     def complete(self, requests: list[JudgeRequest]) -> list[Reply]:
         import ray
@@ -68,6 +105,7 @@ class HTTPBackend:
         self.model, self.timeout_s, self.max_retries, self.backoff_s = model, timeout_s, max_retries, backoff_s
         self.concurrency, self.top_logprobs = concurrency, top_logprobs
         self.name = f"{base_url}|{model}"
+        self.identity = {"backend": "http", "url": self.url, "model": model, "top_logprobs": top_logprobs}
         self._api_key_env = api_key_env
 
     def complete(self, requests: list[JudgeRequest]) -> list[Reply]:
@@ -97,7 +135,7 @@ class HTTPBackend:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             reply = self._attempt(request)
             reply.attempts = attempt + 1
-            if reply.failure is None or (reply.failure == "bad_response" and not reply.detail.startswith("json")):
+            if reply.failure is None or (reply.failure == "bad_response" and not reply.detail.startswith(RETRIED)):
                 return reply    # a well-formed reply without a usable verdict is not retried: it would repeat
         return reply
 
@@ -108,6 +146,11 @@ class HTTPBackend:
                 raw = response.read()
         except urllib.error.HTTPError as err:
             return Reply(failure="endpoint_error", detail=f"HTTP {err.code}")
+        except http.client.HTTPException as err:
+            # A body cut short of its Content-Length (IncompleteRead), a garbled status line (BadStatusLine): the
+            # transfer broke, not the judge, so it is retried like a cut JSON body. RemoteDisconnected is both an
+            # HTTPException and a ConnectionError; it is the same kind of break.
+            return Reply(failure="bad_response", detail=f"http: {type(err).__name__}: {str(err)[:120]}")
         except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as err:
             reason = getattr(err, "reason", err)
             kind = "timeout" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "endpoint_error"

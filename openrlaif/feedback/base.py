@@ -5,6 +5,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import math
+
 import torch
 
 
@@ -22,13 +24,22 @@ class FeedbackResult:
     valid: torch.Tensor                   # (B,) bool
     failures: Counter = field(default_factory=Counter)    # failure kind -> count
     metrics: dict[str, float] = field(default_factory=dict)
+    # pairwise / listwise judges: how consistent the judge was on each group (Kendall's W for listwise), by group id
+    consistency: dict[int, float] = field(default_factory=dict)
 
     @staticmethod
     def from_scores(scores: list[float | None], failure_kinds: list[str | None] | None = None,
                     metrics: dict[str, float] | None = None) -> FeedbackResult:
+        """None is no verdict; NaN or ±inf (a user function, a reward model gone wrong) is a `non_finite` failure:
+        left in, one such value would poison its group's baseline and, through whitening, the whole batch."""
+        kinds = list(failure_kinds) if failure_kinds else [None] * len(scores)
+        scores = list(scores)
+        for index, score in enumerate(scores):
+            if score is not None and not math.isfinite(float(score)):
+                scores[index], kinds[index] = None, "non_finite"
         valid = torch.tensor([s is not None for s in scores], dtype=torch.bool)
         rewards = torch.tensor([0.0 if s is None else float(s) for s in scores], dtype=torch.float32)
-        failures = Counter(kind for kind in (failure_kinds or []) if kind)
+        failures = Counter(kind for kind in kinds if kind)
         missing = int((~valid).sum()) - sum(failures.values())
         if missing > 0:
             failures["no_score"] += missing
@@ -36,4 +47,10 @@ class FeedbackResult:
 
 
 class Feedback(Protocol):
-    def score(self, prompts: list[str], responses: list[str]) -> FeedbackResult: ...
+    """`prompts[i]` is the last user message sample i answers; `group_ids[i]` the rollout group it belongs to (the
+    samples of one prompt; two rows of the same prompt text in a step are two groups); `conversations[i]` the whole
+    prompt conversation (system prompt and earlier turns). Sources that compare samples group by `group_ids`;
+    judges show the whole conversation."""
+
+    def score(self, prompts: list[str], responses: list[str], group_ids: list[int] | None = None,
+              conversations: list[list[dict]] | None = None) -> FeedbackResult: ...

@@ -17,12 +17,13 @@ class CombinedFeedback:
         self.weights = dict(zip(objectives, weights or [1.0] * len(objectives)))
         self.references: dict[str, dict[str, float]] = {name: {} for name in objectives}   # objective -> prompt -> r_ref
 
-    def calibrate(self, prompts: list[str], responses: list[str]) -> dict[str, float]:
+    def calibrate(self, prompts: list[str], responses: list[str], group_ids: list[int] | None = None,
+                  conversations: list[list[dict]] | None = None) -> dict[str, float]:
         """Score the starting policy's samples (several per prompt) and keep each objective's per-prompt quantile.
         Returns metrics: the mean reference reward per objective and the samples that had no verdict."""
         metrics = {}
         for name, feedback in self.objectives.items():
-            result = feedback.score(prompts, responses)
+            result = feedback.score(prompts, responses, group_ids=group_ids, conversations=conversations)
             by_prompt: dict[str, list[float]] = {}
             for prompt, reward, ok in zip(prompts, result.rewards.tolist(), result.valid.tolist()):
                 if ok:
@@ -32,13 +33,16 @@ class CombinedFeedback:
             metrics[f"reference/{name}_failures"] = float((~result.valid).sum())
         return metrics
 
-    def score(self, prompts: list[str], responses: list[str]) -> FeedbackResult:
+    def score(self, prompts: list[str], responses: list[str], group_ids: list[int] | None = None,
+              conversations: list[list[dict]] | None = None) -> FeedbackResult:
         total = torch.zeros(len(prompts))
         valid = torch.ones(len(prompts), dtype=torch.bool)
         failures: Counter = Counter()
         metrics: dict[str, float] = {}
+        consistency: dict[int, float] = {}
         for name, feedback in self.objectives.items():
-            result = feedback.score(prompts, responses)
+            result = feedback.score(prompts, responses, group_ids=group_ids, conversations=conversations)
+            consistency |= result.consistency
             rewards = result.rewards
             if self.transform == "lsc":
                 known = torch.tensor([p in self.references[name] for p in prompts])
@@ -56,4 +60,4 @@ class CombinedFeedback:
                 raw = result.rewards[result.valid]
                 metrics[f"objective/{name}_raw_mean"] = float(raw.mean()) if len(raw) else float("nan")
         failures = Counter({k: v for k, v in failures.items() if v})
-        return FeedbackResult(torch.where(valid, total, torch.zeros_like(total)), valid, failures, metrics)
+        return FeedbackResult(torch.where(valid, total, torch.zeros_like(total)), valid, failures, metrics, consistency)

@@ -12,9 +12,10 @@ from openrlaif.models.value import TokenValues, load_scalar_model, sequence_scor
 from openrlaif.workers.common import setup_process
 
 
-def render_conversation(tokenizer, prompt: str, response: str) -> list[int]:
-    """Tokens exactly as pipeline=reward_model trained on them: the templated prompt, the answer, end-of-turn."""
-    prompt_ids, response_ids = encode_response(tokenizer, [{"role": "user", "content": prompt}], response)
+def render_conversation(tokenizer, prompt: str, response: str, messages: list[dict] | None = None) -> list[int]:
+    """Tokens exactly as pipeline=reward_model trained on them: the templated prompt (the whole conversation when
+    there is one), the answer, end-of-turn."""
+    prompt_ids, response_ids = encode_response(tokenizer, messages or [{"role": "user", "content": prompt}], response)
     return prompt_ids + response_ids
 
 
@@ -37,8 +38,10 @@ class RewardModelWorker:
         return True
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        rows = [render_conversation(self.tokenizer, p, r)[-self.max_tokens:] for p, r in zip(prompts, responses)]
+    def score(self, prompts: list[str], responses: list[str], conversations: list | None = None) -> list[float]:
+        conversations = conversations or [None] * len(prompts)
+        rows = [render_conversation(self.tokenizer, p, r, c)[-self.max_tokens:]
+                for p, r, c in zip(prompts, responses, conversations)]
         scores: list[float] = []
         for lo in range(0, len(rows), self.micro_batch_size):
             ids, mask = (t.to(self.device) for t in left_pad(rows[lo:lo + self.micro_batch_size], self.pad_id))
@@ -50,7 +53,9 @@ class RewardModelFeedback:
     def __init__(self, group) -> None:
         self.group = group
 
-    def score(self, prompts: list[str], responses: list[str]) -> FeedbackResult:
+    def score(self, prompts: list[str], responses: list[str], group_ids: list[int] | None = None,
+              conversations: list[list[dict]] | None = None) -> FeedbackResult:
         shards = split_evenly(len(prompts), len(self.group))
-        refs = self.group.map(lambda worker, span: worker.score.remote(prompts[span], responses[span]), shards)
+        refs = self.group.map(lambda worker, span: worker.score.remote(
+            prompts[span], responses[span], conversations[span] if conversations else None), shards)
         return FeedbackResult.from_scores([s for shard in ray.get(refs) for s in shard])

@@ -41,7 +41,10 @@ class FunctionFeedback:
     def __init__(self, spec: str, kwargs: dict) -> None:
         self.spec, self.fn, self.kwargs = spec, load_function(spec), dict(kwargs)
 
-    def score(self, prompts: list[str], responses: list[str]) -> FeedbackResult:
+    def score(self, prompts: list[str], responses: list[str], group_ids: list[int] | None = None,
+              conversations: list[list[dict]] | None = None) -> FeedbackResult:
+        """The user function keeps its (prompts, responses, **kwargs) signature; groups and conversations are not
+        passed to it."""
         scores = list(self.fn(prompts, responses, **self.kwargs))
         if len(scores) != len(responses):
             raise ValueError(f"feedback.function={self.spec!r} returned {len(scores)} scores for "

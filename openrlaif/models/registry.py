@@ -46,6 +46,18 @@ SHORT_NAMES = {
     "tiny-random-llama": _build_tiny_random_llama,
 }
 
+# feedback.judge.min_label_mass when left null, for the shipped models that are weak judges. SmolLM2-135M-Instruct
+# asked for a single score digit puts 4-24% of its next-token probability on "1".."9" (median 10%, 17 demo
+# prompts; on "A"/"B" 14-37%): most of the rest goes to "The". Any other judge gets config.MIN_LABEL_MASS.
+JUDGE_LABEL_MASS = {"smollm2-135m-instruct": 0.02}
+
+
+def default_min_label_mass(judge_model: str) -> float:
+    """The probability on the labels below which a probs verdict is unparseable, for `judge_model` (a short name,
+    a folder, or an endpoint's model name) when feedback.judge.min_label_mass is null."""
+    from openrlaif.config import MIN_LABEL_MASS
+    return JUDGE_LABEL_MASS.get(judge_model, MIN_LABEL_MASS)
+
 
 @contextmanager
 def _file_lock(path: str):

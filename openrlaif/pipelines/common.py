@@ -14,7 +14,8 @@ from openrlaif.workers.group import SharedPlacement, WorkerGroup
 
 def prepare_output_dir(cfg: Config) -> str:
     """The absolute output folder, with the resolved config written into it; refuses to replace a checkpoint
-    without output.overwrite=true (resume=true continues the run that wrote it, and may)."""
+    without output.overwrite=true (resume=true continues the run that wrote it, and may). With overwrite, an earlier
+    run's resumable checkpoints are deleted and its verdict cache is moved aside."""
     out_dir = os.path.abspath(cfg.output.dir)
     final_exists = os.path.exists(os.path.join(out_dir, "checkpoint"))
     if cfg.output.save_final and final_exists and not (cfg.output.overwrite or cfg.resume):
@@ -27,6 +28,12 @@ def prepare_output_dir(cfg: Config) -> str:
                               "continue it, output.overwrite=true to start over (they are deleted), or a new "
                               "output.dir.")
         shutil.rmtree(resumable)
+    cache = os.path.join(out_dir, "judge_cache.jsonl")
+    if cfg.output.overwrite and not cfg.resume and os.path.exists(cache):
+        # Starting over: the old run's verdicts are moved aside, never served to this run (rename the file back
+        # to reuse them: their keys name the judge model, its settings and every request exactly).
+        os.replace(cache, cache + ".previous")
+        print(f"[openrlaif] output.overwrite=true: moved the earlier verdict cache to {cache}.previous")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.yaml"), "w") as handle:
         handle.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -14,8 +14,9 @@ from openrlaif.pipelines.common import prepare_output_dir, threads_per_worker
 from openrlaif.runtime import ray_session
 
 
-def load_labelled_pairs(path: str) -> list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected) texts; message-style rows use their last user message as the prompt."""
+def load_labelled_pairs(path: str) -> list[tuple[str, str, str, list[dict] | None]]:
+    """(prompt, chosen, rejected, conversation): message-style rows give the judge their whole conversation (the
+    prompt text is its last user message)."""
     path = DEMO_PAIRS if path == "demo" else path
     out = []
     for where, row in read_jsonl(path, "data.pairs", '{"prompt", "chosen", "rejected"}'):
@@ -25,9 +26,9 @@ def load_labelled_pairs(path: str) -> list[tuple[str, str, str]]:
             messages, chosen = split_conversation(row["chosen"], where, "chosen")
             _, rejected = split_conversation(row["rejected"], where, "rejected")
             prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            out.append((prompt, chosen, rejected, messages))
         else:
-            prompt, chosen, rejected = row.get("prompt", ""), row["chosen"], row["rejected"]
-        out.append((prompt, chosen, rejected))
+            out.append((row.get("prompt", ""), row["chosen"], row["rejected"], None))
     if not out:
         raise ConfigError(f"data.pairs={path!r} holds no pairs.")
     return out
@@ -46,7 +47,8 @@ def train(cfg: Config) -> dict:
     with ray_session(cfg.cluster, cpus):
         group, judge = start_judge(cfg, judge_path, out_dir, threads_per_worker(cfg, judge_cfg.resources.num_workers))
         try:
-            comparisons = judge.compare([p for p, _, _ in pairs], [c for _, c, _ in pairs], [r for _, _, r in pairs])
+            comparisons = judge.compare([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs],
+                                        [p[3] for p in pairs])
             stats = judge.take_stats()
         finally:
             if group is not None:

@@ -7,7 +7,8 @@ Writes, in output.dir:
   pairs.jsonl   {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}: what pipeline=preference
                 and pipeline=reward_model read as data.pairs
   ranked.jsonl  {"prompt", "responses", "scores"} for prompts whose whole group was scored: LiPO's lists
-  label.json    counts, skip reasons, judge metrics
+  label.json    counts, skip reasons, judge metrics; with a listwise judge, Kendall's W of every prompt and
+                whether label.keep_top_fraction kept it
 """
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from openrlaif.config import Config
-from openrlaif.data.labelling import pair_row, select_pairs
+from openrlaif.data.labelling import most_consistent, pair_row, select_pairs
 from openrlaif.metrics import MetricsLogger, timer
-from openrlaif.pipelines.online_rl import Roles, RunInputs, feedback_metrics, generate, prepare_run, start_roles
+from openrlaif.pipelines.online_rl import (Roles, RunInputs, feedback_metrics, generate, prepare_run, score,
+                                          start_roles)
 from openrlaif.runtime import ray_session
 
 
@@ -40,7 +43,7 @@ def train(cfg: Config) -> dict:
 
 def label_prompts(cfg: Config, run: RunInputs, roles: Roles) -> dict:
     logger = MetricsLogger(run.out_dir, cfg)
-    pair_rows, ranked_rows, skipped = [], [], Counter()
+    groups, skipped = [], Counter()   # one LabelledGroup per prompt, in prompt order
     start, size = time.perf_counter(), cfg.data.prompts_per_step
     chunks = range(0, len(run.prompts), size)
     for index, lo in enumerate(tqdm(chunks, desc="openrlaif label", unit="batch", dynamic_ncols=True), start=1):
@@ -48,33 +51,70 @@ def label_prompts(cfg: Config, run: RunInputs, roles: Roles) -> dict:
         with timer(metrics, "rollout"):
             batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + index)
         with timer(metrics, "feedback"):
-            feedback = roles.feedback.score(batch.meta["prompt"], batch.meta["response"])
-        responses, rewards, valid = batch.meta["response"], feedback.rewards.tolist(), feedback.valid.tolist()
-        group_ids = batch["group_ids"].tolist()
-        pairs, chunk_skipped = select_pairs(group_ids, rewards, valid, responses, cfg.label.pairs, cfg.label.min_gap)
+            feedback = score(roles, batch)
+        chunk_groups, chunk_skipped = labelled_groups(batch, feedback, prompts, cfg, lo)
+        groups += chunk_groups
         skipped += chunk_skipped
-        for pair in pairs:
-            prompt = prompts[pair.group]
-            pair_rows.append(pair_row(prompt.text, prompt.messages, responses[pair.chosen], responses[pair.rejected],
-                                      rewards[pair.chosen], rewards[pair.rejected]))
-        for group, prompt in enumerate(prompts):   # LiPO lists: single-turn prompts whose every response scored
-            rows = [row for row, g in enumerate(group_ids) if g == group]
-            if all(valid[row] for row in rows) and (prompt.messages is None or len(prompt.messages) == 1):
-                ranked_rows.append({"prompt": prompt.text, "responses": [responses[r] for r in rows],
-                                    "scores": [round(rewards[r], 6) for r in rows]})
         metrics |= feedback_metrics(feedback, float(batch["response_mask"].sum()), metrics["time/feedback_s"])
-        metrics |= {"label/pairs": float(len(pairs))} | {f"label/skipped/{k}": float(v) for k, v in chunk_skipped.items()}
+        metrics |= {"label/pairs": float(sum(len(g.pairs) for g in chunk_groups))}
+        metrics |= {f"label/skipped/{k}": float(v) for k, v in chunk_skipped.items()}
         logger.log(index, metrics)
     logger.close()
+    kept = keep_most_consistent(groups, cfg.label.keep_top_fraction)
+    skipped["low_consistency"] += sum(1 for g in groups if g.pairs and not kept[g.index])
+    pair_rows = [row for g in groups if kept[g.index] for row in g.pairs]
+    ranked_rows = [g.ranked for g in groups if kept[g.index] and g.ranked is not None]
     out = run.out_dir
     summary = {"prompts": len(run.prompts), "responses_per_prompt": cfg.rollout.samples_per_prompt,
-               "pairs": len(pair_rows), "ranked_lists": len(ranked_rows), "skipped": dict(skipped),
+               "pairs": len(pair_rows), "ranked_lists": len(ranked_rows), "skipped": dict(+skipped),   # +: without zero counts
                "pairs_path": write_jsonl(os.path.join(out, "pairs.jsonl"), pair_rows),
                "ranked_path": write_jsonl(os.path.join(out, "ranked.jsonl"), ranked_rows),
                "seconds": round(time.perf_counter() - start, 3), "metrics_path": logger.path}
+    if any(g.consistency is not None for g in groups):   # a listwise judge: Kendall's W of every prompt
+        summary["keep_top_fraction"] = cfg.label.keep_top_fraction
+        summary["kendalls_w"] = [{"prompt": g.prompt, "w": g.consistency, "kept": kept[g.index]} for g in groups]
     with open(os.path.join(out, "label.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
+
+
+@dataclass
+class LabelledGroup:
+    """What one prompt's scored group yields: its pairs.jsonl rows, its ranked.jsonl row (None unless every
+    response was scored and the prompt is single-turn), and Kendall's W of its rankings (listwise judges)."""
+    index: int
+    prompt: str
+    pairs: list[dict]
+    ranked: dict | None
+    consistency: float | None
+
+
+def labelled_groups(batch, feedback, prompts: list, cfg: Config,
+                    offset: int = 0) -> tuple[list[LabelledGroup], Counter]:
+    """The groups of one batch of prompts (`offset`: the first one's position in data.prompts)."""
+    responses, rewards, valid = batch.meta["response"], feedback.rewards.tolist(), feedback.valid.tolist()
+    group_ids = batch["group_ids"].tolist()
+    pairs, skipped = select_pairs(group_ids, rewards, valid, responses, cfg.label.pairs, cfg.label.min_gap)
+    out = []
+    for group, prompt in enumerate(prompts):
+        rows = [row for row, g in enumerate(group_ids) if g == group]
+        pair_rows = [pair_row(prompt.text, prompt.messages, responses[p.chosen], responses[p.rejected],
+                              rewards[p.chosen], rewards[p.rejected]) for p in pairs if p.group == group]
+        ranked = None   # LiPO lists: single-turn prompts whose every response scored
+        if all(valid[row] for row in rows) and (prompt.messages is None or len(prompt.messages) == 1):
+            ranked = {"prompt": prompt.text, "responses": [responses[r] for r in rows],
+                      "scores": [round(rewards[r], 6) for r in rows]}
+        out.append(LabelledGroup(offset + group, prompt.text, pair_rows, ranked,
+                                 feedback.consistency.get(group)))
+    return out, skipped
+
+
+def keep_most_consistent(groups: list[LabelledGroup], fraction: float) -> dict[int, bool]:
+    """Which prompts label.keep_top_fraction keeps: all with fraction 1, else the most consistently ranked."""
+    if fraction >= 1:
+        return {g.index: True for g in groups}
+    keep = most_consistent({g.index: g.consistency for g in groups if g.consistency is not None}, fraction)
+    return {g.index: g.index in keep for g in groups}
 
 
 def write_jsonl(path: str, rows: list[dict]) -> str:

@@ -10,7 +10,7 @@ import torch
 from openrlaif.batch import Batch
 from openrlaif.config import Config
 from openrlaif.data import PromptStream
-from openrlaif.data.labelling import select_pairs
+from openrlaif.data.labelling import most_consistent, select_pairs
 from openrlaif.data.pairs import both_sides
 from openrlaif.metrics import timer
 from openrlaif.pipelines import online_rl
@@ -34,9 +34,13 @@ def one_round(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, s
     with timer(metrics, "rollout"):        # 1. a group of responses per prompt from the current policy
         batch = generate(roles, prompts, cfg, run.tokenizer, seed=cfg.seed * 10_000 + step)
     with timer(metrics, "feedback"):       # 2. score them; failed verdicts leave their response out
-        feedback = roles.feedback.score(batch.meta["prompt"], batch.meta["response"])
+        feedback = online_rl.score(roles, batch)
     pairs, skipped = select_pairs(batch["group_ids"].tolist(), feedback.rewards.tolist(), feedback.valid.tolist(),
                                   batch.meta["response"], "best_worst", cfg.label.min_gap)
+    if cfg.label.keep_top_fraction < 1:    # listwise judge: only this step's most consistently ranked prompts
+        kept = most_consistent(feedback.consistency, cfg.label.keep_top_fraction)
+        skipped["low_consistency"] += sum(pair.group not in kept for pair in pairs)
+        pairs = [pair for pair in pairs if pair.group in kept]
     pair_batch = pairs_from_rollout(batch, pairs, len(prompts))   # 3. one pair per prompt (masked: none)
     with timer(metrics, "logprobs"):       # 4. reference log-probs of both answers
         add_reference_logps(roles, pair_batch)

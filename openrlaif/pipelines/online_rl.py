@@ -111,6 +111,8 @@ class Progress:
         self.stream.position = state["stream_position"]
         if "references" in state:   # LSC reference rewards of the starting policy: not recomputed
             self.roles.feedback.references = state["references"]
+        if "judge_run_id" in state and self.roles.judge_client is not None:   # a self-judge's verdicts are this run's
+            self.roles.judge_client.run_id = state["judge_run_id"]
         sync_weights(self.roles, self.cfg, step)   # engines (and a self-judge) get the restored weights
         truncate_metrics(os.path.join(self.run.out_dir, "metrics.jsonl"), step)
         self.checkpointer.last_path = path
@@ -125,6 +127,8 @@ class Progress:
         state = {"stream_position": self.stream.position - prefetched}
         if getattr(self.roles.feedback, "references", None) is not None:
             state["references"] = self.roles.feedback.references
+        if self.roles.judge_client is not None:
+            state["judge_run_id"] = self.roles.judge_client.run_id
         with self.step(step, {}, phase="checkpoint"):   # a worker may die while writing its shard, too
             path = self.checkpointer.save(step, self.trained, state)
         tqdm.write(f"[openrlaif] resumable checkpoint: {path}")
@@ -346,12 +350,13 @@ def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,
     if jc.backend == "http":
         backend = HTTPBackend(jc.base_url, jc.model, jc.api_key_env, jc.timeout_s, jc.max_retries, jc.backoff_s,
                               jc.concurrency, jc.top_logprobs)
-        return None, Judge(backend, jc, cache_path)
+        return None, Judge(backend, jc, cache_path, model_name=jc.model)
     group = WorkerGroup("judge", JudgeWorker, jc.resources, lambda rank: dict(
         model_path=judge_path, dtype=cfg.model.dtype, threads=threads, seed=cfg.seed,
         max_prompt_tokens=jc.max_prompt_tokens, micro_batch_size=jc.micro_batch_size,
         trust_remote_code=cfg.model.trust_remote_code), shared=shared)
-    return group, Judge(LocalBackend(group, judge_path), jc, cache_path)
+    backend = LocalBackend(group, judge_path, cfg.model.dtype, jc.max_prompt_tokens)
+    return group, Judge(backend, jc, cache_path, model_name=jc.model or cfg.model.path)
 
 
 def function_name(spec: str) -> str:
@@ -364,7 +369,8 @@ def calibrate_references(roles: Roles, run: RunInputs, cfg: Config) -> dict[str,
     scored by every objective; each keeps its per-prompt quantile as r_ref(x) for the LSC transform."""
     sampling = replace(cfg.rollout, samples_per_prompt=cfg.feedback.reference_samples)
     batch = generate(roles, run.prompts, replace(cfg, rollout=sampling), run.tokenizer, seed=cfg.seed * 10_000)
-    return roles.feedback.calibrate(batch.meta["prompt"], batch.meta["response"])
+    return roles.feedback.calibrate(batch.meta["prompt"], batch.meta["response"], group_ids=batch["group_ids"].tolist(),
+                                    conversations=batch.meta["conversation"])
 
 
 # ---------------------------------------------------------------------------------------------------- phases
@@ -412,6 +418,7 @@ def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
     batch = completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,
                                  tokenizer.pad_token_id)
+    batch.meta["conversation"] = [prompts[c.prompt_index].messages for c in completions]   # what a judge is shown
     if greedy:
         greedy_texts = tokenizer.batch_decode([greedy[i] for i in range(len(prompts))], skip_special_tokens=True)
         batch.meta["baseline_response"] = [greedy_texts[c.prompt_index] for c in completions]
@@ -434,22 +441,27 @@ def next_rollout(roles: Roles, stream: PromptStream, cfg: Config, tokenizer, ste
 
 
 def score(roles: Roles, batch: Batch) -> FeedbackResult:
-    """Rewards for the samples, in one feedback call together with the greedy baselines when there are any.
-    A sample whose baseline verdict failed is masked too: its advantage would be undefined."""
+    """Rewards for the samples, with their rollout groups (a pairwise or listwise judge compares within a group,
+    never across two groups of the same prompt text) and conversations (a judge sees every turn). Greedy baselines
+    (ReMax), when there are any, are scored in the same call, each in its sample's group; a sample whose baseline
+    verdict failed is masked too: its advantage would be undefined."""
     prompts, responses = batch.meta["prompt"], batch.meta["response"]
+    groups, conversations = batch["group_ids"].tolist(), batch.meta.get("conversation")
     if "baseline_response" not in batch.meta:
-        return roles.feedback.score(prompts, responses)
-    groups = batch["group_ids"].tolist()
+        return roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations)
     first = {group: row for row, group in reversed(list(enumerate(groups)))}   # one baseline per prompt
     rows = sorted(first.values())
     result = roles.feedback.score(prompts + [prompts[r] for r in rows],
-                                  responses + [batch.meta["baseline_response"][r] for r in rows])
+                                  responses + [batch.meta["baseline_response"][r] for r in rows],
+                                  group_ids=groups + [groups[r] for r in rows],
+                                  conversations=conversations + [conversations[r] for r in rows] if conversations
+                                  else None)
     size = len(batch)
     baseline_of = {groups[r]: size + k for k, r in enumerate(rows)}
     index = torch.tensor([baseline_of[g] for g in groups])
     batch["baseline_rewards"] = result.rewards[index]
     return FeedbackResult(result.rewards[:size], result.valid[:size] & result.valid[index], result.failures,
-                          result.metrics)
+                          result.metrics, result.consistency)
 
 
 def compute_advantages(batch: Batch, valid: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -516,7 +528,7 @@ def update_actor(roles: Roles, batch: Batch, cfg: Config) -> dict[str, float]:
         critic = results[len(actor_refs):]
         total["critic/value_loss"] = sum(r["value_loss"] for r in critic)
         total["critic/clip_fraction"] = (sum(r["value_clip_x_tokens"] for r in critic)
-                                         / max(sum(r["response_tokens"] for r in critic), 1.0))
+                                         / max(sum(r["valid_tokens"] for r in critic), 1.0))
         total["critic/grad_norm"] = critic[0]["grad_norm"]
     return total
 
@@ -542,11 +554,12 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
         "response/length_mean": response_tokens / len(batch),
         "response/finished_fraction": float(batch["finished"].float().mean()),
         "train/loss": train["loss"], "train/policy_loss": train["policy_loss"], "train/kl": train["kl"],
-        "train/clip_fraction": train["clip_fraction_x_tokens"] / max(train["response_tokens"], 1.0),
-        "train/ratio_mean": train["ratio_x_tokens"] / max(train["response_tokens"], 1.0),
-        **({"train/is_weight_mean": train["is_weight_x_tokens"] / max(train["response_tokens"], 1.0),
-            "train/is_truncated_fraction": train["is_truncated_x_tokens"] / max(train["response_tokens"], 1.0),
-            "train/behaviour_kl": train["behaviour_kl_x_tokens"] / max(train["response_tokens"], 1.0)}
+        # means over the tokens they were summed over: the response tokens of unmasked samples
+        "train/clip_fraction": train["clip_fraction_x_tokens"] / max(train["valid_tokens"], 1.0),
+        "train/ratio_mean": train["ratio_x_tokens"] / max(train["valid_tokens"], 1.0),
+        **({"train/is_weight_mean": train["is_weight_x_tokens"] / max(train["valid_tokens"], 1.0),
+            "train/is_truncated_fraction": train["is_truncated_x_tokens"] / max(train["valid_tokens"], 1.0),
+            "train/behaviour_kl": train["behaviour_kl_x_tokens"] / max(train["valid_tokens"], 1.0)}
            if train.get("is_weight_x_tokens") else {}),
         "train/grad_norm": train["grad_norm"],
         "throughput/rollout_tokens_per_s": response_tokens / max(times["time/rollout_s"], 1e-9),

@@ -38,7 +38,7 @@ class ActorWorker(DeepSpeedWorker):
         loss_fn = POLICY_LOSSES[self.algo.policy_loss]
         start_time = time.perf_counter()
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "ratio": 0.0,
-                "is_weight": 0.0, "is_truncated": 0.0, "behaviour_kl": 0.0}
+                "is_weight": 0.0, "is_truncated": 0.0, "behaviour_kl": 0.0, "valid_tokens": 0.0}
         algo = self.algo
         tokens_seen, grad_norm = 0, 0.0
         for _ in range(self.cfg.epochs):
@@ -71,15 +71,16 @@ class ActorWorker(DeepSpeedWorker):
                                   entropy=entropy, entropy_coef=algo.entropy_coef, loss_agg=algo.loss_agg,
                                   num_tokens=max(float(normalizer), 1.0), is_weights=is_weights)
                     self.backward_and_step(out.loss)
-                    micro_tokens = float(micro["response_mask"].sum())
+                    # clip fraction and ratio are means over this micro-batch's valid tokens: weigh them by those
+                    valid_tokens = float(token_mask.sum())
+                    sums["valid_tokens"] += valid_tokens
                     tokens_seen += int(micro["attention_mask"].sum())
                     for key, value in (("loss", out.loss), ("policy_loss", out.policy_loss), ("kl", out.kl),
                                        ("entropy", out.entropy)):
                         sums[key] += float(value.detach())
-                    sums["clip_fraction"] += float(out.clip_fraction) * micro_tokens
-                    sums["ratio"] += float(out.ratio_mean) * micro_tokens
+                    sums["clip_fraction"] += float(out.clip_fraction) * valid_tokens
+                    sums["ratio"] += float(out.ratio_mean) * valid_tokens
                 grad_norm = self.grad_norm()
-        response_tokens = float(batch["response_mask"].sum()) * self.cfg.epochs
         updates = self.updates_per_step(batch)
         return {
             # Each micro-step's pieces are normalised by the global mini-batch token count: summed over
@@ -92,7 +93,7 @@ class ActorWorker(DeepSpeedWorker):
             "is_weight_x_tokens": sums["is_weight"], "is_truncated_x_tokens": sums["is_truncated"],
             "behaviour_kl_x_tokens": sums["behaviour_kl"],
             "ratio_x_tokens": sums["ratio"],
-            "response_tokens": response_tokens,
+            "valid_tokens": sums["valid_tokens"],   # response tokens of unmasked samples, over every epoch
             "tokens": float(tokens_seen),
             "grad_norm": grad_norm,
             "seconds": time.perf_counter() - start_time,

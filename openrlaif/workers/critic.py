@@ -54,7 +54,7 @@ class CriticWorker(DeepSpeedWorker):
         """Regress V on the GAE returns over this worker's shard: `returns`, `values` (V_old), masks."""
         self.engine.train()
         start_time = time.perf_counter()
-        loss_sum, clip_sum, grad_norm = 0.0, 0.0, 0.0
+        loss_sum, clip_sum, valid_tokens, grad_norm = 0.0, 0.0, 0.0, 0.0
         for _ in range(self.cfg.epochs):
             for mini in batch.chunks_of(self.per_rank_mini):
                 mask = mini["response_mask"] * mini["sample_mask"].unsqueeze(-1)
@@ -62,15 +62,17 @@ class CriticWorker(DeepSpeedWorker):
                 for micro in mini.chunks_of(self.cfg.micro_batch_size):
                     micro = trim_to_content(micro).to(self.device)
                     values = response_values(self.engine, micro)
-                    loss, clip_fraction = value_loss(values, micro["values"], micro["returns"],
-                                                     micro["response_mask"] * micro["sample_mask"].unsqueeze(-1),
+                    token_mask = micro["response_mask"] * micro["sample_mask"].unsqueeze(-1)
+                    loss, clip_fraction = value_loss(values, micro["values"], micro["returns"], token_mask,
                                                      self.cfg.value_clip, num_tokens)
                     self.backward_and_step(loss)
                     loss_sum += float(loss.detach())
-                    clip_sum += float(clip_fraction) * float(micro["response_mask"].sum())
+                    # the clip fraction is a mean over this micro-batch's valid tokens: weigh it by those
+                    clip_sum += float(clip_fraction) * float(token_mask.sum())
+                    valid_tokens += float(token_mask.sum())
                 grad_norm = self.grad_norm()
         return {"value_loss": loss_sum / self.updates_per_step(batch), "value_clip_x_tokens": clip_sum,
-                "response_tokens": float(batch["response_mask"].sum()) * self.cfg.epochs, "grad_norm": grad_norm,
+                "valid_tokens": valid_tokens, "grad_norm": grad_norm,
                 "seconds": time.perf_counter() - start_time}
 
     def reward_model_step(self, batch: Batch) -> dict[str, float]:

@@ -20,7 +20,9 @@ def effective_zero_stage(cfg: ActorConfig, world_size: int) -> int:
     return cfg.zero_stage
 
 
-def deepspeed_config(cfg: ActorConfig, world_size: int, micro_batch: int, accumulation: int, bf16: bool) -> dict:
+def deepspeed_config(cfg: ActorConfig, world_size: int, micro_batch: int, accumulation: int, bf16: bool,
+                     cpu_adam: bool = False) -> dict:
+    """`cpu_adam`: the optimizer is DeepSpeed's own CPU Adam (ZeRO-Offload on GPU); else a torch AdamW."""
     stage = effective_zero_stage(cfg, world_size)
     zero: dict = {"stage": stage}
     if stage == 3:
@@ -29,7 +31,12 @@ def deepspeed_config(cfg: ActorConfig, world_size: int, micro_batch: int, accumu
         zero["offload_optimizer"] = {"device": "cpu"}
         if stage == 3:
             zero["offload_param"] = {"device": "cpu"}
-    return {
+    extra = {}
+    if cfg.offload and stage > 0 and not cpu_adam:
+        # DeepSpeed refuses a client torch optimizer under ZeRO-Offload unless told it is wanted: without an
+        # accelerator the "offloaded" states are on the CPU anyway, and torch's AdamW needs no C++ build.
+        extra["zero_force_ds_cpu_optimizer"] = False
+    return extra | {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro_batch * accumulation * world_size,
@@ -41,16 +48,64 @@ def deepspeed_config(cfg: ActorConfig, world_size: int, micro_batch: int, accumu
     }
 
 
-def init_distributed(backend: str):
-    """Module-level on purpose: Ray pickles actor methods by value, and one that touches both `torch` and an
-    attribute named `ops` makes cloudpickle try to pickle `torch.ops`."""
+def disable_dropout(model) -> None:
+    """Every dropout off: nn.Dropout modules (GPT-2, OPT, ...) and the attention dropout rate that Llama-style
+    attention reads from a float attribute at each forward."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for name in list(vars(config)) if config is not None else []:
+        if ("dropout" in name or name.endswith("_pdrop")) and isinstance(getattr(config, name), float):
+            setattr(config, name, 0.0)
+
+
+def init_distributed(backend: str, rank: int, world_size: int, master_addr: str, master_port: int):
+    """torch.distributed for one role's workers, then DeepSpeed on top of it. Module-level on purpose: Ray pickles
+    actor methods by value, and one that touches both `torch` and an attribute named `ops` makes cloudpickle try
+    to pickle `torch.ops`.
+
+    The rendezvous listens on `master_addr` only (rank 0's node IP; 127.0.0.1 on a local cluster): torch's
+    TCPStore server otherwise binds to every interface ("::"), which made a local run reachable from outside. So
+    rank 0 binds the socket itself and hands it to the store. gloo's (and, on one machine, NCCL's) own sockets go
+    to the interface that holds master_addr when this node has it."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
     if backend == "gloo":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    interface = local_interface(master_addr)
+    if interface:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+        if master_addr.startswith("127."):   # every rank on this machine
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+    timeout = datetime.timedelta(minutes=30)
+    listener = None
+    if rank == 0:
+        listener = socket.socket(socket.AF_INET6 if ":" in master_addr else socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((master_addr, master_port))
+        listener.listen(128)
+    store = dist.TCPStore(master_addr, master_port, world_size, rank == 0, timeout,
+                          master_listen_fd=listener.fileno() if listener else None)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     import deepspeed
     # On CPU, init_distributed JIT-compiles a shared-memory comm op (~26 s, needs a compiler); gloo is enough.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=backend)
-    return deepspeed
+    deepspeed.init_distributed(dist_backend=backend)   # wraps the process group above
+    return deepspeed, (store, listener)
+
+
+def local_interface(address: str) -> str | None:
+    """The name of this machine's network interface that holds `address` ("lo" for 127.0.0.1), else None."""
+    import psutil
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(entry.address.split("%")[0] == address for entry in addresses):
+            return name
+    return None
 
 
 class DeepSpeedWorker:
@@ -61,7 +116,7 @@ class DeepSpeedWorker:
         setup_process(threads, seed)
         os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port))
-        self._deepspeed = init_distributed(backend)
+        self._deepspeed, self._rendezvous = init_distributed(backend, rank, world_size, master_addr, master_port)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.zero_stage = effective_zero_stage(cfg, world_size)
         self.bf16 = dtype == "bfloat16"
@@ -70,16 +125,28 @@ class DeepSpeedWorker:
         self.accumulation = self.per_rank_mini // cfg.micro_batch_size
 
     def build_engine(self, model) -> None:
-        """fp32 master weights; bf16 compute via DeepSpeed when model.dtype=bfloat16."""
+        """fp32 master weights; bf16 compute via DeepSpeed when model.dtype=bfloat16. Dropout is off unless
+        `keep_dropout` (TRL's default too): with it on, log π of the same tokens differs between the rollout's
+        log-prob pass and the update, so the on-policy ratio is not 1 and DPO's log-ratios are noisy."""
+        if not self.cfg.keep_dropout:
+            disable_dropout(model)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        cpu_adam = self.cfg.offload and self.zero_stage > 0 and torch.cuda.is_available()
+        if cpu_adam:   # ZeRO-Offload's C++ Adam steps the fp32 states on the host (JIT-built once per machine)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.engine, *_ = self._deepspeed.initialize(
             model=model, optimizer=optimizer,
             config=deepspeed_config(self.cfg, self.world_size, self.cfg.micro_batch_size, self.accumulation,
-                                    self.bf16))
-        if self.world_size == 1:
-            # Nothing to average over; DeepSpeed would still flatten every gradient into buckets and back.
+                                    self.bf16, cpu_adam))
+        if self.zero_stage == 0 and self.world_size == 1:
+            # Nothing to average over; DeepSpeed would still flatten every gradient into buckets and back. Only at
+            # stage 0: at stages 1-2 that all-reduce is also what flushes the last gradient bucket into the
+            # partitions (without it, engine.step() fails with KeyError: 0), which one worker with offload runs.
             self.engine.enable_backward_allreduce = False
         self.device = self.engine.device
 

@@ -11,8 +11,8 @@ from tests.unit.test_metrics_writers import tensorboard_scalars, wandb_history
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def cli(*args, env_extra=None, timeout=300):
-    env = dict(os.environ, **(env_extra or {}))
+def cli(*args, env_extra=None, timeout=300, unset=()):
+    env = {k: v for k, v in dict(os.environ, **(env_extra or {})).items() if k not in unset}
     return subprocess.run([sys.executable, "-m", "openrlaif", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -57,20 +57,30 @@ def test_empty_and_malformed_prompt_files(cache_env, tmp_path):
     assert out.returncode == 2 and "bad.jsonl:2: not valid JSON" in out.stderr
 
 
-def test_tiny_run_then_refuses_to_overwrite_without_consent(cache_env, tmp_path):
-    args = ["train", "model=tiny", "feedback=function", "algorithm=reinforce_pp_baseline", "steps=1",
-            "rollout.engine=hf",
-            "rollout.max_new_tokens=8",
-            "data.prompts_per_step=2", "rollout.samples_per_prompt=2", "actor.micro_batch_size=2",
-            f"output.dir={tmp_path}"]
-    out = cli(*args, env_extra=cache_env, timeout=600)
+def test_tiny_run_listens_on_loopback_only_then_refuses_to_overwrite_without_consent(cache_env, tmp_path):
+    """Run as a user runs it, without the Makefile's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the local cluster's
+    node IP is 127.0.0.1 and no socket of the run's process tree (Ray's servers and agents, the workers, vLLM,
+    the DeepSpeed rendezvous and gloo) listens outside loopback, read from /proc by the reward function while
+    the cluster is up."""
+    record = tmp_path / "listeners.json"
+    args = ["train", "model=tiny", "feedback=function", "feedback.function=tests.integration.rewards:record_listeners",
+            "algorithm=reinforce_pp_baseline", "steps=1", "rollout.engine=vllm", "rollout.max_new_tokens=8",
+            "rollout.kv_cache_gib=0.05", "data.prompts_per_step=2", "rollout.samples_per_prompt=2",
+            "actor.micro_batch_size=2", f"output.dir={tmp_path}"]
+    out = cli(*args, env_extra=cache_env | {"OPENRLAIF_TEST_LISTENERS": str(record)}, timeout=600,
+              unset=("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",))
     assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(record.read_text())
+    assert seen["node_ip"] == "127.0.0.1"
+    assert len(seen["listening"]) >= 5   # GCS, raylet, object manager, agents: they were found
+    outside = [(ip, port) for ip, port in seen["listening"] if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not outside, f"listening outside loopback: {outside}"
     assert os.path.isfile(tmp_path / "checkpoint" / "config.json")
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 1
     assert "step 1:" in out.stdout + out.stderr
     before = os.path.getmtime(tmp_path / "checkpoint" / "model.safetensors")
 
-    again = cli(*args, env_extra=cache_env)
+    again = cli(*args, env_extra=cache_env | {"OPENRLAIF_TEST_LISTENERS": str(record)})
     assert again.returncode == 2 and "output.overwrite=true" in again.stderr
     assert os.path.getmtime(tmp_path / "checkpoint" / "model.safetensors") == before
 

@@ -28,12 +28,14 @@ def session_processes(sid: int) -> list[int]:
 
 @pytest.fixture
 def ray_head():
-    """A Ray head with the dashboard (job server) on loopback, in a session of its own; stopped by killing that
-    session's processes (never `ray stop`, which would kill every Ray process on the machine). Every port is
-    free-picked so a head from an earlier test can never collide."""
+    """A Ray head with the dashboard (job server) on loopback and token auth on (~/.ray/auth_token made if
+    missing), in a session of its own; stopped by killing that session's processes (never `ray stop`, which would
+    kill every Ray process on the machine). Every port is free-picked so a head from an earlier test can never
+    collide. Yields the job server's address, the GCS port, the dashboard port and the environment."""
     temp_dir = tempfile.mkdtemp(prefix="orlhead-", dir="/tmp")   # short: Ray's socket paths have a length limit
-    dashboard = free_port()
-    ports = [f"--port={free_port()}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+    dashboard, gcs = free_port(), free_port()
+    subprocess.run([f"{VENV_BIN}/ray", "get-auth-token", "--generate"], capture_output=True, check=True)
+    ports = [f"--port={gcs}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
              f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
              f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PATH=f"{VENV_BIN}:{os.environ['PATH']}")
@@ -45,7 +47,7 @@ def ray_head():
     _, err = starter.communicate(timeout=120)
     try:
         assert starter.returncode == 0, err[-2000:]
-        yield f"http://127.0.0.1:{dashboard}", env
+        yield {"address": f"http://127.0.0.1:{dashboard}", "gcs_port": gcs, "dashboard_port": dashboard, "env": env}
     finally:
         for _ in range(3):
             for pid in session_processes(starter.pid):
@@ -58,7 +60,7 @@ def ray_head():
 
 
 def test_ray_job_submit_runs_a_job_on_the_cluster(ray_head, model_cache, tiny_model, tmp_path):
-    address, env = ray_head
+    address, env = ray_head["address"], ray_head["env"]
     out_dir = tmp_path / "job-run"
     env = dict(env, OPENRLAIF_CACHE=model_cache)
     job = subprocess.run(
@@ -138,3 +140,47 @@ def test_slurm_script_container_options_and_outside_an_allocation(tmp_path):
                              text=True)
     assert outside.returncode != 0 and "inside a SLURM allocation" in outside.stderr
     assert subprocess.run(["bash", "-n", "launchers/slurm/openrlaif.sbatch"]).returncode == 0
+
+
+def local_slurm(tmp_path, ray_head, home: str) -> dict:
+    """A one-node allocation whose srun runs its command here, so the sbatch script joins the real token-auth head
+    of `ray_head` (which stands in for the head the script would start: `ray start` itself is skipped)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[[ "$1 $2" == "show hostnames" ]] && echo node-a01\n')
+    (bin_dir / "srun").write_text(
+        f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/srun.calls\n'
+        'while [[ $# -gt 0 ]]; do case "$1" in -w) shift 2 ;; --*) shift ;; *) break ;; esac; done\n'
+        'if [[ "$*" == "hostname --ip-address" ]]; then echo 127.0.0.1; exit 0; fi\n'
+        'if [[ "$*" == *"ray start"* ]]; then exit 0; fi\n'
+        'exec "$@"\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {k: v for k, v in ray_head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    return env | {"PATH": f"{bin_dir}:{VENV_BIN}:{os.environ['PATH']}", "HOME": home, "SLURM_JOB_ID": "77",
+                  "SLURM_JOB_NODELIST": "node-a01", "SLURM_CPUS_PER_TASK": "2",
+                  "OPENRLAIF_LOG_DIR": str(tmp_path / "logs"),
+                  "RAY_PORT": str(ray_head["gcs_port"]), "DASHBOARD_PORT": str(ray_head["dashboard_port"])}
+
+
+def test_slurm_script_joins_a_token_auth_cluster_and_runs_the_job(ray_head, model_cache, tiny_model, tmp_path):
+    """Run for real against a head with token auth (Ray 2.60's default): the script exports RAY_AUTH_MODE=token
+    because ~/.ray/auth_token exists, so its join check (and the job submission) authenticate. Without the token
+    file the join fails, and the error says why (AuthenticationError) instead of only "0 of 1 nodes joined"."""
+    env = local_slurm(tmp_path, ray_head, os.environ["HOME"]) | {"OPENRLAIF_CACHE": model_cache,
+                                                                 "JOIN_TIMEOUT_S": "60"}
+    out_dir = tmp_path / "slurm-run"
+    job = subprocess.run(["bash", "launchers/slurm/openrlaif.sbatch", "model=tiny", "feedback=function", "steps=1",
+                          "rollout.engine=hf", "rollout.max_new_tokens=8", f"output.dir={out_dir}"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0, logs[-4000:]
+    assert "all 1 nodes joined" in logs and (out_dir / "checkpoint" / "model.safetensors").is_file()
+
+    home = tmp_path / "home-without-token"
+    home.mkdir()
+    env = local_slurm(tmp_path, ray_head, str(home)) | {"JOIN_TIMEOUT_S": "8"}
+    failed = subprocess.run(["bash", "launchers/slurm/openrlaif.sbatch", "steps=1"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    assert "only 0 of 1 nodes joined" in failed.stderr and "Authentication" in failed.stderr, failed.stderr[-3000:]

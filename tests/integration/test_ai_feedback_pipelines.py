@@ -120,7 +120,8 @@ def test_self_rewarding_online_dpo_the_judge_follows_the_policy(ray_cluster, tin
                                                                 follow_policy=True))
     cfg = sampling_config(tiny_model, tmp_path, "online_dpo", feedback,
                           rollout=RolloutConfig(engine="vllm", samples_per_prompt=3, max_new_tokens=8,
-                                                kv_cache_gib=0.05))
+                                                kv_cache_gib=0.05),
+                          output=OutputConfig(dir=str(tmp_path), checkpoint_every=2))
     run_inputs = prepare_run(cfg)
     roles = start_roles(cfg, run_inputs)
     request = JudgeRequest([{"role": "user", "content": "Which is better? A or B"}], ["A", "B"])
@@ -139,8 +140,11 @@ def test_self_rewarding_online_dpo_the_judge_follows_the_policy(ray_cluster, tin
         fresh.shutdown()
     assert after != before
     assert after == pytest.approx(expected, abs=1e-5)
-    # verdicts are cached per policy version: two steps, two versions of keys, none reused across steps
+    # verdicts are cached per run and policy version: two steps, two versions of keys, none reused across steps;
+    # the run id is in the resumable checkpoint, so a resume (and only a resume) reuses this run's verdicts
     assert metrics["feedback/judge_cache_hits"] == 0
+    driver = json.load(open(tmp_path / "checkpoints" / "step_000002" / "driver.json"))
+    assert driver["judge_run_id"] == roles.judge_client.run_id
 
 
 def test_constitutional_critique_revise_then_sft(ray_cluster, tiny_model, tmp_path):
@@ -182,3 +186,47 @@ def test_constitutional_with_an_http_judge_drops_failed_critiques(ray_cluster, t
     assert summary["revised"] + sum(summary["failures"].values()) == 17
     assert all(row["principles"] == [0] for row in rows)
     assert "unused" not in json.dumps(summary)
+
+
+def test_label_with_repeat_ranking_keeps_the_most_consistent_prompts(ray_cluster, tiny_model, tmp_path, monkeypatch):
+    """A listwise HTTP judge ranks each group 4 times in shuffled orders. On half the prompts it follows the
+    presentation order (inconsistent: Kendall's W < 1), on the rest it ranks by content (W = 1);
+    label.keep_top_fraction=0.5 keeps exactly the consistent half, best vs worst mean rank."""
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    prompts = tmp_path / "prompts.jsonl"
+    texts = [f"name a fruit {i}" for i in range(3)] + [f"FAULT:positional name a tree {i}" for i in range(3)]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in texts))
+    server = JudgeServer(tiny_model).start()
+    try:
+        judge = JudgeConfig(backend="http", base_url=server.base_url, model="judge", mode="listwise",
+                            readout="generate", max_new_tokens=32, rankings=4, max_retries=0)
+        cfg = sampling_config(tiny_model, tmp_path / "run", "label", FeedbackConfig(judge=judge),
+                              data=DataConfig(prompts=str(prompts), prompts_per_step=3, shuffle=False),
+                              rollout=RolloutConfig(engine="hf", samples_per_prompt=3, max_new_tokens=12),
+                              label=LabelConfig(keep_top_fraction=0.5))
+        summary = run(cfg)["metrics"]
+        # online DPO with the same judge: each step trains only on its most consistently ranked prompts
+        online = sampling_config(tiny_model, tmp_path / "online", "online_dpo", FeedbackConfig(judge=judge), steps=1,
+                                 data=DataConfig(prompts=str(prompts), prompts_per_step=6, shuffle=False),
+                                 rollout=RolloutConfig(engine="hf", samples_per_prompt=3, max_new_tokens=12),
+                                 actor=ActorConfig(lr=1e-3, micro_batch_size=6),
+                                 label=LabelConfig(keep_top_fraction=0.5))
+        online_row = run(online)["metrics"]
+    finally:
+        server.shutdown()
+    assert online_row["label/pairs"] <= 3 and online_row["label/skipped/low_consistency"] >= 2
+    assert online_row["label/pairs"] + sum(v for k, v in online_row.items() if k.startswith("label/skipped/")) == 6
+    label = json.load(open(tmp_path / "run" / "label.json"))
+    by_prompt = {row["prompt"]: row for row in label["kendalls_w"]}
+    assert len(by_prompt) == 6 and label["keep_top_fraction"] == 0.5
+    for text, row in by_prompt.items():
+        consistent = not text.startswith("FAULT")
+        assert (row["w"] == pytest.approx(1.0)) == consistent and row["kept"] == consistent, (text, row)
+    pairs = read_jsonl(summary["pairs_path"])
+    assert {row["prompt"] for row in pairs} <= {t for t in texts if not t.startswith("FAULT")}
+    assert summary["skipped"].get("low_consistency", 0) + len(pairs) + summary["skipped"].get("identical", 0) \
+        + summary["skipped"].get("tie", 0) == 6
+    for row in pairs:   # the rule ranks the shortest response first: chosen is the best mean rank (score 1)
+        assert len(row["chosen"]) <= len(row["rejected"]) and row["chosen_score"] == 1.0
+    steps = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert sum(row["feedback/judge_rankings"] for row in steps) == 6 * 4

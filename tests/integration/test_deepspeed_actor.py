@@ -92,3 +92,65 @@ def test_one_worker_runs_stage_0_with_the_same_maths_and_refuses_a_zero2_state(z
         diff = (after1[name] - after2[name]).abs()
         assert float(diff.mean()) < 1e-5 and float(diff.max()) < 6e-3, (name, float(diff.mean()), float(diff.max()))
     assert "ZeRO stage 2 on 2 worker(s)" in load_error and "stage 0 on 1" in load_error, load_error
+
+
+@pytest.fixture(scope="module")
+def dropout_model(tiny_model, tmp_path_factory):
+    """The tiny Llama with attention dropout 0.5: in train mode its log-probs change from forward to forward."""
+    import json
+    import shutil
+    folder = tmp_path_factory.mktemp("dropout-model") / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"attention_dropout": 0.5}))
+    return str(folder)
+
+
+def train_and_report(model_path, cfg: ActorConfig, port: int, steps: int = 3):
+    """Three PPO-clip steps on a batch whose first two samples are masked (rank 0's first micro-batch holds no
+    valid token), against log π_old from the actor's own log-prob pass. Returns weights before and after, and per
+    step the loss, ratio mean and clip fraction as the driver computes them."""
+    workers = cfg.resources.num_workers
+    group = WorkerGroup(f"actor-{cfg.zero_stage}-{workers}-{cfg.offload}-{cfg.keep_dropout}", ActorWorker,
+                        cfg.resources, lambda rank: dict(
+                            model_path=model_path, cfg=cfg, algo=AlgorithmConfig(kl_coef=0.0), rank=rank,
+                            world_size=workers, master_addr="127.0.0.1", master_port=port, backend="gloo",
+                            dtype="float32", step_batch_size=8, temperature=1.0, threads=1, seed=0))
+    try:
+        before = ray.get(group.call(lambda w: w.full_state_dict.remote()))[0]
+        batch = synthetic_batch(8)
+        batch["sample_mask"] = torch.tensor([0.0, 0.0, 1, 1, 1, 1, 1, 1])
+        batch["old_logprobs"] = torch.cat(ray.get(group.map(lambda w, s: w.logprobs.remote(s), batch.split(workers))))
+        steps_out = []
+        for _ in range(steps):
+            per_rank = ray.get(group.map(lambda w, shard: w.train_step.remote(shard), batch.split(workers)))
+            total = {key: sum(r[key] for r in per_rank) for key in per_rank[0]}
+            steps_out.append({"loss": total["loss"], "ratio": total["ratio_x_tokens"] / total["valid_tokens"],
+                              "clip": total["clip_fraction_x_tokens"] / total["valid_tokens"],
+                              "valid_tokens": total["valid_tokens"]})
+        after = ray.get(group.call(lambda w: w.full_state_dict.remote()))[0]
+    finally:
+        group.shutdown()
+    return before, after, steps_out
+
+
+@pytest.mark.parametrize("stage,workers", [(2, 1), (2, 2), (3, 1), (3, 2)])
+def test_offload_really_trains_every_weight(ray_cluster, dropout_model, stage, workers):
+    """actor.offload=true starts (DeepSpeed refused a client optimizer under ZeRO-Offload) and trains: one worker
+    keeps its ZeRO stage, whose gradient all-reduce is what flushes the last bucket. Dropout is off, so the first
+    step's ratio against the log-prob pass is exactly 1; the ratio and clip fraction are means over valid tokens."""
+    cfg = ActorConfig(zero_stage=stage, offload=True, lr=1e-3, micro_batch_size=2,
+                      resources=RoleResources(num_workers=workers, num_cpus=1))
+    before, after, steps = train_and_report(dropout_model, cfg, 29530 + 2 * stage + workers)
+    assert all(math.isfinite(s["loss"]) for s in steps) and steps[-1]["loss"] < steps[0]["loss"]
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, f"ZeRO-{stage} offload, {workers} worker(s): weights did not move: {unchanged}"
+    assert steps[0]["ratio"] == pytest.approx(1.0, abs=1e-5) and steps[0]["clip"] == 0.0
+    assert steps[0]["valid_tokens"] == float(synthetic_batch(8)["response_mask"][2:].sum())
+
+
+def test_keep_dropout_is_what_breaks_the_on_policy_ratio(ray_cluster, dropout_model):
+    cfg = ActorConfig(zero_stage=0, lr=1e-3, micro_batch_size=2, keep_dropout=True,
+                      resources=RoleResources(num_workers=1, num_cpus=1))
+    _, _, steps = train_and_report(dropout_model, cfg, 29545, steps=1)
+    assert abs(steps[0]["ratio"] - 1.0) > 1e-3

@@ -41,6 +41,20 @@ def test_injected_faults_are_masked_and_counted_exactly(server, monkeypatch):
     assert result.metrics["judge_prompt_tokens"] > 0
 
 
+def test_a_cut_http_body_or_a_garbled_status_line_is_a_retried_bad_response(server, monkeypatch):
+    """http.client's IncompleteRead / BadStatusLine are HTTPExceptions, not OSErrors: they are a broken transfer,
+    retried, then masked and counted; they never crash the run."""
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
+    before = dict(server.faults)
+    result = http_judge(server, max_retries=2).pointwise(["FAULT:cutbody", "FAULT:badstatus", "what is the sun"],
+                                                         ["x", "y", "a star"])
+    assert result.valid.tolist() == [False, False, True]
+    assert result.failures == {"bad_response": 2}
+    assert result.metrics["judge_retries"] == 4     # each broken reply was sent three times
+    assert server.faults["cutbody"] - before.get("cutbody", 0) == 3
+    assert server.faults["badstatus"] - before.get("badstatus", 0) == 3
+
+
 def test_retries_with_backoff_recover_a_transient_error(server, monkeypatch):
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
     before = server.faults["error500once"]
@@ -62,7 +76,7 @@ def test_swap_debiasing_cancels_a_judge_that_always_answers_a(tiny_model, monkey
         judge = http_judge(biased, mode="pairwise")
         comparisons = judge.compare(["q1", "q2", "q3"], ["good", "bad", "x"], ["bad", "good", "y"])
         assert comparisons.prob == [0.5, 0.5, 0.5] and comparisons.flips == 3 and comparisons.judged == 3
-        # the Repeat Ranking filter: the two orders disagree on the winner, so nothing is kept at threshold 1
+        # the pairwise consistency filter: the two orders disagree on the winner, so nothing is kept at threshold 1
         strict = http_judge(biased, mode="pairwise", consistency_threshold=1.0)
         assert strict.compare(["q1"], ["good"], ["bad"]).kept == [False]
         rewards = http_judge(biased, mode="pairwise").score(["p"] * 3, ["r1", "r2", "r3"])

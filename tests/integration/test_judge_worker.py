@@ -1,5 +1,6 @@
 """The local judge: JudgeWorker (a Ray worker group on the tiny model) behind Judge, pointwise and pairwise."""
 import pytest
+import ray
 
 from openrlaif.config import JudgeConfig, RoleResources
 from openrlaif.feedback.backends import LocalBackend
@@ -48,3 +49,22 @@ def test_pairwise_win_rates_are_swap_debiased_probabilities(judge_group):
     assert swapped.flips == comparisons.flips
     rewards = judge.score(["p"] * 3, ["a", "bb", "ccc"])   # one group of three: win rates average to 0.5
     assert bool(rewards.valid.all()) and float(rewards.rewards.mean()) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_a_label_probability_sums_every_whitespace_variant_of_the_label(judge_group, tiny_model, tiny_tokenizer):
+    """The tiny tokenizer has both "7" and "Ġ7" (" 7"): the judge may answer with either, so P("7") is their sum,
+    as the HTTP backend's merge of top_logprobs tokens gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from openrlaif.feedback.backends import JudgeRequest
+    messages = [{"role": "user", "content": "Rate it from 1 to 9: the sun is a star"}]
+    reply = ray.get(judge_group.workers[0].complete.remote([JudgeRequest(messages, ["1", "7"])]))[0]
+    ids = tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = torch.tensor([list(ids["input_ids"] if hasattr(ids, "keys") else ids)])
+    with torch.no_grad():
+        probs = AutoModelForCausalLM.from_pretrained(tiny_model)(input_ids=ids).logits[0, -1].softmax(-1)
+    for label in ("1", "7"):
+        bare, spaced = tiny_tokenizer.convert_tokens_to_ids([label, "Ġ" + label])
+        assert reply.label_probs[label] == pytest.approx(float(probs[bare] + probs[spaced]), rel=1e-4)
+        assert float(probs[spaced]) > 0

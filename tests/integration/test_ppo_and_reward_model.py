@@ -74,3 +74,28 @@ def test_ppo_with_the_reward_model_and_a_critic_started_from_it(reward_model, ti
     assert result["checkpoint"] and (tmp_path / "critic" / "model.safetensors").exists()
     from transformers import AutoModelForSequenceClassification
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "critic")
+
+
+def test_critic_value_clip_fraction_is_a_mean_over_valid_tokens(ray_cluster, tiny_model):
+    """V_old = V + 1 and returns = V − 1: every valid token's clipped term wins, so the clip fraction is exactly 1,
+    also when a whole micro-batch is masked (it used to count the masked tokens in the denominator)."""
+    import ray
+
+    from openrlaif.workers.critic import CriticWorker
+    from openrlaif.workers.group import WorkerGroup
+    from tests.integration.helpers import synthetic_batch
+    cfg = CriticConfig(zero_stage=0, lr=1e-4, micro_batch_size=2, value_clip=0.2,
+                       resources=RoleResources(num_workers=1, num_cpus=1))
+    group = WorkerGroup("critic-clip", CriticWorker, cfg.resources, lambda rank: dict(
+        model_path=tiny_model, cfg=cfg, pad_token_id=0, rank=rank, world_size=1, master_addr="127.0.0.1",
+        master_port=29561, backend="gloo", dtype="float32", step_batch_size=8, threads=1, seed=0))
+    try:
+        batch = synthetic_batch(8)
+        batch["sample_mask"] = torch.tensor([0.0, 0.0, 1, 1, 1, 1, 1, 1])
+        values = ray.get(group.workers[0].values.remote(batch))
+        batch["values"], batch["returns"] = values + 1.0, values - 1.0
+        out = ray.get(group.workers[0].train_step.remote(batch))
+    finally:
+        group.shutdown()
+    assert out["valid_tokens"] == float(batch["response_mask"][2:].sum())
+    assert out["value_clip_x_tokens"] / out["valid_tokens"] == pytest.approx(1.0)

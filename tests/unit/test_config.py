@@ -67,8 +67,42 @@ def test_preference_configs_compose_and_validate(algorithm):
 
 
 def test_preference_pairs_must_split_over_workers():
-    with pytest.raises(ConfigError, match="examples per step"):
+    with pytest.raises(ConfigError, match="actor.micro_batch_size"):
         validate(composed("pipeline=preference", "algorithm=dpo", "data.prompts_per_step=3"))
+
+
+@pytest.mark.parametrize("pipeline", ["preference", "sft", "reward_model"])
+@pytest.mark.parametrize("mini, needle", [
+    (6, "actor.mini_batch_size=6 must divide the step batch"),     # 3 accumulation steps over mini-batches of 3 and 1
+    # 16 would step the optimizer every other train step, with a doubled gradient
+    (16, "actor.mini_batch_size=16 must divide the step batch \\(data.prompts_per_step = 8\\)"),
+])
+def test_offline_pipelines_check_the_mini_batch_like_the_online_ones(pipeline, mini, needle):
+    """One validation serves every pipeline: an offline step's mini-batches must split the step's examples
+    exactly, or DeepSpeed's accumulation count and the real micro-steps per optimizer step disagree."""
+    algorithm = {"preference": "dpo", "sft": "sft", "reward_model": "bradley_terry"}[pipeline]
+    with pytest.raises(ConfigError, match=needle):
+        validate(composed(f"pipeline={pipeline}", f"algorithm={algorithm}", "data.prompts_per_step=8",
+                          f"actor.mini_batch_size={mini}", "actor.micro_batch_size=2"))
+    validate(composed(f"pipeline={pipeline}", f"algorithm={algorithm}", "data.prompts_per_step=8",
+                      "actor.mini_batch_size=4", "actor.micro_batch_size=2"))
+
+
+def test_constitutional_sft_phase_checks_the_mini_batch_too():
+    with pytest.raises(ConfigError, match="actor.mini_batch_size=3"):
+        validate(composed("pipeline=constitutional", "rollout.samples_per_prompt=1", "data.prompts_per_step=4",
+                          "actor.mini_batch_size=3", "actor.micro_batch_size=1"))
+
+
+def test_k1_in_the_loss_is_refused_but_k1_in_the_reward_is_fine():
+    """∇(log π − log π_ref) = ∇log π has expectation 0 under π: k1 in the loss regularises nothing."""
+    with pytest.raises(ConfigError, match="kl_estimator=k1 in the loss.*k3.*k2.*kl_in_reward=true"):
+        validate(composed("algorithm=grpo", "algorithm.kl_estimator=k1"))
+    for estimator in ("k2", "k3"):
+        validate(composed("algorithm=grpo", f"algorithm.kl_estimator={estimator}"))
+    validate(composed("algorithm=grpo", "algorithm.kl_estimator=k1", "algorithm.kl_coef=0"))   # no KL at all
+    validate(composed("algorithm=reinforce_pp"))   # k1 as a per-token reward penalty
+    validate(composed("algorithm=ppo"))
 
 
 def test_sft_config_validates():
@@ -157,3 +191,31 @@ def test_one_step_off_validation_names_the_fix(overrides, needle):
     cfg = composed(*[f"{key}={value}" for key, value in overrides.items()])
     with pytest.raises(ConfigError, match=needle):
         validate(cfg)
+
+
+def test_the_label_mass_threshold_defaults_per_judge_model():
+    """0.5 for any judge; the shipped SmolLM2-135M (4-24% on the score digits) has its own, measured default."""
+    from openrlaif.config import JudgeConfig
+    from openrlaif.feedback.judge import Judge
+    from openrlaif.models.registry import default_min_label_mass
+    assert default_min_label_mass("/models/Qwen2.5-7B-Instruct") == 0.5
+    assert default_min_label_mass("smollm2-135m-instruct") == 0.02
+    backend = type("B", (), {"name": "b", "identity": {}})()
+    assert Judge(backend, JudgeConfig(), model_name="/models/judge").min_label_mass == 0.5
+    assert Judge(backend, JudgeConfig(), model_name="smollm2-135m-instruct").min_label_mass == 0.02
+    assert Judge(backend, JudgeConfig(min_label_mass=0.3), model_name="smollm2-135m-instruct").min_label_mass == 0.3
+    with pytest.raises(ConfigError, match="min_label_mass"):
+        validate(composed("feedback.judge.min_label_mass=1.5"))
+
+
+def test_overwrite_moves_the_old_verdict_cache_aside(tmp_path):
+    """A rerun with output.overwrite=true must not be served the earlier run's verdicts."""
+    from openrlaif.pipelines.common import prepare_output_dir
+    cfg = composed(f"output.dir={tmp_path}")
+    (tmp_path / "judge_cache.jsonl").write_text('{"key": "k", "reply": {}}\n')
+    prepare_output_dir(cfg)   # a fresh run without a checkpoint: the cache is reused as it is
+    assert (tmp_path / "judge_cache.jsonl").exists()
+    cfg.output.overwrite = True
+    prepare_output_dir(cfg)
+    assert not (tmp_path / "judge_cache.jsonl").exists()
+    assert (tmp_path / "judge_cache.jsonl.previous").read_text().startswith('{"key": "k"')

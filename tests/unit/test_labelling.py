@@ -104,3 +104,36 @@ def test_validation_of_the_ai_feedback_pipelines():
         validate(Config(pipeline="constitutional", constitution=ConstitutionConfig(principles=[])))
     with pytest.raises(ConfigError, match=r"constitution.principles\[0\]"):
         validate(Config(pipeline="constitutional", constitution=ConstitutionConfig(principles=[Principle("x", " ")])))
+
+
+def test_repeat_ranking_keeps_the_most_consistent_prompts():
+    from openrlaif.data.labelling import most_consistent
+    w = {0: 0.2, 1: 1.0, 2: 0.6, 3: 0.6, 4: 0.1}
+    assert most_consistent(w, 0.5) == {1, 2, 3}        # ceil(0.5 · 5) = 3, ties: the lower id first
+    assert most_consistent(w, 0.25) == {1, 2}
+    assert most_consistent(w, 0.75) == {1, 2, 3, 0}
+    assert most_consistent(w, 1.0) == set(w) and most_consistent({}, 0.5) == set()
+    assert most_consistent({0: 0.5, 1: 0.5}, 0.5) == {0}
+
+
+def test_validation_of_listwise_judging_and_its_filter():
+    listwise = FeedbackConfig(judge=JudgeConfig(mode="listwise", readout="generate", max_new_tokens=64))
+    validate(Config(pipeline="label", feedback=listwise, label=LabelConfig(keep_top_fraction=0.5)))
+    validate(Config(pipeline="online_dpo", feedback=listwise, label=LabelConfig(keep_top_fraction=0.5)))
+    validate(Config(pipeline="online_rl", feedback=listwise))
+    with pytest.raises(ConfigError, match="readout=generate"):
+        validate(Config(pipeline="label", feedback=FeedbackConfig(judge=JudgeConfig(mode="listwise"))))
+    with pytest.raises(ConfigError, match="max_new_tokens=64"):
+        validate(Config(pipeline="label", feedback=FeedbackConfig(judge=JudgeConfig(mode="listwise",
+                                                                                     readout="generate"))))
+    with pytest.raises(ConfigError, match="only a listwise judge"):
+        validate(Config(pipeline="label", feedback=FeedbackConfig(judge=JudgeConfig(mode="pairwise")),
+                        label=LabelConfig(keep_top_fraction=0.5)))
+    with pytest.raises(ConfigError, match="label.keep_top_fraction=0.0"):
+        validate(Config(pipeline="label", feedback=listwise, label=LabelConfig(keep_top_fraction=0.0)))
+    with pytest.raises(ConfigError, match="pipeline=judge_eval judges"):
+        validate(Config(pipeline="judge_eval", feedback=listwise))
+    with pytest.raises(ConfigError, match="chain_of_thought=true with max_new_tokens=8"):
+        validate(Config(pipeline="label", feedback=FeedbackConfig(judge=JudgeConfig(chain_of_thought=True))))
+    validate(Config(pipeline="label", feedback=FeedbackConfig(judge=JudgeConfig(chain_of_thought=True,
+                                                                                 max_new_tokens=256))))

@@ -58,6 +58,33 @@ def test_simpo_and_orpo_hand_computed():
     assert float(orpo_loss(chosen, rejected, beta=0.1, **lengths)) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("mean_logp", [-1e-7, -1e-6, -1e-5, -1e-3, -0.5, -0.7, -3.0, -30.0])
+def test_orpo_log_odds_are_exact_near_p_equal_one(mean_logp):
+    """log(1 − P) near P = 1 needs log(−expm1(x)): log1p(−exp(x)) loses its digits above x ≈ −1e-5, and a clamp
+    on P froze the rejected side's gradient above x ≈ −1e-6. Value and gradient in float32 against float64."""
+    def loss_and_grad(dtype):
+        rejected = torch.tensor([mean_logp], dtype=dtype, requires_grad=True)
+        one = torch.ones(1, dtype=dtype)
+        loss = orpo_loss(torch.tensor([-2.0], dtype=dtype), rejected, chosen_lengths=one, rejected_lengths=one,
+                         beta=0.1)
+        (grad,) = torch.autograd.grad(loss.sum(), rejected)
+        return float(loss.detach()), float(grad)
+
+    loss32, grad32 = loss_and_grad(torch.float32)
+    loss64, grad64 = loss_and_grad(torch.float64)
+    assert loss32 == pytest.approx(loss64, rel=1e-5)
+    assert grad32 == pytest.approx(grad64, rel=1e-3) and grad64 > 0   # pushing the rejected answer down
+
+
+def test_log1mexp_is_exact_and_its_gradient_finite_on_both_branches():
+    from openrlaif.algorithms.preference import log1mexp
+    for value in (-1e-9, -1e-6, -0.5, -0.7, -3.0, -30.0):
+        assert float(log1mexp(torch.tensor([value]))) == pytest.approx(math.log(-math.expm1(value)), rel=1e-6)
+    x = torch.tensor([-1e-9, -0.69, -0.70, -50.0, 0.0], requires_grad=True)
+    (grad,) = torch.autograd.grad(log1mexp(x).sum(), x)
+    assert torch.isfinite(grad).all()
+
+
 def test_matches_trl_documented_formulas_on_random_logprobs():
     """TRL's dpo_trainer computes sigmoid / robust / ipo from logits = h (length-averaged for ipo)."""
     torch.manual_seed(0)

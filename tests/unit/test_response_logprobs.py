@@ -78,3 +78,33 @@ def test_one_worker_without_offload_runs_stage_0():
     config = deepspeed_config(ActorConfig(zero_stage=3, offload=True), 1, 2, 1, bf16=False)
     assert config["zero_optimization"]["offload_param"] == {"device": "cpu"}
     assert deepspeed_config(ActorConfig(zero_stage=3), 1, 2, 1, bf16=False)["zero_optimization"] == {"stage": 0}
+
+
+def test_dropout_is_switched_off_in_trained_models():
+    """GPT-2 drops through nn.Dropout modules, Llama's attention through a float it reads each forward: both off,
+    so two train-mode forwards agree (the on-policy ratio is 1, DPO's log-probs are not noisy)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from openrlaif.workers.engine import disable_dropout
+    torch.manual_seed(0)
+    models = [GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                         resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)),
+              LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                           num_attention_heads=2, num_key_value_heads=2, vocab_size=64,
+                                           attention_dropout=0.5, attn_implementation="eager"))]
+    ids = torch.randint(0, 64, (2, 12))
+    for model in models:
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)   # dropout is live
+        disable_dropout(model)
+        assert torch.equal(model(ids).logits, model(ids).logits), type(model).__name__
+        assert all(getattr(model.config, k) == 0.0 for k in vars(model.config) if "dropout" in k or k.endswith("pdrop")
+                   if isinstance(getattr(model.config, k), float))
+
+
+def test_offload_configs_name_the_optimizer_deepspeed_will_accept():
+    """ZeRO-Offload with a client torch optimizer needs DeepSpeed's documented opt-out; its own CPU Adam does not."""
+    offload = ActorConfig(zero_stage=2, offload=True)
+    assert deepspeed_config(offload, 1, 2, 1, bf16=False)["zero_force_ds_cpu_optimizer"] is False
+    assert "zero_force_ds_cpu_optimizer" not in deepspeed_config(offload, 1, 2, 1, bf16=False, cpu_adam=True)
+    assert "zero_force_ds_cpu_optimizer" not in deepspeed_config(ActorConfig(zero_stage=2), 2, 2, 1, bf16=False)

@@ -1,0 +1,194 @@
+"""The driver-side Judge over a scripted backend (a deterministic stand-in for a judge model that records what it is
+asked): grouping by rollout group, whole conversations, the chain-of-thought readouts, Repeat Ranking, the verdict
+cache's keys and its cost accounting. The real backends are tested in tests/integration (JudgeWorker on Ray, the
+HTTP server)."""
+import re
+
+import pytest
+
+from openrlaif.config import JudgeConfig
+from openrlaif.feedback.backends import JudgeRequest, Reply
+from openrlaif.feedback.judge import Judge
+
+
+class ScriptedJudge:
+    """Prefers the response with more "good" in it. Label requests get probabilities, generation requests text:
+    a rationale, a "Verdict: X" / "Score: N" line, or a ranking. `position_bias` makes the ranking follow the
+    presentation order instead (a maximally inconsistent listwise judge)."""
+
+    def __init__(self, name: str = "scripted", position_bias: bool = False, tokens: int = 10, attempts: int = 1):
+        self.name, self.identity = name, {"backend": "scripted", "name": name}
+        self.position_bias, self.tokens, self.attempts = position_bias, tokens, attempts
+        self.requests: list[JudgeRequest] = []
+
+    @staticmethod
+    def quality(text: str) -> int:
+        return text.count("good")
+
+    def _answer(self, request: JudgeRequest) -> Reply:
+        content = request.messages[0]["content"]
+        follow_up = len(request.messages) > 1   # step 2 of the two-step readout: the rationale came before
+        responses = re.findall(r"\[Response(?: [AB]| \d+)?\]\n(.*?)(?:\n\n|$)", content, re.S)
+        if "[Response 1]" in content:          # listwise
+            order = list(range(len(responses)))
+            if not self.position_bias:
+                order.sort(key=lambda i: -self.quality(responses[i]))
+            return Reply(text="Ranking: " + " > ".join(str(i + 1) for i in order))
+        if "[Response A]" in content:
+            a_better = self.quality(responses[0]) >= self.quality(responses[1])
+            if request.labels:
+                return Reply(label_probs={"A": 0.8 if a_better else 0.2, "B": 0.2 if a_better else 0.8})
+            if "Do not give a verdict yet" in content and not follow_up:
+                return Reply(text="A says more." if a_better else "B says more.")
+            return Reply(text=f"Response A and Response B. Verdict: {'A' if a_better else 'B'}")
+        score = min(9, 1 + 4 * self.quality(responses[0]))
+        if request.labels:
+            return Reply(label_probs={label: float(label == str(score)) for label in request.labels})
+        if "Do not give a score yet" in content and not follow_up:
+            return Reply(text=f"It is {'good' if score > 1 else 'bad'}; 2 issues.")
+        return Reply(text=f"It has 2 issues, so: Score: {score}")
+
+    def complete(self, requests: list[JudgeRequest]) -> list[Reply]:
+        self.requests += requests
+        replies = []
+        for request in requests:
+            reply = self._answer(request)
+            reply.prompt_tokens, reply.completion_tokens, reply.attempts = 100, self.tokens, self.attempts
+            replies.append(reply)
+        return replies
+
+
+def judge(backend=None, cache_path=None, **overrides) -> Judge:
+    return Judge(backend or ScriptedJudge(), JudgeConfig(min_label_mass=0.0, **overrides),
+                 str(cache_path) if cache_path else None)
+
+
+def test_pairwise_groups_by_rollout_group_not_by_prompt_text():
+    """The same prompt twice in a step is two groups: each sample is compared inside its own group only."""
+    backend = ScriptedJudge()
+    result = judge(backend, mode="pairwise").score(["p"] * 4, ["good", "bad", "good good", "x"], group_ids=[0, 0, 1, 1])
+    assert result.metrics["judge_comparisons"] == 2 and len(backend.requests) == 4   # one pair per group, both orders
+    assert result.rewards.tolist() == pytest.approx([0.8, 0.2, 0.8, 0.2])
+
+
+def test_the_judge_is_shown_the_whole_conversation():
+    backend = ScriptedJudge()
+    conversation = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."},
+                    {"role": "user", "content": "Another one?"}]
+    judge(backend, mode="pairwise").score(["Another one?"] * 2, ["Red.", "Green."], group_ids=[0, 0],
+                                          conversations=[conversation] * 2)
+    judge(backend).score(["Another one?"], ["Red."], conversations=[conversation])
+    for request in backend.requests:
+        content = request.messages[0]["content"]
+        assert "User: Name a color." in content and "Assistant: Blue." in content
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_generate_readout_with_chain_of_thought_parses_the_marked_verdict(mode):
+    backend = ScriptedJudge()
+    result = judge(backend, mode=mode, readout="generate", chain_of_thought=True, max_new_tokens=64).score(
+        ["q", "q"], ["good", "bad"], group_ids=[0, 0])
+    assert bool(result.valid.all())
+    assert all("First " in r.messages[0]["content"] and r.max_tokens == 64 for r in backend.requests)
+    assert result.rewards[0] > result.rewards[1]   # "It has 2 issues, so: Score: 5" is read as 5, not 2
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_probs_readout_with_chain_of_thought_is_the_two_step_form(mode):
+    """RLAIF's two steps: generate a rationale without a verdict, append it as the judge's turn, then read the
+    label probabilities after a follow-up question."""
+    backend = ScriptedJudge()
+    result = judge(backend, mode=mode, chain_of_thought=True, max_new_tokens=64).score(["q", "q"], ["good", "bad"],
+                                                                                       group_ids=[0, 0])
+    rationales = [r for r in backend.requests if r.labels is None]
+    verdicts = [r for r in backend.requests if r.labels is not None]
+    assert len(rationales) == len(verdicts) == 2     # two responses, or one pair in both orders
+    rationale_texts = {"A says more.", "B says more.", "It is good; 2 issues.", "It is bad; 2 issues."}
+    for rationale, verdict in zip(rationales, verdicts):
+        assert "yet" in rationale.messages[0]["content"]
+        assert verdict.messages[0] == rationale.messages[0]
+        assert verdict.messages[1]["role"] == "assistant" and verdict.messages[1]["content"] in rationale_texts
+        assert verdict.messages[2]["role"] == "user" and "Now give your" in verdict.messages[2]["content"]
+    assert result.rewards[0] > result.rewards[1]
+
+
+def test_cached_verdicts_cost_nothing_in_the_metrics(tmp_path):
+    prompts, responses = ["a", "b", "c"], ["good", "bad", "x"]
+    first = judge(ScriptedJudge(attempts=3), tmp_path / "cache.jsonl").score(prompts, responses)
+    assert first.metrics["judge_requests"] == 3 and first.metrics["judge_retries"] == 6
+    assert first.metrics["judge_prompt_tokens"] == 300 and first.metrics["judge_cache_hits"] == 0
+    backend = ScriptedJudge(attempts=3)
+    second = judge(backend, tmp_path / "cache.jsonl").score(prompts, responses)
+    assert second.rewards.tolist() == first.rewards.tolist() and not backend.requests
+    assert second.metrics["judge_cache_hits"] == 3
+    for key in ("judge_requests", "judge_retries", "judge_prompt_tokens", "judge_generated_tokens"):
+        assert second.metrics[key] == 0, key
+
+
+def test_a_judge_that_follows_the_policy_never_reuses_another_runs_verdicts(tmp_path):
+    """Policy version k of one run is not policy version k of another: the run id is in the key (and kept by a
+    resume, which sets the saved one)."""
+    cache = tmp_path / "cache.jsonl"
+    old = judge(cache_path=cache)
+    old.set_policy_version(3)
+    old.score(["q"], ["good"])
+    backend = ScriptedJudge()
+    rerun = judge(backend, cache)
+    rerun.set_policy_version(3)
+    assert rerun.score(["q"], ["good"]).metrics["judge_cache_hits"] == 0 and len(backend.requests) == 1
+    resumed = judge(ScriptedJudge(), cache)
+    resumed.run_id = old.run_id
+    resumed.set_policy_version(3)
+    assert resumed.score(["q"], ["good"]).metrics["judge_cache_hits"] == 1
+
+
+def test_the_cache_key_holds_the_backend_identity(tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    judge(ScriptedJudge("m1"), cache).score(["q"], ["good"])
+    assert judge(ScriptedJudge("m1"), cache).score(["q"], ["good"]).metrics["judge_cache_hits"] == 1
+    assert judge(ScriptedJudge("m2"), cache).score(["q"], ["good"]).metrics["judge_cache_hits"] == 0
+    from openrlaif.feedback.backends import HTTPBackend
+    identities = {HTTPBackend("http://h/v1", "m", top_logprobs=k).identity["top_logprobs"] for k in (5, 20)}
+    assert identities == {5, 20}
+
+
+def test_model_fingerprint_follows_the_contents_not_the_path(tmp_path):
+    from openrlaif.feedback.backends import model_fingerprint
+    folder = tmp_path / "judge"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 4096)
+    before = model_fingerprint(str(folder))
+    assert model_fingerprint(str(folder)) == before
+    (folder / "model.safetensors").write_bytes(bytes(range(255, -1, -1)) * 4096)   # retrained in place
+    assert model_fingerprint(str(folder)) != before
+    changed = model_fingerprint(str(folder))
+    (folder / "config.json").write_text('{"a": 2}')
+    assert model_fingerprint(str(folder)) != changed
+
+
+def test_repeat_ranking_rewards_mean_ranks_and_kendalls_w():
+    backend = ScriptedJudge()
+    responses = ["good good good", "bad", "good", "x", "good good", "good"]
+    result = judge(backend, mode="listwise", readout="generate", max_new_tokens=32, rankings=4).score(
+        ["p"] * 6, responses, group_ids=[0, 0, 0, 1, 1, 1])
+    assert len(backend.requests) == 8                              # R rankings per group
+    orders = {tuple(re.findall(r"\[Response \d\]\n(\S+(?: \S+)*)", r.messages[0]["content"]))
+              for r in backend.requests[:4]}
+    assert len(orders) > 1                                          # each ranking in a shuffled order
+    assert result.rewards.tolist() == pytest.approx([1.0, 0.0, 0.5, 0.0, 1.0, 0.5])   # (K − mean rank) / (K − 1)
+    assert result.consistency == {0: pytest.approx(1.0), 1: pytest.approx(1.0)}
+    biased = judge(ScriptedJudge(position_bias=True), mode="listwise", readout="generate", max_new_tokens=32,
+                   rankings=8).score(["p"] * 3, responses[:3], group_ids=[0, 0, 0])
+    assert biased.consistency[0] < 0.5                               # it followed the shuffled positions
+
+
+def test_a_listwise_reply_that_does_not_parse_is_dropped_and_counted():
+    class Broken(ScriptedJudge):
+        def _answer(self, request):
+            return Reply(text="They are all fine.")
+
+    result = judge(Broken(), mode="listwise", readout="generate", max_new_tokens=32, rankings=2).score(
+        ["p"] * 2, ["a", "b"], group_ids=[0, 0])
+    assert result.failures == {"no_ranking": 2} and result.metrics["ranking_failures/unparseable"] == 2
+    assert result.consistency == {}
