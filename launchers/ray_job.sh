@@ -48,7 +48,7 @@ for override in "${overrides[@]+"${overrides[@]}"}"; do
 done
 if [[ $has_output_dir -eq 0 ]]; then
   runs="${OPENRLAIF_RUNS:-$root/runs}"
-  overrides+=("output.dir=$runs/$(date +%Y%m%d-%H%M%S)")
+  overrides+=("output.dir=$runs/$(date +%Y%m%d-%H%M%S)-$RANDOM")
 fi
 
 runtime_env="$(python3 - "${env_pairs[@]+"${env_pairs[@]}"}" <<'PY'

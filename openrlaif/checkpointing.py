@@ -1,8 +1,9 @@
 """Resumable checkpoints of the online pipelines: <out>/checkpoints/step_<N>/ holds each trained role's DeepSpeed
 state (weights, optimizer, per-rank RNG) and driver.json (step, prompt-stream position, feedback state). A
-checkpoint is written under a temp name and renamed when complete, so `latest()` never sees half of one; only the
-newest `keep_last` are kept. The judge's verdict cache (<out>/judge_cache.jsonl) is already append-only and is
-reused as it is on resume.
+checkpoint is written under a temp name and renamed when complete, so `latest()` never sees half of one; its
+driver.json lists every file's size, so a checkpoint damaged later (truncated, a file lost) is passed over for
+the one before it; only the newest `keep_last` are kept. The judge's verdict cache (<out>/judge_cache.jsonl) is
+append-only and is reused as it is on resume.
 
 Every worker writes its own shard of a role's state, so on a multi-node cluster output.dir must be a filesystem
 all nodes share (as for DeepSpeed itself)."""
@@ -33,15 +34,25 @@ class Checkpointer:
     def due(self, step: int, final_step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == final_step)
 
-    def latest(self) -> tuple[int, str] | None:
+    def complete(self) -> list[tuple[int, str]]:
+        """(step, path) of every checkpoint whose driver.json was written (the last file), newest first."""
         if not os.path.isdir(self.root):
-            return None
-        steps = [int(m.group(1)) for name in os.listdir(self.root) if (m := _STEP_DIR.match(name))
-                 and os.path.exists(os.path.join(self.root, name, "driver.json"))]
-        if not steps:
-            return None
-        step = max(steps)
-        return step, os.path.join(self.root, f"step_{step:06d}")
+            return []
+        steps = sorted((int(m.group(1)) for name in os.listdir(self.root) if (m := _STEP_DIR.match(name))
+                        and os.path.exists(os.path.join(self.root, name, "driver.json"))), reverse=True)
+        return [(step, os.path.join(self.root, f"step_{step:06d}")) for step in steps]
+
+    def latest(self, report=None) -> tuple[int, str] | None:
+        """The newest complete checkpoint whose files are all there at their saved sizes. A broken one (a shard
+        truncated or missing: a full disk, a copy cut short) is passed over for the next older one, and `report`
+        (e.g. print) is told which and why, so a resume falls back instead of failing half-way through loading."""
+        for step, path in self.complete():
+            problem = damaged(path)
+            if problem is None:
+                return step, path
+            if report is not None:
+                report(f"[openrlaif] {path} is not intact ({problem}); trying the checkpoint before it")
+        return None
 
     def save(self, step: int, roles: dict, driver_state: dict) -> str:
         """roles: name -> WorkerGroup of DeepSpeedWorkers. Collective on each role's workers."""
@@ -51,8 +62,9 @@ class Checkpointer:
         os.makedirs(staging)
         ray.get([ref for name, group in roles.items()
                  for ref in group.call(lambda w, name=name: w.save_state.remote(os.path.join(staging, name)))])
+        files = file_sizes(staging)
         with open(os.path.join(staging, "driver.json"), "w") as handle:   # written last: marks it complete
-            json.dump({"step": step, **driver_state}, handle)
+            json.dump({"step": step, **driver_state, "files": files}, handle)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(staging, final)
         self.last_path = final
@@ -78,6 +90,35 @@ class Checkpointer:
         steps = sorted(int(m.group(1)) for name in os.listdir(self.root) if (m := _STEP_DIR.match(name)))
         for step in steps[:-self.keep_last] if self.keep_last > 0 else []:
             shutil.rmtree(os.path.join(self.root, f"step_{step:06d}"), ignore_errors=True)
+
+
+def file_sizes(folder: str) -> dict[str, int]:
+    """Every file under `folder` but its driver.json (relative path -> bytes): the manifest a resume checks a
+    checkpoint against."""
+    sizes = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(parent, name)
+            sizes[os.path.relpath(full, folder)] = os.path.getsize(full)
+    sizes.pop("driver.json", None)
+    return sizes
+
+
+def damaged(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (a file missing or of another size than when it was
+    saved), or None. Checkpoints written before the manifest existed are taken as they are."""
+    try:
+        with open(os.path.join(path, "driver.json")) as handle:
+            files = json.load(handle).get("files", {})
+    except (OSError, ValueError) as err:
+        return f"driver.json unreadable: {err}"
+    for name, size in sorted(files.items()):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != size:
+            return f"{name} has {os.path.getsize(full)} bytes, {size} when saved"
+    return None
 
 
 def truncate_metrics(path: str, last_step: int) -> None:

@@ -261,7 +261,7 @@ class WandbConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/${now:%Y%m%d-%H%M%S}"
+    dir: str = ""                         # "" = runs/<date>-<time>-<6 hex>, a new folder per run
     overwrite: bool = False               # consent to replace a checkpoint already in `dir`
     save_final: bool = True               # write <dir>/checkpoint as an HF folder at the end
     checkpoint_every: int = 0             # online pipelines: a resumable checkpoint every N steps (0 = off)

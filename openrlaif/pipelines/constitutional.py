@@ -22,6 +22,7 @@ from tqdm import tqdm
 from openrlaif.config import Config
 from openrlaif.feedback.base import JudgeFailure
 from openrlaif.feedback.judge_prompts import clean_revision, critique_messages, revision_messages
+from openrlaif.pipelines.common import release
 from openrlaif.pipelines.label import write_jsonl
 from openrlaif.pipelines.online_rl import Roles, RunInputs, generate, prepare_run, start_roles
 from openrlaif.runtime import ray_session
@@ -38,6 +39,7 @@ def train(cfg: Config) -> dict:
     print(f"[openrlaif] {summary['revised']} revisions of {summary['responses']} responses: "
           f"{summary['revisions_path']}")
     if not cfg.constitution.train:
+        release(run.out_dir)
         return {"checkpoint": None, "metrics": summary, "out_dir": run.out_dir}
     if summary["revised"] == 0:
         raise RuntimeError(f"constitutional: every critique or revision failed ({summary['failures']}), so there is "
@@ -46,7 +48,7 @@ def train(cfg: Config) -> dict:
     from openrlaif.pipelines import sft
     sft_cfg = replace(cfg, pipeline="sft", data=replace(cfg.data, sft=summary["revisions_path"]),
                       output=replace(cfg.output, dir=run.out_dir))
-    return sft.train(sft_cfg)
+    return sft.train(sft_cfg, continuing=True)
 
 
 def revise_all(cfg: Config, run: RunInputs, roles: Roles) -> dict:

@@ -10,7 +10,7 @@ from openrlaif.config import Config, ConfigError, cache_dir
 from openrlaif.data.jsonl import read_jsonl
 from openrlaif.data.pairs import DEMO_PAIRS, split_conversation
 from openrlaif.models import resolve_model_path
-from openrlaif.pipelines.common import prepare_output_dir, threads_per_worker
+from openrlaif.pipelines.common import prepare_output_dir, release, threads_per_worker
 from openrlaif.runtime import ray_session
 
 
@@ -75,4 +75,5 @@ def train(cfg: Config) -> dict:
     print(f"{report['pairs']:6d} {report['agreement']:7.3f} {report['mean_p_chosen']:10.3f} "
           f"{report['position_consistency']:11.3f} {report['kept_fraction']:6.3f} {report['failure_rate']:7.3f}")
     print(f"[openrlaif] judge-eval report: {path}")
+    release(out_dir)
     return {"checkpoint": None, "metrics": report, "out_dir": out_dir}

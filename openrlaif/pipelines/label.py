@@ -23,6 +23,7 @@ from tqdm import tqdm
 from openrlaif.config import Config
 from openrlaif.data.labelling import most_consistent, pair_row, select_pairs
 from openrlaif.metrics import MetricsLogger, timer
+from openrlaif.pipelines.common import release
 from openrlaif.pipelines.online_rl import (Roles, RunInputs, feedback_metrics, generate, prepare_run, score,
                                           start_roles)
 from openrlaif.runtime import ray_session
@@ -38,6 +39,7 @@ def train(cfg: Config) -> dict:
         finally:
             roles.shutdown()
     print(f"[openrlaif] {summary['pairs']} pairs from {summary['prompts']} prompts: {summary['pairs_path']}")
+    release(run.out_dir)
     return {"checkpoint": None, "metrics": summary, "out_dir": run.out_dir}
 
 

@@ -101,11 +101,11 @@ class Progress:
 
     def resume(self) -> int:
         """The first step to run: 1, or the step after the newest checkpoint (resume=true)."""
-        found = self.checkpointer.latest() if self.cfg.resume else None
-        if found is None:
-            if self.cfg.resume:
-                tqdm.write(f"[openrlaif] resume=true: no checkpoint under {self.checkpointer.root}; starting at step 1")
+        if not self.cfg.resume:
             return 1
+        found = self.checkpointer.latest(report=tqdm.write)   # checked at start-up: the newest intact one
+        if found is None:
+            raise RunError(f"resume=true: no intact checkpoint is left under {self.checkpointer.root}.")
         step, path = found
         state = self.checkpointer.load(path, self.trained)
         self.stream.position = state["stream_position"]

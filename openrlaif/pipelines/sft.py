@@ -15,12 +15,13 @@ from openrlaif.runtime import ray_session
 from openrlaif.workers.group import check_cluster_fits
 
 
-def train(cfg: Config) -> dict:
-    """Run `cfg.steps` SFT updates of `data.prompts_per_step` examples; returns checkpoint and last metrics."""
+def train(cfg: Config, continuing: bool = False) -> dict:
+    """Run `cfg.steps` SFT updates of `data.prompts_per_step` examples; returns checkpoint and last metrics.
+    `continuing`: the SFT phase of a run that already holds output.dir (pipeline=constitutional)."""
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
     tokenizer = load_tokenizer(model_path, cfg)
     examples = load_sft(cfg.data.sft, tokenizer, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
-    out_dir = prepare_output_dir(cfg)
+    out_dir = prepare_output_dir(cfg, continuing)
     resources = cfg.actor.resources
     with ray_session(cfg.cluster, resources.num_cpus * resources.num_workers):
         check_cluster_fits({"actor": resources})

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -83,6 +84,37 @@ def test_tiny_run_listens_on_loopback_only_then_refuses_to_overwrite_without_con
     again = cli(*args, env_extra=cache_env | {"OPENRLAIF_TEST_LISTENERS": str(record)})
     assert again.returncode == 2 and "output.overwrite=true" in again.stderr
     assert os.path.getmtime(tmp_path / "checkpoint" / "model.safetensors") == before
+
+
+def test_one_run_per_folder_resume_needs_a_checkpoint_and_overwrite_starts_over(cache_env, tmp_path):
+    """As users met them: a second run into a folder in use is refused (they used to interleave); resume=true with
+    nothing to resume stops, naming what it found, and leaves the finished model alone (it used to retrain from
+    the base model over it); output.overwrite=true starts metrics.jsonl over (it used to append)."""
+    args = ["train", "model=tiny", "feedback=function", "steps=2", "rollout.engine=hf", "rollout.max_new_tokens=8",
+            "data.prompts_per_step=2", "rollout.samples_per_prompt=2", "actor.micro_batch_size=2",
+            f"output.dir={tmp_path}"]
+    first = subprocess.Popen([sys.executable, "-m", "openrlaif", *args], cwd=ROOT, env=dict(os.environ, **cache_env),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "config.yaml").exists():   # written once the folder is claimed
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.2)
+    second = cli(*args, env_extra=cache_env)
+    assert second.returncode == 2 and f"is in use by another run (pid {first.pid})" in second.stderr, second.stderr
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert not (tmp_path / ".hydra").exists() and not (tmp_path / "cli.log").exists()   # nothing but ours
+    model = tmp_path / "checkpoint" / "model.safetensors"
+    before = os.path.getmtime(model)
+
+    resumed = cli(*args, "resume=true", "actor.lr=1e-3", env_extra=cache_env)
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    assert "holds no resumable checkpoint: it has a final checkpoint (checkpoint/)" in resumed.stderr
+    assert os.path.getmtime(model) == before
+
+    again = cli(*args, "output.overwrite=true", env_extra=cache_env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert os.path.getmtime(model) > before
 
 
 def test_preference_pipeline_from_the_cli_logs_to_tensorboard_and_wandb(cache_env, tmp_path):

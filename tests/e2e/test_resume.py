@@ -36,8 +36,9 @@ def wait_for(path, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
 
 
 def finish(process: subprocess.Popen, timeout_s: float = 600.0) -> tuple[int, str]:
-    _, err = process.communicate(timeout=timeout_s)
-    return process.returncode, err
+    """The exit code, and everything the run printed (stdout, then stderr)."""
+    out, err = process.communicate(timeout=timeout_s)
+    return process.returncode, out + err
 
 
 def metrics(out_dir) -> dict[int, dict]:
@@ -68,12 +69,34 @@ def test_killed_after_step_2_resumes_to_the_same_step_3(env, tmp_path):
     assert os.path.isfile(tmp_path / "killed" / "checkpoint" / "model.safetensors")
 
     # Resuming that ZeRO-2 state on one worker (which runs stage 0) stops before loading, naming both layouts.
-    other = start(env, tmp_path / "killed", "resume=true", "steps=4", "actor.resources.num_workers=1")
+    # (output.overwrite=true: a resumed run replaces the final checkpoint at its end, which needs consent.)
+    other = start(env, tmp_path / "killed", "resume=true", "steps=4", "actor.resources.num_workers=1",
+                  "output.overwrite=true")
     code, err = finish(other)
     assert code == 2, err[-3000:]   # a configuration error
     assert "ZeRO stage 2 on 2 worker(s)" in err and "stage 0 on 1" in err and "Traceback" not in err, err[-3000:]
     assert sorted(metrics(tmp_path / "killed")) == [1, 2, 3]
     assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["step_000002", "step_000003"]
+
+    # Nothing left to run, and no consent to replace the final checkpoint: both stop at start-up.
+    for extra, needle in ((["steps=3", "output.overwrite=true"], "is at step 3, and steps=3 leaves nothing to run"),
+                          (["steps=4"], "would be replaced when this resumed run ends")):
+        code, err = finish(start(env, tmp_path / "killed", "resume=true", *extra))
+        assert code == 2 and needle in err, err[-3000:]
+
+    # A truncated shard in the newest checkpoint: the resume falls back to the one before it, and its step 3
+    # equals the uninterrupted run's again.
+    state = tmp_path / "killed" / "checkpoints" / "step_000003" / "actor" / "state"
+    shard = next(name for name in sorted(os.listdir(state)) if name.endswith("model_states.pt"))
+    os.truncate(state / shard, os.path.getsize(state / shard) // 2)
+    code, err = finish(start(env, tmp_path / "killed", "resume=true", "steps=4", "output.overwrite=true"))
+    assert code == 0, err[-3000:]
+    assert f"step_000003 is not intact (actor/state/{shard} has" in err, err[-3000:]
+    assert "resumed from" in err and "step_000002" in err
+    got = metrics(tmp_path / "killed")
+    assert sorted(got) == [1, 2, 3, 4]
+    for key in COMPARED:
+        assert got[3][key] == pytest.approx(expected[3][key], rel=1e-5, abs=1e-7), key
 
 
 def test_a_dead_actor_worker_is_named_and_the_run_resumes(env, tmp_path):

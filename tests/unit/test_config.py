@@ -210,12 +210,12 @@ def test_the_label_mass_threshold_defaults_per_judge_model():
 
 def test_overwrite_moves_the_old_verdict_cache_aside(tmp_path):
     """A rerun with output.overwrite=true must not be served the earlier run's verdicts."""
-    from openrlaif.pipelines.common import prepare_output_dir
+    from openrlaif.pipelines.common import prepare_output_dir, release
     cfg = composed(f"output.dir={tmp_path}")
     (tmp_path / "judge_cache.jsonl").write_text('{"key": "k", "reply": {}}\n')
-    prepare_output_dir(cfg)   # a fresh run without a checkpoint: the cache is reused as it is
+    release(prepare_output_dir(cfg))   # a fresh run without a checkpoint: the cache is reused as it is
     assert (tmp_path / "judge_cache.jsonl").exists()
     cfg.output.overwrite = True
-    prepare_output_dir(cfg)
+    release(prepare_output_dir(cfg))
     assert not (tmp_path / "judge_cache.jsonl").exists()
     assert (tmp_path / "judge_cache.jsonl.previous").read_text().startswith('{"key": "k"')
