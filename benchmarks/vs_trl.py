@@ -90,7 +90,7 @@ def run_ours(kind: str, model: str, steps: int, engine: str, async_steps: int = 
               "data.shuffle=false"]
     if kind == "grpo":
         overrides = common + ["algorithm=grpo", f"algorithm.kl_coef={GRPO['kl_coef']}", "feedback=function",
-                              f"feedback.function_kwargs.target_words={GRPO['target_words']}",
+                              f"+feedback.function_kwargs.target_words={GRPO['target_words']}",
                               f"data.prompts_per_step={GRPO['prompts_per_step']}", f"rollout.samples_per_prompt={GRPO['n']}",
                               f"rollout.max_new_tokens={GRPO['max_new_tokens']}", f"rollout.engine={engine}",
                               f"rollout.async_steps={async_steps}",

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 
 import ray
 
@@ -157,13 +158,35 @@ def dead_workers(groups: dict, timeout_s: float = 10.0) -> list[str]:
     return dead
 
 
+def resume_hint(checkpointer: Checkpointer | None) -> str:
+    if checkpointer is not None and checkpointer.last_path:
+        return f"The last checkpoint is {checkpointer.last_path}: rerun the same command with resume=true."
+    if checkpointer is not None and checkpointer.every > 0:
+        return "No checkpoint was written yet: rerun the same command to start over."
+    return "Checkpoints are off: set output.checkpoint_every=N to make runs resumable."
+
+
+@contextmanager
+def stop_on_non_finite(step: int, checkpointer: Checkpointer | None = None):
+    """Around a step's update or a checkpoint: a worker that refused a non-finite loss or non-finite weights
+    (workers/engine.py NonFiniteUpdate) stops the run with what happened and the way on, before anything NaN is
+    applied or saved."""
+    from openrlaif.workers.engine import NonFiniteUpdate
+    try:
+        yield
+    except ray.exceptions.RayTaskError as err:
+        if not isinstance(err.cause, NonFiniteUpdate):
+            raise
+        raise non_finite_stop(step, str(err.cause), checkpointer) from None
+
+
+def non_finite_stop(step: int, what: str, checkpointer: Checkpointer | None) -> RunError:
+    return RunError(f"step {step}: {what}. The run stopped; nothing non-finite was saved. {resume_hint(checkpointer)} "
+                    "Likely causes: a learning rate too high, a reward or advantage that is not finite, a KL "
+                    "coefficient too large. Fix: e.g. a lower actor.lr.")
+
+
 def role_died(dead: list[str], err: Exception, phase: str, step: int, checkpointer: Checkpointer) -> RunError:
     """The error a run stops with when a worker died: which role, when, and how to go on."""
-    if checkpointer.last_path:
-        how = f"The last checkpoint is {checkpointer.last_path}: rerun the same command with resume=true."
-    elif checkpointer.every > 0:
-        how = "No checkpoint was written yet: rerun the same command to start over."
-    else:
-        how = "Checkpoints are off: set output.checkpoint_every=N to make runs resumable."
     return RunError(f"{', '.join(dead)} died during the {phase} phase of step {step} "
-                    f"({type(err).__name__}). {how}")
+                    f"({type(err).__name__}). {resume_hint(checkpointer)}")

@@ -32,7 +32,7 @@ def _train(overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from openrlaif.checkpointing import RunError
-    from openrlaif.config import Config, ConfigError, register_configs, validate
+    from openrlaif.config import Config, ConfigError, check_known_keys, register_configs, validate
 
     register_configs()
     config_dir = _config_dir()
@@ -45,6 +45,7 @@ def _train(overrides: list[str]) -> int:
     @hydra.main(version_base=None, config_path=config_dir, config_name="config")
     def main(cfg) -> None:
         try:
+            check_known_keys(cfg)
             config: Config = OmegaConf.to_object(cfg)
             validate(config)
             from openrlaif.pipelines import run

@@ -6,6 +6,7 @@ the fix. Nothing here rewrites a user's value.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from dataclasses import dataclass, field, replace
@@ -195,6 +196,9 @@ class FeedbackConfig:
     transform: str = "none"               # none | lsc
     reference_quantile: float = 0.5
     reference_samples: int = 4
+    # stop the run (exit 1, no final checkpoint) after this many consecutive steps in which every sample's
+    # feedback failed: it is learning nothing (an endpoint down, a broken reward function). 0 = never stop.
+    max_failed_steps: int = 3
 
 
 @dataclass
@@ -290,6 +294,36 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
+def check_known_keys(node, path: str = "") -> None:
+    """Refuse any key the schema does not have. Hydra rejects an unknown `key=value`, but `+key=value` (its own
+    suggestion) adds the key to the composed config, and OmegaConf.to_object then drops it silently: a typo'd
+    `+data.promts=my.jsonl` trained on the demo prompts. `node` is the composed DictConfig; free-form dict fields
+    (feedback.function_kwargs) take any key."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    if isinstance(node, ListConfig):
+        for index, item in enumerate(node):
+            check_known_keys(item, f"{path}[{index}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    fields = [f.name for f in dataclasses.fields(schema)]
+    for key in node.keys():
+        name = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" Did you mean {path + '.' if path else ''}{close[0]}?" if close else ""
+            raise ConfigError(f"{name} is not a configuration key.{hint} Fix: correct it (`openrlaif train --cfg job` "
+                              "prints every key); a leading + only adds keys to free-form dicts like "
+                              "feedback.function_kwargs.")
+        check_known_keys(node._get_node(key), name)
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
@@ -305,10 +339,28 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value} must be {bound}.")
 
 
+def _finite_numbers(node, path: str = "") -> None:
+    """Every number of the config must be finite: `_positive(nan)` is False, so NaN slipped through every range
+    check (algorithm.kl_coef=inf trained to a checkpoint of NaN weights, exit 0)."""
+    import dataclasses
+    if dataclasses.is_dataclass(node):
+        for item in dataclasses.fields(node):
+            _finite_numbers(getattr(node, item.name), f"{path}.{item.name}" if path else item.name)
+    elif isinstance(node, (list, tuple)):
+        for index, item in enumerate(node):
+            _finite_numbers(item, f"{path}[{index}]")
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            _finite_numbers(item, f"{path}.{key}")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{path}={node} must be a finite number.")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field and range checks. Model and data files are checked by their loaders (they name the file)."""
     from openrlaif.pipelines import PIPELINES
 
+    _finite_numbers(cfg)
     _choice("pipeline", cfg.pipeline, PIPELINES)
     _choice("model.dtype", cfg.model.dtype, {"float32", "bfloat16"})
     _choice("cluster.dist_backend", cfg.cluster.dist_backend, {"auto", "gloo", "nccl"})
@@ -409,6 +461,9 @@ def _validate_rollout(cfg: Config) -> None:
     _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     _positive("rollout.temperature", cfg.rollout.temperature)
     _positive("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt)
+    _positive("rollout.kv_cache_gib", cfg.rollout.kv_cache_gib)
+    if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} must be in (0, 1].")
     _validate_async(cfg)
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
@@ -418,6 +473,8 @@ def _validate_trained(role: str, train: ActorConfig, step_batch: int, what: str)
     """A DeepSpeed-trained role: its optimizer step must split evenly into workers × micro-batches."""
     _positive(f"{role}.micro_batch_size", train.micro_batch_size)
     _positive(f"{role}.lr", train.lr)
+    _positive(f"{role}.grad_clip", train.grad_clip)
+    _positive(f"{role}.weight_decay", train.weight_decay, allow_zero=True)
     _positive(f"{role}.epochs", train.epochs)
     if train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{role}.zero_stage={train.zero_stage} must be 0, 1, 2 or 3.")
@@ -472,6 +529,9 @@ def _validate_online(cfg: Config) -> None:
         raise ConfigError(f"algorithm.clip_eps_high={algo.clip_eps_high} must be >= 0, or null.")
     _positive("algorithm.entropy_coef", algo.entropy_coef, allow_zero=True)
     _positive("algorithm.kl_coef", algo.kl_coef, allow_zero=True)
+    if not 0 < algo.clip_eps < 1:
+        raise ConfigError(f"algorithm.clip_eps={algo.clip_eps} must be in (0, 1): the ratio is clipped to "
+                          "[1 − ε, 1 + ε] (PPO's 0.2).")
     if cfg.rollout.samples_per_prompt < 2 and algo.advantage in GROUP_BASELINES:
         raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: "
                           f"{algo.advantage} needs a group of at least 2 samples per prompt to form its "
@@ -561,6 +621,12 @@ def _validate_judge(judge: JudgeConfig, pipeline: str) -> None:
     if judge.backend == "http" and not (judge.base_url and judge.model):
         raise ConfigError("feedback.judge.backend=http needs feedback.judge.base_url (e.g. "
                           "http://127.0.0.1:8000/v1) and feedback.judge.model (the served model's name).")
+    if judge.backend == "http":
+        from urllib.parse import urlparse
+        url = urlparse(judge.base_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ConfigError(f"feedback.judge.base_url={judge.base_url!r} is not an http:// or https:// URL with a "
+                              "host. Fix: e.g. feedback.judge.base_url=http://127.0.0.1:8000/v1")
     if judge.repeats < 1 or not 0 <= judge.consistency_threshold <= 1:
         raise ConfigError(f"feedback.judge.repeats={judge.repeats} must be >= 1 and consistency_threshold="
                           f"{judge.consistency_threshold} in [0, 1].")
@@ -588,6 +654,10 @@ def _validate_judge(judge: JudgeConfig, pipeline: str) -> None:
                           f"are synced (got backend={judge.backend}, pipeline={pipeline}).")
     _positive("feedback.judge.timeout_s", judge.timeout_s)
     _positive("feedback.judge.concurrency", judge.concurrency)
+    _positive("feedback.judge.max_retries", judge.max_retries, allow_zero=True)
+    _positive("feedback.judge.backoff_s", judge.backoff_s, allow_zero=True)
+    _positive("feedback.judge.max_new_tokens", judge.max_new_tokens)
+    _positive("feedback.judge.temperature", judge.temperature, allow_zero=True)
     if judge.min_label_mass is not None and not 0 <= judge.min_label_mass < 1:
         raise ConfigError(f"feedback.judge.min_label_mass={judge.min_label_mass} must be in [0, 1), or null for "
                           "the judge model's default.")
@@ -617,6 +687,7 @@ def _validate_feedback(fb: FeedbackConfig) -> None:
     if not 0 <= fb.reference_quantile <= 1:
         raise ConfigError(f"feedback.reference_quantile={fb.reference_quantile} must be in [0, 1].")
     _positive("feedback.reference_samples", fb.reference_samples)
+    _positive("feedback.max_failed_steps", fb.max_failed_steps, allow_zero=True)
 
 
 def _validate_offline(cfg: Config) -> None:

@@ -38,8 +38,10 @@ def init_local_ray(num_cpus: int) -> None:
     before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env(local=True)},
-                 configure_logging=False)
+        # address="local": a new cluster of our own, whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster say
+        # (without it ray.init joined someone else's cluster and died on num_cpus)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": worker_env(local=True)}, configure_logging=False)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = before
     node_ip = ray.util.get_node_ip_address()

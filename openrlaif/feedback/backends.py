@@ -114,6 +114,22 @@ class HTTPBackend:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self._one, requests))
 
+    def probe(self) -> None:
+        """One short request before the first step, so an endpoint that is down, hangs, rejects the key or serves
+        another model is a start-up error naming the URL, not a run whose every verdict fails. ConfigError."""
+        from openrlaif.config import ConfigError
+        if self._api_key_env and not os.environ.get(self._api_key_env):
+            print(f"[openrlaif] warning: ${self._api_key_env} (feedback.judge.api_key_env) is not set: requests "
+                  "to the judge go without an API key")
+        reply = self._attempt(JudgeRequest([{"role": "user", "content": "Reply with OK."}], None, 1, 0.0))
+        if reply.failure:
+            raise ConfigError(
+                f"feedback.judge.base_url={self.url.rsplit('/chat/completions', 1)[0]}: the endpoint did not answer "
+                f"a probe request ({reply.failure}: {reply.detail}). Nothing was started. Fix: start the server or "
+                f"correct the URL (POST {self.url} must serve model {self.model!r}); HTTP 401/403 means the key in "
+                f"${self._api_key_env} is wrong; a timeout, an endpoint that does not answer within "
+                "feedback.judge.timeout_s.")
+
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self._api_key_env, "") if self._api_key_env else ""

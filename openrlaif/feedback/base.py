@@ -26,16 +26,18 @@ class FeedbackResult:
     metrics: dict[str, float] = field(default_factory=dict)
     # pairwise / listwise judges: how consistent the judge was on each group (Kendall's W for listwise), by group id
     consistency: dict[int, float] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)   # failure kind -> the first failure's detail, for the log
 
     @staticmethod
     def from_scores(scores: list[float | None], failure_kinds: list[str | None] | None = None,
-                    metrics: dict[str, float] | None = None) -> FeedbackResult:
+                    metrics: dict[str, float] | None = None, details: dict[str, str] | None = None) -> FeedbackResult:
         """None is no verdict; NaN or ±inf (a user function, a reward model gone wrong) is a `non_finite` failure:
         left in, one such value would poison its group's baseline and, through whitening, the whole batch."""
         kinds = list(failure_kinds) if failure_kinds else [None] * len(scores)
-        scores = list(scores)
+        scores, details = list(scores), dict(details or {})
         for index, score in enumerate(scores):
             if score is not None and not math.isfinite(float(score)):
+                details.setdefault("non_finite", f"sample {index} was scored {score}")
                 scores[index], kinds[index] = None, "non_finite"
         valid = torch.tensor([s is not None for s in scores], dtype=torch.bool)
         rewards = torch.tensor([0.0 if s is None else float(s) for s in scores], dtype=torch.float32)
@@ -43,7 +45,8 @@ class FeedbackResult:
         missing = int((~valid).sum()) - sum(failures.values())
         if missing > 0:
             failures["no_score"] += missing
-        return FeedbackResult(rewards, valid, failures, metrics or {})
+        return FeedbackResult(rewards, valid, failures, metrics or {}, details={k: v for k, v in details.items()
+                                                                              if k in failures})
 
 
 class Feedback(Protocol):

@@ -40,6 +40,7 @@ class CombinedFeedback:
         failures: Counter = Counter()
         metrics: dict[str, float] = {}
         consistency: dict[int, float] = {}
+        details: dict[str, str] = {}
         for name, feedback in self.objectives.items():
             result = feedback.score(prompts, responses, group_ids=group_ids, conversations=conversations)
             consistency |= result.consistency
@@ -55,9 +56,12 @@ class CombinedFeedback:
             valid &= result.valid
             failures.update({f"{name}/{kind}" if len(self.objectives) > 1 else kind: count
                              for kind, count in result.failures.items() if count})
+            details |= {f"{name}/{kind}" if len(self.objectives) > 1 else kind: detail
+                        for kind, detail in result.details.items()}
             metrics |= result.metrics
             if len(self.objectives) > 1 or self.transform != "none":
                 raw = result.rewards[result.valid]
                 metrics[f"objective/{name}_raw_mean"] = float(raw.mean()) if len(raw) else float("nan")
         failures = Counter({k: v for k, v in failures.items() if v})
-        return FeedbackResult(torch.where(valid, total, torch.zeros_like(total)), valid, failures, metrics, consistency)
+        return FeedbackResult(torch.where(valid, total, torch.zeros_like(total)), valid, failures, metrics, consistency,
+                              details)

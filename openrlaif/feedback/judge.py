@@ -183,6 +183,7 @@ class Comparisons:
     judged: int = 0                    # pairs with both orders answered
     failures: Counter = field(default_factory=Counter)
     label_mass: list[float] = field(default_factory=list)   # probs readout: P(A) + P(B) of every answered verdict
+    details: dict[str, str] = field(default_factory=dict)   # failure kind -> the first one's detail
 
 
 def group_rows(prompts: list[str], group_ids: list[int] | None) -> dict:
@@ -272,7 +273,7 @@ class Judge:
         messages = [pointwise_messages(cfg.rubric, p, r, cfg.score_min, cfg.score_max, self.style, c)
                     for p, r, c in zip(prompts, responses, conversations)]
         follow_up = POINTWISE_AFTER_RATIONALE.format(score_min=cfg.score_min, score_max=cfg.score_max)
-        scores, kinds, raw, mass = [], [], [], []
+        scores, kinds, raw, mass, details = [], [], [], [], {}
         for reply in self._verdicts(messages, labels, follow_up, [0] * len(messages)):
             try:
                 if reply.failure:
@@ -284,15 +285,16 @@ class Judge:
             except JudgeFailure as failure:
                 scores.append(None)
                 kinds.append(failure.kind)
+                details.setdefault(failure.kind, failure.detail)
                 continue
             raw.append(value)
             scores.append(normalise(value, cfg.score_min, cfg.score_max))
             kinds.append(None)
         stats = self.take_stats()
-        stats["judge_score_mean"] = sum(raw) / max(len(raw), 1)
+        stats["judge_score_mean"] = sum(raw) / len(raw) if raw else float("nan")   # nothing judged: no number
         if mass:
             stats["judge_label_mass"] = sum(mass) / len(mass)
-        return FeedbackResult.from_scores(scores, kinds, stats)
+        return FeedbackResult.from_scores(scores, kinds, stats, details)
 
     # ---------------------------------------------------------------------------------------------- pairwise
     def compare(self, prompts: list[str], firsts: list[str], seconds: list[str],
@@ -325,6 +327,7 @@ class Judge:
                            else float(parse_choice(reply.text) == "A"))
                 except JudgeFailure as failure:
                     failed = failed or failure.kind
+                    out.details.setdefault(failure.kind, failure.detail)
                     continue
                 probs[j // cfg.repeats].append(p_a)
             if not probs[0] or not probs[1]:
@@ -364,7 +367,8 @@ class Judge:
         scores = [wins[i] / counts[i] if counts[i] else None for i in range(len(prompts))]
         kinds = [None if counts[i] else "no_kept_comparison" for i in range(len(prompts))]
         stats = self.take_stats() | comparison_metrics(result, len(pairs))
-        rewards = FeedbackResult.from_scores(scores, kinds, stats)
+        rewards = FeedbackResult.from_scores(scores, kinds, stats, {"no_kept_comparison": "; ".join(
+            f"{kind}: {detail}" for kind, detail in result.details.items()) or "the consistency filter dropped them"})
         for kind, count in result.failures.items():   # per comparison, next to the per-response counts
             rewards.metrics[f"comparison_failures/{kind}"] = float(count)
         return rewards
@@ -397,6 +401,7 @@ class Judge:
         replies = self._verdicts(messages, None, "", seeds)
         rankings: dict = {key: [] for key in groups}
         failures: Counter = Counter()
+        first_detail: dict[str, str] = {}
         for reply, order, key in zip(replies, orders, owners):
             try:
                 if reply.failure:
@@ -404,6 +409,7 @@ class Judge:
                 best_first = parse_ranking(reply.text, len(order))
             except JudgeFailure as failure:
                 failures[failure.kind] += 1
+                first_detail.setdefault(failure.kind, failure.detail)
                 continue
             ranks = [0] * len(order)    # rank (1 = best) of each group member, in the group's own row order
             for position, shown in enumerate(best_first, start=1):
@@ -432,7 +438,9 @@ class Judge:
                                           else float("nan"))
         for kind, count in failures.items():
             stats[f"ranking_failures/{kind}"] = float(count)
-        result = FeedbackResult.from_scores(scores, kinds, stats)
+        why = "; ".join(f"{kind}: {detail}" for kind, detail in first_detail.items())
+        result = FeedbackResult.from_scores(scores, kinds, stats, {"no_ranking": why, "too_few_responses":
+                                                                   "a group of one response has nothing to rank"})
         result.consistency = consistency
         return result
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
+from openrlaif.checkpointing import RunError
 from openrlaif.config import Config
 from openrlaif.feedback.base import JudgeFailure
 from openrlaif.feedback.judge_prompts import clean_revision, critique_messages, revision_messages
@@ -42,7 +43,7 @@ def train(cfg: Config) -> dict:
         release(run.out_dir)
         return {"checkpoint": None, "metrics": summary, "out_dir": run.out_dir}
     if summary["revised"] == 0:
-        raise RuntimeError(f"constitutional: every critique or revision failed ({summary['failures']}), so there is "
+        raise RunError(f"constitutional: every critique or revision failed ({summary['failures']}), so there is "
                            "nothing to fine-tune on. Fix: a stronger feedback.judge.model, or more "
                            "constitution.max_new_tokens; see constitutional.json.")
     from openrlaif.pipelines import sft

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+from openrlaif.checkpointing import RunError
 from openrlaif.config import Config, ConfigError, cache_dir
 from openrlaif.data.jsonl import read_jsonl
 from openrlaif.data.pairs import DEMO_PAIRS, split_conversation
@@ -42,6 +43,9 @@ def train(cfg: Config) -> dict:
     if judge_cfg.backend == "local":
         judge_path = resolve_model_path(judge_cfg.model or cfg.model.path, cache_dir(cfg.model),
                                         key="feedback.judge.model")
+    if judge_cfg.backend == "http":
+        from openrlaif.pipelines.online_rl import http_backend
+        http_backend(judge_cfg).probe()
     out_dir = prepare_output_dir(cfg)
     cpus = judge_cfg.resources.num_cpus * judge_cfg.resources.num_workers if judge_path else 1
     with ray_session(cfg.cluster, cpus):
@@ -55,12 +59,16 @@ def train(cfg: Config) -> dict:
                 group.shutdown()
     probs = [p for p in comparisons.prob if p is not None]
     failed = sum(comparisons.failures.values())
+
+    def share(value: float, count: int) -> float | None:   # nothing judged: no number that reads as a result
+        return value / count if count else None
+
     report = {
         "pairs": len(pairs),
         "judged": comparisons.judged,
-        "agreement": sum(p > 0.5 for p in probs) / max(len(probs), 1),   # gold chosen preferred after debiasing
-        "mean_p_chosen": sum(probs) / max(len(probs), 1),
-        "position_consistency": 1.0 - comparisons.flips / max(comparisons.judged, 1),
+        "agreement": share(sum(p > 0.5 for p in probs), len(probs)),   # gold chosen preferred after debiasing
+        "mean_p_chosen": share(sum(probs), len(probs)),
+        "position_consistency": share(comparisons.judged - comparisons.flips, comparisons.judged),
         "kept_fraction": sum(comparisons.kept) / len(pairs),
         "failure_rate": failed / len(pairs),
         "failures": dict(comparisons.failures),
@@ -71,9 +79,18 @@ def train(cfg: Config) -> dict:
     path = os.path.join(out_dir, "judge_eval.json")
     with open(path, "w") as handle:
         json.dump(report, handle, indent=2)
-    print(f"\n{'pairs':>6s} {'agree':>7s} {'P(chosen)':>10s} {'consistent':>11s} {'kept':>6s} {'failed':>7s}")
-    print(f"{report['pairs']:6d} {report['agreement']:7.3f} {report['mean_p_chosen']:10.3f} "
-          f"{report['position_consistency']:11.3f} {report['kept_fraction']:6.3f} {report['failure_rate']:7.3f}")
     print(f"[openrlaif] judge-eval report: {path}")
+    if not comparisons.judged:
+        release(out_dir)
+        causes = "; ".join(f"{kind}: {detail}" for kind, detail in comparisons.details.items())
+        raise RunError(f"judge-eval: nothing was judged: all {len(pairs)} pairs failed ({dict(comparisons.failures)}"
+                       f"; {causes}). Fix: what the failures name.")
+
+    def cell(value, width: int) -> str:
+        return f"{'n/a':>{width}s}" if value is None else f"{value:{width}.3f}"
+
+    print(f"\n{'pairs':>6s} {'agree':>7s} {'P(chosen)':>10s} {'consistent':>11s} {'kept':>6s} {'failed':>7s}")
+    print(f"{report['pairs']:6d} {cell(report['agreement'], 7)} {cell(report['mean_p_chosen'], 10)} "
+          f"{cell(report['position_consistency'], 11)} {report['kept_fraction']:6.3f} {report['failure_rate']:7.3f}")
     release(out_dir)
     return {"checkpoint": None, "metrics": report, "out_dir": out_dir}

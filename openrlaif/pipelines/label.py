@@ -24,8 +24,8 @@ from openrlaif.config import Config
 from openrlaif.data.labelling import most_consistent, pair_row, select_pairs
 from openrlaif.metrics import MetricsLogger, timer
 from openrlaif.pipelines.common import release
-from openrlaif.pipelines.online_rl import (Roles, RunInputs, feedback_metrics, generate, prepare_run, score,
-                                          start_roles)
+from openrlaif.pipelines.online_rl import (FailedSteps, Roles, RunInputs, feedback_metrics, generate, prepare_run,
+                                          score, start_roles)
 from openrlaif.runtime import ray_session
 
 
@@ -48,6 +48,7 @@ def label_prompts(cfg: Config, run: RunInputs, roles: Roles) -> dict:
     groups, skipped = [], Counter()   # one LabelledGroup per prompt, in prompt order
     start, size = time.perf_counter(), cfg.data.prompts_per_step
     chunks = range(0, len(run.prompts), size)
+    failed_batches = FailedSteps(cfg.feedback.max_failed_steps)
     for index, lo in enumerate(tqdm(chunks, desc="openrlaif label", unit="batch", dynamic_ncols=True), start=1):
         prompts, metrics = run.prompts[lo:lo + size], {}
         with timer(metrics, "rollout"):
@@ -61,6 +62,7 @@ def label_prompts(cfg: Config, run: RunInputs, roles: Roles) -> dict:
         metrics |= {"label/pairs": float(sum(len(g.pairs) for g in chunk_groups))}
         metrics |= {f"label/skipped/{k}": float(v) for k, v in chunk_skipped.items()}
         logger.log(index, metrics)
+        failed_batches.count(index, metrics)
     logger.close()
     kept = keep_most_consistent(groups, cfg.label.keep_top_fraction)
     skipped["low_consistency"] += sum(1 for g in groups if g.pairs and not kept[g.index])

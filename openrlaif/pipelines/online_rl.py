@@ -2,6 +2,7 @@
 `train()` is the loop; the helpers below it do one phase each."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -14,7 +15,8 @@ from tqdm import tqdm
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
 from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE
 from openrlaif.batch import Batch, split_evenly
-from openrlaif.checkpointing import Checkpointer, RunError, dead_workers, role_died, truncate_metrics
+from openrlaif.checkpointing import (Checkpointer, RunError, dead_workers, non_finite_stop, resume_hint,
+                                     role_died, stop_on_non_finite, truncate_metrics)
 from openrlaif.config import Config, RoleResources, cache_dir, step_batch_size
 from openrlaif.data import PromptStream, load_prompts
 from openrlaif.feedback import Feedback, FeedbackResult
@@ -49,6 +51,7 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles, step_fn=None) -> tuple
     progress = Progress(cfg, run, roles, stream)
     first_step = progress.resume()
     logger = MetricsLogger(run.out_dir, cfg, first_step)
+    failed_steps = FailedSteps(cfg.feedback.max_failed_steps)
     metrics: dict[str, float] = {}
     if cfg.feedback.transform != "none" and first_step == 1:   # 0. per-prompt reference rewards (LSC)
         reference_metrics = calibrate_references(roles, run, cfg)
@@ -62,14 +65,19 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles, step_fn=None) -> tuple
             metrics["time/step_s"] = time.perf_counter() - step_start
             logger.log(step, metrics)
             tqdm.write(summary_line(step, metrics))
+            if not math.isfinite(metrics.get("train/grad_norm", 0.0)):   # applied: these weights are lost
+                raise non_finite_stop(step, f"the gradient norm was {metrics['train/grad_norm']}",
+                                      progress.checkpointer)
+            failed_steps.count(step, metrics, progress.checkpointer)
             progress.save_if_due(step)
     finally:
         logger.close()      # also on a failed step: TensorBoard and W&B keep what was logged
     checkpoint = None
     if cfg.output.save_final:
-        checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path)
-        if roles.critic is not None:
-            save_checkpoint(roles.critic, run.out_dir, run.model_path, name="critic")
+        with stop_on_non_finite(cfg.steps, progress.checkpointer):
+            checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path)
+            if roles.critic is not None:
+                save_checkpoint(roles.critic, run.out_dir, run.model_path, name="critic")
     return checkpoint, metrics, logger.path
 
 
@@ -89,6 +97,26 @@ def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, st
     with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
         metrics["sync/engine_s"] = sync_weights(roles, cfg, step)
     metrics |= step_metrics(batch, feedback, train_metrics, metrics)
+
+
+class FailedSteps:
+    """Counts consecutive steps in which every sample's feedback failed; at `limit` the run stops (RunError, exit 1,
+    no final checkpoint): it would exit 0 having learned nothing."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.run = limit, 0
+
+    def count(self, step: int, metrics: dict[str, float], checkpointer: Checkpointer | None = None) -> None:
+        self.run = self.run + 1 if metrics.get("feedback/failure_rate") == 1.0 else 0
+        if not self.limit or self.run < self.limit:
+            return
+        kinds = ", ".join(f"{key.rsplit('/', 1)[-1]} ×{int(value)}" for key, value in sorted(metrics.items())
+                          if key.startswith("feedback/failures/"))
+        raise RunError(f"step {step}: every sample's feedback failed in each of the last {self.run} steps ({kinds}; "
+                       "the lines above give each kind's cause), so the run learned nothing from them. It stopped "
+                       f"without writing a final checkpoint. {resume_hint(checkpointer)} Fix: what the failures "
+                       "name (the judge endpoint, the judge model, the reward function), or "
+                       "feedback.max_failed_steps=0 to go on regardless.")
 
 
 class Progress:
@@ -138,7 +166,8 @@ class Progress:
         """Around one step (or its checkpoint): if a worker process died, stop with which role, which phase
         (`phase`, else the last one timed in `metrics`), and how to resume."""
         try:
-            yield
+            with stop_on_non_finite(step, self.checkpointer):
+                yield
         except ray.exceptions.RayError as err:
             dead = dead_workers(self.roles.groups())
             if not dead:
@@ -200,11 +229,15 @@ def prepare_run(cfg: Config) -> RunInputs:
         reward_model_path = resolve_model_path(cfg.feedback.reward_model.path, cache_dir(cfg.model),
                                                key="feedback.reward_model.path")
     from openrlaif.feedback.rules import load_function
-    if cfg.pipeline != "constitutional":
-        for spec in [cfg.feedback.function] * (cfg.feedback.source == "function") + cfg.feedback.extra_functions:
-            load_function(spec)   # fail now on a bad name, not after the models are loaded
+    if cfg.pipeline != "constitutional":   # fail now on a bad name or signature, not after the models are loaded
+        if cfg.feedback.source == "function":
+            load_function(cfg.feedback.function, cfg.feedback.function_kwargs)
+        for spec in cfg.feedback.extra_functions:
+            load_function(spec)
     if cfg.pipeline == "online_rl" and cfg.algorithm.advantage in CRITIC:
         critic_path = resolve_model_path(cfg.critic.model or cfg.model.path, cache_dir(cfg.model), key="critic.model")
+    if uses_judge and cfg.feedback.judge.backend == "http":
+        http_backend(cfg.feedback.judge).probe()
     tokenizer = load_tokenizer(model_path, cfg)
     prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
     out_dir = prepare_output_dir(cfg)
@@ -343,20 +376,24 @@ def wait_until_ready(groups: list[WorkerGroup]) -> None:
 def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,
                 shared: SharedPlacement | None = None):
     """(worker group or None, Judge): a local judge model in its own group, or an HTTP endpoint client."""
-    from openrlaif.feedback.backends import HTTPBackend, LocalBackend
+    from openrlaif.feedback.backends import LocalBackend
     from openrlaif.feedback.judge import Judge, JudgeWorker
     jc = cfg.feedback.judge
     cache_path = os.path.join(out_dir, "judge_cache.jsonl")
     if jc.backend == "http":
-        backend = HTTPBackend(jc.base_url, jc.model, jc.api_key_env, jc.timeout_s, jc.max_retries, jc.backoff_s,
-                              jc.concurrency, jc.top_logprobs)
-        return None, Judge(backend, jc, cache_path, model_name=jc.model)
+        return None, Judge(http_backend(jc), jc, cache_path, model_name=jc.model)
     group = WorkerGroup("judge", JudgeWorker, jc.resources, lambda rank: dict(
         model_path=judge_path, dtype=cfg.model.dtype, threads=threads, seed=cfg.seed,
         max_prompt_tokens=jc.max_prompt_tokens, micro_batch_size=jc.micro_batch_size,
         trust_remote_code=cfg.model.trust_remote_code), shared=shared)
     backend = LocalBackend(group, judge_path, cfg.model.dtype, jc.max_prompt_tokens)
     return group, Judge(backend, jc, cache_path, model_name=jc.model or cfg.model.path)
+
+
+def http_backend(jc):
+    from openrlaif.feedback.backends import HTTPBackend
+    return HTTPBackend(jc.base_url, jc.model, jc.api_key_env, jc.timeout_s, jc.max_retries, jc.backoff_s,
+                       jc.concurrency, jc.top_logprobs)
 
 
 def function_name(spec: str) -> str:
@@ -448,7 +485,7 @@ def score(roles: Roles, batch: Batch) -> FeedbackResult:
     prompts, responses = batch.meta["prompt"], batch.meta["response"]
     groups, conversations = batch["group_ids"].tolist(), batch.meta.get("conversation")
     if "baseline_response" not in batch.meta:
-        return roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations)
+        return report_failures(roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations))
     first = {group: row for row, group in reversed(list(enumerate(groups)))}   # one baseline per prompt
     rows = sorted(first.values())
     result = roles.feedback.score(prompts + [prompts[r] for r in rows],
@@ -460,8 +497,17 @@ def score(roles: Roles, batch: Batch) -> FeedbackResult:
     baseline_of = {groups[r]: size + k for k, r in enumerate(rows)}
     index = torch.tensor([baseline_of[g] for g in groups])
     batch["baseline_rewards"] = result.rewards[index]
-    return FeedbackResult(result.rewards[:size], result.valid[:size] & result.valid[index], result.failures,
-                          result.metrics, result.consistency)
+    return report_failures(FeedbackResult(result.rewards[:size], result.valid[:size] & result.valid[index],
+                                          result.failures, result.metrics, result.consistency, result.details))
+
+
+def report_failures(result: FeedbackResult) -> FeedbackResult:
+    """One line per failure kind this step, with the first failure's own words (connection refused, the
+    function's error, ...): a run whose verdicts fail says why, not only how many."""
+    for kind, count in sorted(result.failures.items()):
+        detail = result.details.get(kind)
+        tqdm.write(f"[openrlaif] feedback failed for {count} sample(s): {kind}" + (f": {detail}" if detail else ""))
+    return result
 
 
 def compute_advantages(batch: Batch, valid: torch.Tensor, cfg: Config) -> torch.Tensor:

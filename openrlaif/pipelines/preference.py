@@ -12,6 +12,7 @@ import ray
 from tqdm import tqdm
 
 from openrlaif.algorithms.preference import LISTWISE_LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES
+from openrlaif.checkpointing import stop_on_non_finite
 from openrlaif.config import Config, cache_dir
 from openrlaif.data import PromptStream
 from openrlaif.data.lists import ListExample, lists_to_batch, load_ranked, load_unpaired
@@ -47,7 +48,8 @@ def train(cfg: Config) -> dict:
             metrics: dict[str, float] = {}
             for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
                 metrics = {}
-                with timer(metrics, "update"):   # 2. one DeepSpeed update on the examples, sharded over the workers
+                # 2. one DeepSpeed update on the examples, sharded over the workers
+                with timer(metrics, "update"), stop_on_non_finite(step):
                     if pairwise:
                         batch = pairs_to_batch(stream.next_batch(), tokenizer.pad_token_id)
                         per_rank = ray.get(actor.map(lambda w, shard: w.preference_step.remote(shard),
@@ -60,7 +62,8 @@ def train(cfg: Config) -> dict:
                 logger.log(step, metrics)
                 tqdm.write(summary_line(step, metrics))
             logger.close()
-            checkpoint = save_checkpoint(actor, out_dir, model_path) if cfg.output.save_final else None
+            with stop_on_non_finite(cfg.steps):
+                checkpoint = save_checkpoint(actor, out_dir, model_path) if cfg.output.save_final else None
         finally:
             actor.shutdown()
     return finish(checkpoint, logger.path, metrics, out_dir)

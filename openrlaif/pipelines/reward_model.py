@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from openrlaif.algorithms.preference import bradley_terry_loss
+from openrlaif.checkpointing import stop_on_non_finite
 from openrlaif.config import Config, cache_dir
 from openrlaif.data import PromptStream
 from openrlaif.data.pairs import Pair, load_pairs, pairs_to_batch
@@ -43,7 +44,7 @@ def train(cfg: Config) -> dict:
             for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
                 metrics = {}
                 batch = pairs_to_batch(stream.next_batch(), tokenizer.pad_token_id)
-                with timer(metrics, "update"):
+                with timer(metrics, "update"), stop_on_non_finite(step):
                     per_rank = ray.get(trainer.map(lambda w, shard: w.reward_model_step.remote(shard),
                                                    batch.split(len(trainer))))
                 pairs_seen = sum(r["pairs"] for r in per_rank)
@@ -58,7 +59,8 @@ def train(cfg: Config) -> dict:
                 logger.log(step, metrics)
                 tqdm.write(summary_line(step, metrics))
             logger.close()
-            checkpoint = save_checkpoint(trainer, out_dir, model_path) if cfg.output.save_final else None
+            with stop_on_non_finite(cfg.steps):
+                checkpoint = save_checkpoint(trainer, out_dir, model_path) if cfg.output.save_final else None
         finally:
             trainer.shutdown()
     return finish(checkpoint, logger.path, metrics, out_dir)

@@ -5,6 +5,7 @@ import ray
 from tqdm import tqdm
 
 from openrlaif.batch import Batch
+from openrlaif.checkpointing import stop_on_non_finite
 from openrlaif.config import Config, cache_dir
 from openrlaif.data import PromptStream
 from openrlaif.data.sft import load_sft
@@ -33,7 +34,8 @@ def train(cfg: Config, continuing: bool = False) -> dict:
             for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
                 metrics = {}
                 batch: Batch = examples.select(stream.next_batch())
-                with timer(metrics, "update"):   # one DeepSpeed update, examples sharded over the workers
+                # one DeepSpeed update, examples sharded over the workers
+                with timer(metrics, "update"), stop_on_non_finite(step):
                     per_rank = ray.get(actor.map(
                         lambda w, shard: w.sft_step.remote(shard, tokenizer.pad_token_id, cfg.data.pack_length),
                         batch.split(len(actor))))
@@ -45,7 +47,8 @@ def train(cfg: Config, continuing: bool = False) -> dict:
                 logger.log(step, metrics)
                 tqdm.write(summary_line(step, metrics))
             logger.close()
-            checkpoint = save_checkpoint(actor, out_dir, model_path) if cfg.output.save_final else None
+            with stop_on_non_finite(cfg.steps):
+                checkpoint = save_checkpoint(actor, out_dir, model_path) if cfg.output.save_final else None
         finally:
             actor.shutdown()
     return finish(checkpoint, logger.path, metrics, out_dir)

@@ -247,6 +247,7 @@ class ActorWorker(DeepSpeedWorker):
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF folder (config, safetensors, tokenizer) that transformers and vLLM load. Collective."""
         state = self.full_state_dict("float32")
+        self.check_weights_finite()   # a final checkpoint is never written from NaN weights
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer

@@ -111,6 +111,7 @@ class CriticWorker(DeepSpeedWorker):
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """The critic as a one-label SequenceClassification folder (loads as a reward model too). Collective."""
         state = self.gathered_state_dict(self.engine.module.model)
+        self.check_weights_finite()   # a final checkpoint is never written from NaN weights
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer

@@ -108,6 +108,10 @@ def local_interface(address: str) -> str | None:
     return None
 
 
+class NonFiniteUpdate(RuntimeError):
+    """A loss or weights that are not finite: the run stops before the update lands or a checkpoint is written."""
+
+
 class DeepSpeedWorker:
     """Base of the trained roles. Subclasses load their model, then call `build_engine` with it."""
 
@@ -155,9 +159,35 @@ class DeepSpeedWorker:
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """`loss` is this micro-batch's share of the global mini-batch mean. DeepSpeed divides by the
-        accumulation steps and averages over ranks; undo both so the update is the big-batch gradient."""
+        accumulation steps and averages over ranks; undo both so the update is the big-batch gradient.
+
+        A non-finite loss on any rank (all ranks agree through one all-reduce, so none is left waiting in a
+        collective) stops the step before its backward: the update is not applied and the weights stay those of
+        the last update, instead of every weight turning NaN."""
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        if self.world_size > 1:
+            import torch.distributed as dist
+            finite = finite.to(self.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            raise NonFiniteUpdate(f"the loss of a micro-batch is {float(loss.detach()):g} (rank {self.rank}, or "
+                                  "another rank's); the update was not applied")
         self.engine.backward(loss * self.accumulation * self.world_size)
         self.engine.step()
+
+    def weights_finite(self) -> bool:
+        """Whether every weight on every rank is finite (ZeRO-3: this rank's partitions). Collective."""
+        finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p).data).all())
+                     for p in self.engine.module.parameters())
+        flag = torch.tensor(float(finite), device=self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
+
+    def check_weights_finite(self) -> None:
+        if not self.weights_finite():
+            raise NonFiniteUpdate("the weights are not finite; they are not saved")
 
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
@@ -176,9 +206,11 @@ class DeepSpeedWorker:
                     yield micro, trim_to_content(both_sides(micro)).to(self.device), num_pairs
 
     def save_state(self, path: str) -> None:
-        """Weights, optimizer and this rank's RNG into `path` (a resumable checkpoint). Collective."""
+        """Weights, optimizer and this rank's RNG into `path` (a resumable checkpoint). Collective. Refuses
+        non-finite weights: a checkpoint is never written from NaN weights."""
         import json
         import random
+        self.check_weights_finite()
         self.engine.save_checkpoint(path, tag="state", save_latest=False)
         if self.rank == 0:
             with open(os.path.join(path, "layout.json"), "w") as handle:

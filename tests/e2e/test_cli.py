@@ -39,6 +39,12 @@ def test_unknown_command():
     (["actor.lr=fast"], "actor.lr"),
     (["rollout.engine=magic"], "rollout.engine='magic' is not one of"),
     (["data.prompts=/no/prompts.jsonl", "model=tiny"], "data.prompts='/no/prompts.jsonl': no such file"),
+    (["+data.promts=my.jsonl"], "data.promts is not a configuration key. Did you mean data.prompts?"),
+    (["algorithm.kl_coef=inf"], "algorithm.kl_coef=inf must be a finite number"),
+    (["algorithm.clip_eps=-1"], "algorithm.clip_eps=-1.0 must be in (0, 1)"),
+    (["feedback=judge_http", "feedback.judge.base_url=ftp://judge:8000/v1"], "is not an http:// or https:// URL"),
+    (["model=tiny", "feedback=function", "feedback.function=tests.unit.test_models_and_rules:half_known",
+      "+feedback.function_kwargs.target_words=20"], "cannot be called as half_known(prompts, responses, target_words"),
 ])
 def test_bad_input_fails_at_start_up_naming_the_key(cache_env, args, needle, tmp_path):
     out = cli("train", f"output.dir={tmp_path}", *args, env_extra=cache_env)
@@ -59,8 +65,9 @@ def test_empty_and_malformed_prompt_files(cache_env, tmp_path):
 
 
 def test_tiny_run_listens_on_loopback_only_then_refuses_to_overwrite_without_consent(cache_env, tmp_path):
-    """Run as a user runs it, without the Makefile's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the local cluster's
-    node IP is 127.0.0.1 and no socket of the run's process tree (Ray's servers and agents, the workers, vLLM,
+    """Run as a user runs it, without the Makefile's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, with a stale RAY_ADDRESS
+    and README's user-function pattern (`def f(prompts, responses)`, no kwargs): the local cluster's node IP is
+    127.0.0.1 and no socket of the run's process tree (Ray's servers and agents, the workers, vLLM,
     the DeepSpeed rendezvous and gloo) listens outside loopback, read from /proc by the reward function while
     the cluster is up."""
     record = tmp_path / "listeners.json"
@@ -68,8 +75,9 @@ def test_tiny_run_listens_on_loopback_only_then_refuses_to_overwrite_without_con
             "algorithm=reinforce_pp_baseline", "steps=1", "rollout.engine=vllm", "rollout.max_new_tokens=8",
             "rollout.kv_cache_gib=0.05", "data.prompts_per_step=2", "rollout.samples_per_prompt=2",
             "actor.micro_batch_size=2", f"output.dir={tmp_path}"]
-    out = cli(*args, env_extra=cache_env | {"OPENRLAIF_TEST_LISTENERS": str(record)}, timeout=600,
-              unset=("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",))
+    # RAY_ADDRESS names a cluster that is not there: a local run starts its own anyway
+    out = cli(*args, env_extra=cache_env | {"OPENRLAIF_TEST_LISTENERS": str(record), "RAY_ADDRESS": "127.0.0.1:9"},
+              timeout=600, unset=("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",))
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(record.read_text())
     assert seen["node_ip"] == "127.0.0.1"

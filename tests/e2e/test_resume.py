@@ -10,7 +10,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RUN = ["train", "model=tiny", "feedback=function", "feedback.function_kwargs.target_words=3", "steps=3", "seed=5",
+RUN = ["train", "model=tiny", "feedback=function", "+feedback.function_kwargs.target_words=3", "steps=3", "seed=5",
        "rollout.engine=hf", "rollout.max_new_tokens=8", "actor.lr=1e-3", "actor.resources.num_workers=2",
        "actor.micro_batch_size=4", "output.checkpoint_every=1", "output.keep_last=2", "cluster.num_cpus=5"]
 COMPARED = ["reward/mean", "train/loss", "train/kl", "train/grad_norm", "response/length_mean", "train/clip_fraction"]

@@ -154,3 +154,38 @@ def test_keep_dropout_is_what_breaks_the_on_policy_ratio(ray_cluster, dropout_mo
                       resources=RoleResources(num_workers=1, num_cpus=1))
     _, _, steps = train_and_report(dropout_model, cfg, 29545, steps=1)
     assert abs(steps[0]["ratio"] - 1.0) > 1e-3
+
+
+def test_a_non_finite_loss_stops_before_the_update_and_nan_weights_are_never_saved(ray_cluster, tiny_model,
+                                                                                     tmp_path):
+    """kl_coef=inf (refused at start-up from the CLI; here straight to the workers): every rank refuses the step
+    before its backward, so the weights are untouched; weights made NaN are refused by the checkpoint writers."""
+    from openrlaif.workers.engine import NonFiniteUpdate
+    cfg = ActorConfig(zero_stage=2, lr=1e-3, micro_batch_size=2, resources=RoleResources(num_workers=2, num_cpus=1))
+    group = WorkerGroup("actor-nonfinite", ActorWorker, cfg.resources, lambda rank: dict(
+        model_path=tiny_model, cfg=cfg, algo=AlgorithmConfig(kl_coef=float("inf")), rank=rank, world_size=2,
+        master_addr="127.0.0.1", master_port=29571, backend="gloo", dtype="float32", step_batch_size=8,
+        temperature=1.0, threads=1, seed=0))
+    try:
+        before = ray.get(group.call(lambda w: w.full_state_dict.remote()))[0]
+        batch = synthetic_batch(8)
+        batch["ref_logprobs"] = torch.full_like(batch["response_mask"], -30.0)
+        with pytest.raises(ray.exceptions.RayTaskError) as raised:
+            ray.get(group.map(lambda w, shard: w.train_step.remote(shard), batch.split(2)))
+        assert isinstance(raised.value.cause, NonFiniteUpdate) and "update was not applied" in str(raised.value.cause)
+        after = ray.get(group.call(lambda w: w.full_state_dict.remote()))[0]
+        assert all(torch.equal(before[name], after[name]) for name in before)
+        ray.get(group.call(lambda w: w.save_state.remote(str(tmp_path / "ok"))))   # finite weights save
+        ray.get(group.workers[1].__ray_call__.remote(poison_one_weight))
+        with pytest.raises(ray.exceptions.RayTaskError, match="weights are not finite"):
+            ray.get(group.call(lambda w: w.save_hf.remote(str(tmp_path / "hf"), tiny_model)))
+        assert not (tmp_path / "hf").exists()
+    finally:
+        group.shutdown()
+
+
+def poison_one_weight(worker) -> None:
+    """Run inside a worker (Ray's __ray_call__): one element of this rank's weight partition becomes NaN."""
+    param = next(iter(worker.engine.module.parameters()))
+    with torch.no_grad():
+        getattr(param, "ds_tensor", param).data.view(-1)[0] = float("nan")

@@ -122,3 +122,48 @@ def test_grpo_with_an_http_judge_that_fails_on_some_prompts(ray_cluster, tiny_mo
         assert row["feedback/comparison_failures/unparseable"] == 1
         assert row["feedback/judge_flip_rate"] >= 0 and math.isfinite(row["train/loss"])
     assert metrics[0]["feedback/judge_comparisons"] == 4
+
+
+def endpoint_run(tiny_model, tmp_path, base_url, prompts, **judge) -> Config:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    settings = dict(backend="http", base_url=base_url, model="judge", api_key_env="TEST_JUDGE_KEY", timeout_s=5,
+                    max_retries=0, min_label_mass=0.0, top_logprobs=1000) | judge
+    cfg = Config(steps=4, seed=0, model=ModelConfig(path=tiny_model),
+                 data=DataConfig(prompts=str(path), prompts_per_step=2, shuffle=False),
+                 rollout=RolloutConfig(engine="hf", samples_per_prompt=2, max_new_tokens=4),
+                 actor=ActorConfig(lr=1e-3, micro_batch_size=4), algorithm=AlgorithmConfig(kl_coef=0.0),
+                 feedback=FeedbackConfig(source="judge", judge=JudgeConfig(**settings), max_failed_steps=2),
+                 cluster=ClusterConfig(threads_per_worker=1), output=OutputConfig(dir=str(tmp_path / "run")))
+    validate(cfg)
+    return cfg
+
+
+def test_an_endpoint_that_is_down_is_a_start_up_error(tiny_model, tmp_path, monkeypatch, capsys):
+    """Nothing listens on the port: one probe request, an error naming the URL and the cause, before Ray starts."""
+    from openrlaif.config import ConfigError
+    from openrlaif.pipelines import run
+    from tests.e2e.test_launchers import free_port
+    monkeypatch.delenv("TEST_JUDGE_KEY", raising=False)
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(ConfigError, match=rf"feedback.judge.base_url={url}: the endpoint did not answer a probe "
+                                          r"request \(endpoint_error: .*Connection refused"):
+        run(endpoint_run(tiny_model, tmp_path, url, ["hi", "ho"]))
+    assert "$TEST_JUDGE_KEY (feedback.judge.api_key_env) is not set" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_every_verdict_fails_stops_and_says_why(ray_cluster, tiny_model, server, monkeypatch, tmp_path,
+                                                            capsys):
+    """The endpoint answers the probe but every verdict of these prompts gets HTTP 500: each step prints the
+    cause, and after feedback.max_failed_steps=2 such steps the run stops (exit 1 from the CLI) without writing a
+    final checkpoint, instead of training 4 steps on nothing and exiting 0."""
+    from openrlaif.checkpointing import RunError
+    from openrlaif.pipelines import run
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
+    with pytest.raises(RunError, match=r"step 2: every sample's feedback failed in each of the last 2 steps "
+                                       r"\(endpoint_error ×4"):
+        run(endpoint_run(tiny_model, tmp_path, server.base_url, ["FAULT:error500 a", "FAULT:error500 b"]))
+    assert "feedback failed for 4 sample(s): endpoint_error: HTTP 500" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert not (tmp_path / "run" / "checkpoint").exists()

@@ -21,12 +21,39 @@ def test_default_config_is_valid():
     assert cfg.model.path == "smollm2-135m-instruct" and cfg.algorithm.name == "grpo"
 
 
-@pytest.mark.parametrize("group", ["feedback=function", "feedback=judge", "model=tiny", "algorithm=grpo",
-                                   "algorithm=rloo", "algorithm=dr_grpo", "algorithm=reinforce_pp",
-                                   "algorithm=reinforce_pp_baseline", "algorithm=remax", "algorithm=ppo",
-                                   "feedback=lsc_combined"])
-def test_every_shipped_group_composes_and_validates(group):
-    validate(composed(group))
+def shipped_groups() -> list[list[str]]:
+    """Every config file of every group under configs/, as the overrides that select it (and what it needs)."""
+    needs = {"feedback=reward_model": ["feedback.reward_model.path=/some/rm"],
+             "feedback=judge_http": ["feedback.judge.base_url=http://127.0.0.1:8000/v1"]}
+    offline = {"dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo", "kto", "bco", "lipo"}
+    cases = []
+    for group in sorted(os.listdir(CONFIG_DIR)):
+        if not os.path.isdir(os.path.join(CONFIG_DIR, group)):
+            continue
+        for name in sorted(os.listdir(os.path.join(CONFIG_DIR, group))):
+            choice = f"{group}={name.removesuffix('.yaml')}"
+            pipeline = (["pipeline=preference"] if group == "algorithm" and name[:-5] in offline else
+                        ["pipeline=sft"] if choice == "algorithm=sft" else
+                        ["pipeline=reward_model"] if choice == "algorithm=bradley_terry" else
+                        ["pipeline=online_dpo"] if choice == "feedback=self_judge" else [])
+            cases.append([choice, *pipeline, *needs.get(choice, [])])
+    return cases
+
+
+@pytest.mark.parametrize("overrides", shipped_groups(), ids=lambda o: o[0])
+def test_every_shipped_group_composes_and_validates(overrides):
+    cfg = composed(*overrides)
+    validate(cfg)
+    group, _, name = overrides[0].partition("=")
+    if group == "feedback" and cfg.feedback.source == "function":   # the shipped rule is importable and callable
+        from openrlaif.feedback.rules import load_function
+        load_function(cfg.feedback.function, cfg.feedback.function_kwargs)
+
+
+def test_shipped_groups_cover_every_config_file():
+    """The list above is built from the folders, so a new config file is composed without editing the test."""
+    groups = {case[0].partition("=")[0] for case in shipped_groups()}
+    assert groups == {"algorithm", "feedback", "model"} and len(shipped_groups()) >= 28
 
 
 @pytest.mark.parametrize("override,key", [
@@ -219,3 +246,51 @@ def test_overwrite_moves_the_old_verdict_cache_aside(tmp_path):
     release(prepare_output_dir(cfg))
     assert not (tmp_path / "judge_cache.jsonl").exists()
     assert (tmp_path / "judge_cache.jsonl.previous").read_text().startswith('{"key": "k"')
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("algorithm.kl_coef=inf", "algorithm.kl_coef=inf must be a finite number"),
+    ("actor.lr=nan", "actor.lr=nan must be a finite number"),
+    ("feedback.judge.timeout_s=-inf", "feedback.judge.timeout_s=-inf must be a finite number"),
+    ("algorithm.clip_eps=-1", r"algorithm.clip_eps=-1.0 must be in \(0, 1\)"),
+    ("actor.grad_clip=0", "actor.grad_clip=0.0 must be > 0"),
+    ("feedback.max_failed_steps=-1", "feedback.max_failed_steps=-1 must be >= 0"),
+])
+def test_non_finite_and_out_of_range_numbers_are_refused(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate(composed(override))
+
+
+@pytest.mark.parametrize("url", ["ftp://judge:8000/v1", "htp://judge:8000/v1", "judge:8000/v1", "http:///v1"])
+def test_a_judge_url_must_be_http_with_a_host(url):
+    with pytest.raises(ConfigError, match="is not an http:// or https:// URL with a host"):
+        validate(composed("feedback=judge_http", f"feedback.judge.base_url={url}"))
+    validate(composed("feedback=judge_http", "feedback.judge.base_url=https://api.example.com/v1"))
+
+
+def test_a_key_added_with_plus_must_exist_in_the_schema():
+    """Hydra's own suggestion, +key=value, used to add a typo'd key that OmegaConf.to_object then dropped."""
+    from openrlaif.config import check_known_keys
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.abspath(CONFIG_DIR), version_base=None):
+        typo = compose(config_name="config", overrides=["+data.promts=my.jsonl"])
+        free_form = compose(config_name="config", overrides=["+feedback.function_kwargs.scale=2"])
+    with pytest.raises(ConfigError, match="data.promts is not a configuration key. Did you mean data.prompts"):
+        check_known_keys(typo)
+    check_known_keys(free_form)
+
+
+def test_every_step_failing_stops_the_run_after_the_limit():
+    from openrlaif.checkpointing import RunError
+    from openrlaif.pipelines.online_rl import FailedSteps
+    counter = FailedSteps(2)
+    all_failed = {"feedback/failure_rate": 1.0, "feedback/failures/endpoint_error": 16.0}
+    counter.count(1, all_failed)
+    counter.count(2, {"feedback/failure_rate": 0.5})     # one answered verdict resets the count
+    counter.count(3, all_failed)
+    with pytest.raises(RunError, match=r"step 4: every sample's feedback failed in each of the last 2 steps "
+                                       r"\(endpoint_error ×16"):
+        counter.count(4, all_failed)
+    never = FailedSteps(0)
+    for step in range(10):
+        never.count(step, all_failed)

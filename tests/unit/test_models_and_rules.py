@@ -30,10 +30,59 @@ def test_function_feedback_masks_none_and_checks_length():
     feedback = FunctionFeedback("tests.unit.test_models_and_rules:half_known", {})
     result = feedback.score(["p"] * 4, ["a", "b", "c", "d"])
     assert result.valid.tolist() == [True, False, True, False] and result.failures == {"no_score": 2}
-    with pytest.raises(ValueError, match="one per response"):
-        FunctionFeedback("tests.unit.test_models_and_rules:wrong_length", {}).score(["p"], ["a"])
+    wrong = FunctionFeedback("tests.unit.test_models_and_rules:wrong_length", {}).score(["p"], ["a"])
+    assert wrong.failures == {"function_error": 1} and "returned 0 scores for 1 responses" in wrong.details[
+        "function_error"]
     with pytest.raises(ConfigError, match="cannot import"):
         FunctionFeedback("no_such_module:fn", {})
+
+
+@pytest.mark.parametrize("name,kind,needle", [
+    ("strings", "bad_score", "returned '0.5' (str) for sample 0"),
+    ("bools", "bad_score", "returned True (bool) for sample 0"),
+    ("generator", "function_error", "returned a generator, not a list of scores"),
+    ("raises", "function_error", "ZeroDivisionError"),
+])
+def test_a_user_function_returning_no_numbers_is_a_typed_failure_naming_it(name, kind, needle):
+    result = FunctionFeedback(f"tests.unit.test_models_and_rules:{name}", {}).score(["p", "q"], ["a", "b"])
+    assert not bool(result.valid.any()) and result.failures == {kind: 2}
+    assert f"tests.unit.test_models_and_rules:{name}" in result.details[kind] and needle in result.details[kind]
+
+
+def test_numpy_and_torch_scalars_are_numbers():
+    result = FunctionFeedback("tests.unit.test_models_and_rules:array_scores", {}).score(["p", "q"], ["a", "b"])
+    assert bool(result.valid.all()) and result.rewards.tolist() == [0.25, 1.0]
+
+
+def test_a_function_is_checked_against_its_kwargs_at_start_up():
+    """The README's `def score(prompts, responses)` with a kwarg it does not take fails before any model loads."""
+    from openrlaif.feedback.rules import load_function
+    with pytest.raises(ConfigError, match=r"cannot be called as half_known\(prompts, responses, target_words=...\)"):
+        load_function("tests.unit.test_models_and_rules:half_known", {"target_words": 20})
+    load_function("openrlaif.feedback.rules:brevity", {"target_words": 20})
+    load_function("tests.unit.test_models_and_rules:half_known")
+
+
+def strings(prompts, responses):
+    return ["0.5" for _ in responses]
+
+
+def bools(prompts, responses):
+    return [True for _ in responses]
+
+
+def generator(prompts, responses):
+    return (0.5 for _ in responses)
+
+
+def raises(prompts, responses):
+    return [1 / 0 for _ in responses]
+
+
+def array_scores(prompts, responses):
+    import numpy as np
+    import torch
+    return [np.float32(0.25), torch.tensor(1.0)]
 
 
 def half_known(prompts, responses):
