@@ -56,6 +56,10 @@ def _train(overrides: list[str]) -> int:
         except RunError as err:   # stopped part-way (a role died): what happened and how to resume
             print(f"error: {err}", file=sys.stderr)
             outcome["code"] = 1
+        except KeyboardInterrupt:
+            print("error: interrupted (Ctrl-C). A run with resumable checkpoints (output.checkpoint_every=N) "
+                  "continues with the same command and resume=true.", file=sys.stderr)
+            outcome["code"] = 130
 
     sys.argv = ["openrlaif train", *overrides]
     try:

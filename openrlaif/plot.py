@@ -21,11 +21,12 @@ def read_series(path: str) -> dict[str, list[tuple[int, float]]]:
         for line in handle:
             try:
                 row = json.loads(line)
-            except ValueError:
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError):   # a cut line, or a row that is not one step's metrics
                 continue
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+                    series.setdefault(key, []).append((step, float(value)))
     return series
 
 

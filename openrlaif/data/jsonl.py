@@ -14,11 +14,16 @@ def read_jsonl(path: str, key: str, expected: str) -> Iterator[tuple[str, object
     if not path or not os.path.isfile(path):
         raise ConfigError(f"{key}={path!r}: no such file. Fix: point {key} at a jsonl file of {expected} rows, "
                           f"or use {key}=demo.")
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, 1):
+            where = f"{path}:{line_number}"
+            try:   # a UTF-8 byte-order mark at the start of the file is allowed (editors on Windows write one)
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{where}: not UTF-8 (byte {err.start + 1} of the line is {raw[err.start]:#04x}). "
+                                  "Fix: save the file as UTF-8.") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:

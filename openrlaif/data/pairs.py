@@ -53,7 +53,7 @@ def encode_response(tokenizer, prompt_messages: list[dict], response: str) -> tu
 def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int,
                default_margin: float = 0.0) -> list[Pair]:
     path = DEMO_PAIRS if path == "demo" else path
-    pairs = []
+    pairs, identical = [], []
     for where, row in read_jsonl(path, "data.pairs", '{"prompt", "chosen", "rejected"}'):
         if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
             raise ConfigError(f"{where}: each row needs \"chosen\" and \"rejected\" (and \"prompt\" unless they "
@@ -67,6 +67,9 @@ def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens
             if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "chosen", "rejected")):
                 raise ConfigError(f"{where}: \"prompt\", \"chosen\" and \"rejected\" must be non-empty strings.")
             prompt_messages, chosen, rejected = [{"role": "user", "content": row["prompt"]}], row["chosen"], row["rejected"]
+        if chosen == rejected:   # no preference to learn: every loss of the family would only add noise
+            identical.append(where.rsplit(":", 1)[1])
+            continue
         prompt_ids, chosen_ids = encode_response(tokenizer, prompt_messages, chosen)
         _, rejected_ids = encode_response(tokenizer, prompt_messages, rejected)
         check_prompt_length(where, len(prompt_ids), max_prompt_tokens)
@@ -75,6 +78,9 @@ def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens
             raise ConfigError(f"{where}: \"margin\" must be a number, got {margin!r}.")
         pairs.append(Pair(prompt_ids, chosen_ids[:max_response_tokens], rejected_ids[:max_response_tokens],
                           margin=float(margin)))
+    if identical:
+        print(f"[openrlaif] warning: data.pairs={path}: skipped {len(identical)} pair(s) whose chosen and rejected "
+              f"answers are the same (line(s) {', '.join(identical[:10])}{' ...' if len(identical) > 10 else ''})")
     if not pairs:
         raise ConfigError(f"data.pairs={path!r} holds no pairs. Fix: add {{\"prompt\", \"chosen\", \"rejected\"}} rows.")
     return pairs

@@ -89,15 +89,18 @@ class JudgeWorker:
             self.label_ids[label] = ids
         return self.label_ids[label]
 
-    def _encode(self, messages: list[dict]) -> list[int]:
+    def _encode(self, messages: list[dict], max_tokens: int = 0) -> list[int]:
+        """The templated prompt, cut from the start (the end holds the question to answer) to max_prompt_tokens,
+        and to what the model's positions leave after `max_tokens` generated ones."""
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return ids[-self.max_prompt_tokens:]   # keep the end: it holds the question to answer
+        context = getattr(self.model.config, "max_position_embeddings", None) or 10**9
+        return ids[-max(1, min(self.max_prompt_tokens, context - max_tokens)):]
 
     @torch.no_grad()
     def complete(self, requests: list[JudgeRequest]) -> list[Reply]:
         replies: list[Reply | None] = [None] * len(requests)
-        encoded = [self._encode(r.messages) for r in requests]
+        encoded = [self._encode(r.messages, 0 if r.labels else r.max_tokens) for r in requests]
         for wants_labels in (True, False):
             index = [i for i, r in enumerate(requests) if (r.labels is not None) == wants_labels]
             for lo in range(0, len(index), self.micro_batch_size):

@@ -101,3 +101,23 @@ def resolve_model_path(path: str, cache_dir: str, key: str = "model.path") -> st
 def model_info(path: str) -> dict:
     with open(os.path.join(path, "config.json")) as handle:
         return json.load(handle)
+
+
+def context_length(path: str) -> int | None:
+    """The longest sequence the model at `path` was built for (max_position_embeddings, or GPT-2's n_positions),
+    from its config.json; None if it does not say."""
+    info = model_info(path)
+    info = info.get("text_config", info)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(info.get(key), int):
+            return info[key]
+    return None
+
+
+def check_context(path: str, tokens: int, key: str, what: str) -> None:
+    """Refuse at start-up a run whose sequences do not fit the model: vLLM would refuse it only when the role
+    starts, with an error that ends in a URL."""
+    limit = context_length(path)
+    if limit is not None and tokens > limit:
+        raise ConfigError(f"{what} = {tokens} tokens, more than the {limit} positions of {key}={path!r} "
+                          "(max_position_embeddings). Fix: lower them.")

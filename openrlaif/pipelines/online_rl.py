@@ -168,6 +168,8 @@ class Progress:
         try:
             with stop_on_non_finite(step, self.checkpointer):
                 yield
+        except KeyboardInterrupt:
+            raise RunError(f"interrupted during step {step} (Ctrl-C). {resume_hint(self.checkpointer)}") from None
         except ray.exceptions.RayError as err:
             dead = dead_workers(self.roles.groups())
             if not dead:
@@ -238,6 +240,11 @@ def prepare_run(cfg: Config) -> RunInputs:
         critic_path = resolve_model_path(cfg.critic.model or cfg.model.path, cache_dir(cfg.model), key="critic.model")
     if uses_judge and cfg.feedback.judge.backend == "http":
         http_backend(cfg.feedback.judge).probe()
+    from openrlaif.models.registry import check_context
+    for path, key in ((model_path, "model.path"), (reward_model_path, "feedback.reward_model.path")):
+        if path:   # the policy's engines and trainers, and a reward model, see whole prompt + response sequences
+            check_context(path, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, key,
+                          "data.max_prompt_tokens + rollout.max_new_tokens")
     tokenizer = load_tokenizer(model_path, cfg)
     prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
     out_dir = prepare_output_dir(cfg)
@@ -367,10 +374,21 @@ def wait_until_ready(groups: list[WorkerGroup]) -> None:
         try:
             ray.get(done[0])
         except ray.exceptions.RayError as err:
-            lines = str(getattr(err, "cause", None) or err).strip().splitlines()   # the traceback's last line
-            raise RunError(f"role {name!r} (worker {rank}) failed to start: {lines[-1] if lines else type(err)}\n"
+            raise RunError(f"role {name!r} (worker {rank}) failed to start: {startup_error(err)}\n"
                            "Nothing was trained and no checkpoint was touched. Fix: correct what the error names "
                            "(often the role's model path or its resources) and run again.") from err
+
+
+def startup_error(err: Exception) -> str:
+    """The loader's own exception, `Type: message` and up to two lines of its detail, out of a worker's traceback
+    (its last line may be no more than a documentation URL, as pydantic's are)."""
+    import re
+    lines = str(getattr(err, "cause", None) or err).strip().splitlines()
+    heads = [i for i, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*", line.strip())]
+    if not heads:
+        return lines[-1].strip() if lines else type(err).__name__
+    head = heads[-1]
+    return " ".join(line.strip() for line in lines[head:head + 3] if line.strip())[:600]
 
 
 def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,

@@ -1,6 +1,7 @@
 """The CLI as a user runs it: bad input fails at start-up with the key and the fix; a tiny run succeeds."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ def test_unknown_command():
     (["rollout.engine=magic"], "rollout.engine='magic' is not one of"),
     (["data.prompts=/no/prompts.jsonl", "model=tiny"], "data.prompts='/no/prompts.jsonl': no such file"),
     (["+data.promts=my.jsonl"], "data.promts is not a configuration key. Did you mean data.prompts?"),
+    (["model=tiny", "data.max_prompt_tokens=100000"], "tokens, more than the 1024 positions of model.path="),
     (["algorithm.kl_coef=inf"], "algorithm.kl_coef=inf must be a finite number"),
     (["algorithm.clip_eps=-1"], "algorithm.clip_eps=-1.0 must be in (0, 1)"),
     (["feedback=judge_http", "feedback.judge.base_url=ftp://judge:8000/v1"], "is not an http:// or https:// URL"),
@@ -123,6 +125,22 @@ def test_one_run_per_folder_resume_needs_a_checkpoint_and_overwrite_starts_over(
     assert again.returncode == 0, again.stderr[-3000:]
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
     assert os.path.getmtime(model) > before
+
+
+def test_ctrl_c_stops_with_the_way_on_not_a_traceback(cache_env, tmp_path):
+    args = ["train", "model=tiny", "feedback=function", "steps=50", "rollout.engine=hf", "rollout.max_new_tokens=8",
+            "data.prompts_per_step=2", "rollout.samples_per_prompt=2", "actor.micro_batch_size=2",
+            "output.checkpoint_every=1", f"output.dir={tmp_path}"]
+    run = subprocess.Popen([sys.executable, "-m", "openrlaif", *args], cwd=ROOT, env=dict(os.environ, **cache_env),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "checkpoints" / "step_000001" / "driver.json"
+    while not checkpoint.exists():
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode in (1, 130), err[-3000:]
+    assert "interrupted" in err and "resume=true" in err and "Traceback" not in err, err[-3000:]
 
 
 def test_preference_pipeline_from_the_cli_logs_to_tensorboard_and_wandb(cache_env, tmp_path):

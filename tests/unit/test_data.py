@@ -59,3 +59,13 @@ def test_prompt_stream_covers_each_epoch_and_is_seeded(tokenizer):
     assert sorted(first_epoch) == sorted(p.text for p in prompts)
     again = PromptStream(prompts, batch_size=len(prompts), seed=3)
     assert [p.text for p in again.next_batch()] == first_epoch
+
+
+def test_a_byte_order_mark_is_accepted_and_non_utf8_names_the_line(tmp_path, tokenizer):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "hi"}).encode() + b"\n")
+    assert [p.text for p in load_prompts(str(bom), tokenizer, 256)] == ["hi"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"prompt": "ok"}).encode() + b'\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"latin.jsonl:2: not UTF-8 \(byte 16 of the line is 0xe9\)"):
+        load_prompts(str(latin), tokenizer, 256)

@@ -91,3 +91,23 @@ def half_known(prompts, responses):
 
 def wrong_length(prompts, responses):
     return []
+
+
+def test_the_context_check_names_the_keys_and_the_model_limit(tiny_model):
+    from openrlaif.models.registry import check_context, context_length
+    assert context_length(tiny_model) == 1024
+    check_context(tiny_model, 1024, "model.path", "a + b")
+    with pytest.raises(ConfigError, match=r"a \+ b = 100048 tokens, more than the 1024 positions of model.path="):
+        check_context(tiny_model, 100048, "model.path", "a + b")
+
+
+def test_a_start_up_error_is_the_exception_not_a_trailing_url():
+    from openrlaif.pipelines.online_rl import startup_error
+    traceback = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    g()\n"
+                 "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+                 "  Value error, max_model_len 100048 > max_position_embeddings 1024\n"
+                 "    For further information visit https://errors.pydantic.dev/2.12/v/value_error")
+    message = startup_error(RuntimeError(traceback))
+    assert message.startswith("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig")
+    assert "max_model_len 100048 > max_position_embeddings 1024" in message
+    assert startup_error(RuntimeError("plain words")) == "plain words"

@@ -58,3 +58,12 @@ def test_missing_pairs_file(tmp_path, tokenizer):
 
 def test_demo_pairs_load(tokenizer):
     assert len(load_pairs("demo", tokenizer, 256, 64)) >= 12
+
+
+def test_pairs_whose_answers_are_the_same_are_skipped_with_a_warning(tmp_path, tokenizer, capsys):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "a"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    pairs = load_pairs(write(tmp_path, rows), tokenizer, 256, 256)
+    assert len(pairs) == 1
+    assert "skipped 1 pair(s) whose chosen and rejected answers are the same (line(s) 1)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="holds no pairs"):
+        load_pairs(write(tmp_path, rows[:1]), tokenizer, 256, 256)

@@ -33,3 +33,8 @@ def test_plot_errors_name_the_fix(tmp_path, capsys):
     write_metrics(tmp_path / "metrics.jsonl", [{"step": 1, "reward/mean": 0.5}])
     assert main([str(tmp_path), "--keys", "train/kl"]) == 2 and "--keys" in capsys.readouterr().err
     assert main([str(tmp_path), "--bogus", "1"]) == 2
+
+
+def test_rows_without_a_step_are_skipped(tmp_path):
+    write_metrics(tmp_path / "metrics.jsonl", [{"reward/mean": 9.0}, {"step": 1, "reward/mean": 0.5}, ["x"]])
+    assert read_series(str(tmp_path / "metrics.jsonl"))["reward/mean"] == [(1, 0.5)]
