@@ -86,6 +86,11 @@ for attempt in 1 2 3 4 5 6 7 8 9 10; do
   "${command[@]}" 2>&1 | tee "$output"
   status=${PIPESTATUS[0]}
   set -e
+  if [[ $status -ne 0 ]] && grep -q "Failed to connect to Ray at address" "$output"; then
+    echo "error: no Ray cluster answers at $address. Fix: start the head (ray start --head --dashboard-host=..." \
+         "--dashboard-port=...), or pass its job server with --address http://HEAD:8265 (or RAY_ADDRESS)." >&2
+    exit "$status"
+  fi
   if [[ $status -eq 0 ]] || ! grep -q "No available agent" "$output"; then exit "$status"; fi
   echo "[openrlaif] the cluster's job agent is not up yet; retrying in 3 s ($attempt/10)" >&2
   sleep 3

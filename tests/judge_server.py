@@ -10,7 +10,8 @@ judge tests. A request whose last message contains `FAULT:<kind>` gets that faul
     badstatus     a garbled status line instead of an HTTP response (BadStatusLine)
     positional    (listwise) the ranking follows the presentation order: "Ranking: 1 > 2 > ... > K"
 
-`always` = "A" makes every answer "A" with probability 1 (a maximally position-biased judge). A listwise request
+`always` = "A" makes every answer "A" with probability 1 (a maximally position-biased judge); `prefer` = "shorter"
+answers every pairwise request with the shorter response, in whichever position (a consistent judge). A listwise request
 ("[Response 1]" ...) is answered by rule, not by the model: shortest response first, ties by text, so its rankings
 of a group agree whatever the order shown. `api_key` set: requests without `Authorization: Bearer <key>` get 401.
 Run standalone:
@@ -35,12 +36,13 @@ FAULT = re.compile(r"FAULT:(\w+)")
 class JudgeServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, model_path: str, port: int = 0, slow_s: float = 3.0, always: str = "", api_key: str = ""):
+    def __init__(self, model_path: str, port: int = 0, slow_s: float = 3.0, always: str = "", api_key: str = "",
+                 prefer: str = ""):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         super().__init__(("127.0.0.1", port), Handler)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-        self.slow_s, self.always, self.api_key = slow_s, always, api_key
+        self.slow_s, self.always, self.api_key, self.prefer = slow_s, always, api_key, prefer
         self.lock = threading.Lock()
         self.faults: Counter = Counter()      # injected, by kind
         self.requests = 0
@@ -71,6 +73,10 @@ class JudgeServer(ThreadingHTTPServer):
                for t in logprobs.topk(min(k, logprobs.numel())).indices] if body.get("logprobs") else []
         if self.always:
             text, top = self.always, [{"token": self.always, "logprob": 0.0}]
+        pair = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]\n(.*?)\n\n", body["messages"][-1]["content"], re.S)
+        if self.prefer == "shorter" and pair:   # a judge with known answers: the shorter response, in any order
+            text = "A" if len(pair.group(1)) <= len(pair.group(2)) else "B"
+            top = [{"token": text, "logprob": 0.0}]
         return completion(text, top, ids.shape[1], len(new))
 
 

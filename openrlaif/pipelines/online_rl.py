@@ -107,7 +107,11 @@ class FailedSteps:
         self.limit, self.run = limit, 0
 
     def count(self, step: int, metrics: dict[str, float], checkpointer: Checkpointer | None = None) -> None:
-        self.run = self.run + 1 if metrics.get("feedback/failure_rate") == 1.0 else 0
+        kinds = {key for key in metrics if key.startswith("feedback/failures/")}
+        # a strict pairwise consistency filter that kept nothing is the user's setting working, not a failure
+        filtered = kinds == {"feedback/failures/no_kept_comparison"} and not any(
+            key.startswith("feedback/comparison_failures/") for key in metrics)
+        self.run = self.run + 1 if metrics.get("feedback/failure_rate") == 1.0 and not filtered else 0
         if not self.limit or self.run < self.limit:
             return
         kinds = ", ".join(f"{key.rsplit('/', 1)[-1]} ×{int(value)}" for key, value in sorted(metrics.items())

@@ -177,13 +177,35 @@ def test_sft_bad_input(cache_env, tmp_path):
     assert out.returncode == 2 and "data.sft='/no/sft.jsonl': no such file" in out.stderr
 
 
-def test_judge_eval_reports_agreement_consistency_and_failures(cache_env, tmp_path):
+def test_judge_eval_reports_agreement_consistency_and_failures(cache_env, tiny_model, tmp_path):
+    """Against endpoints whose answers are known: one prefers the shorter response wherever it stands (on pairs
+    whose gold answer is the shorter one: agreement 1, consistency 1), one always answers "A" (P(chosen) 0.5 after
+    the swap, agreement 0, consistency 0); and the local tiny judge end to end. Swapping agreement and consistency,
+    or reading P(A) as P(B), fails one of them."""
+    from tests.judge_server import JudgeServer
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "short", "rejected": "a longer answer " * (i + 1)})
+                             + "\n" for i in range(4)))
+    expected = {"shorter": {"agreement": 1.0, "mean_p_chosen": 1.0, "position_consistency": 1.0},
+                "always A": {"agreement": 0.0, "mean_p_chosen": 0.5, "position_consistency": 0.0}}
+    for name, server in (("shorter", JudgeServer(tiny_model, prefer="shorter")),
+                         ("always A", JudgeServer(tiny_model, always="A"))):
+        server.start()
+        try:
+            out = cli("judge-eval", "model=tiny", "feedback=judge_http", f"feedback.judge.base_url={server.base_url}",
+                      "feedback.judge.mode=pairwise", "feedback.judge.min_label_mass=0", f"data.pairs={pairs}",
+                      f"output.dir={tmp_path / name}", env_extra=cache_env)
+        finally:
+            server.shutdown()
+        assert out.returncode == 0, out.stderr[-2000:]
+        report = json.loads((tmp_path / name / "judge_eval.json").read_text())
+        assert report["pairs"] == report["judged"] == 4 and report["failure_rate"] == 0.0
+        assert {key: report[key] for key in expected[name]} == expected[name], (name, report)
     out = cli("judge-eval", "model=tiny", "feedback=judge_pairwise", "feedback.judge.min_label_mass=0",
-              f"output.dir={tmp_path}", "cluster.num_cpus=2", env_extra=cache_env)
+              f"output.dir={tmp_path / 'local'}", "cluster.num_cpus=2", env_extra=cache_env)
     assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads((tmp_path / "judge_eval.json").read_text())
+    report = json.loads((tmp_path / "local" / "judge_eval.json").read_text())
     assert report["pairs"] == 13 and report["judged"] == 13 and report["failure_rate"] == 0.0
-    assert 0 <= report["agreement"] <= 1 and 0 <= report["position_consistency"] <= 1
     assert "agree" in out.stdout
 
 

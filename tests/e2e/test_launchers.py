@@ -80,6 +80,7 @@ def test_ray_job_submit_without_a_cluster_fails_clearly(tmp_path):
                           "model=tiny"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}"))
     assert job.returncode != 0
+    assert "error: no Ray cluster answers at http://127.0.0.1:" in job.stderr and "--address" in job.stderr
 
 
 def test_ray_job_launcher_dry_run_and_bad_options():

@@ -99,17 +99,37 @@ def test_killed_after_step_2_resumes_to_the_same_step_3(env, tmp_path):
         assert got[3][key] == pytest.approx(expected[3][key], rel=1e-5, abs=1e-7), key
 
 
+def own_workers(driver_pid: int, name: str) -> list[int]:
+    """The pids of this run's `ray::<name>` processes: descendants of its driver (the local cluster's raylet is
+    the driver's child), never another run's."""
+    from tests.listeners import descendants
+    found = []
+    for pid in descendants(driver_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline") as handle:
+                if handle.read().startswith(f"ray::{name}"):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def test_a_dead_actor_worker_is_named_and_the_run_resumes(env, tmp_path):
-    run = start(env, tmp_path)
-    wait_for(tmp_path / "checkpoints" / "step_000001" / "driver.json", run)
-    pids = subprocess.run(["pgrep", "-f", "ray::ActorWorker"], capture_output=True, text=True).stdout.split()
-    assert pids, "no actor worker process found"
-    os.kill(int(pids[-1]), signal.SIGKILL)
+    """The run holds in step 2's feedback (its reward function waits for a file); one of its own actor workers is
+    killed then, so the update that follows finds it dead: no race with the run's end, no other run touched."""
+    release = tmp_path / "release"
+    held = dict(env, OPENRLAIF_TEST_RELEASE=str(release))
+    run = start(held, tmp_path / "run", "feedback.function=tests.integration.rewards:hold_at_second_step")
+    wait_for(str(release) + ".held", run)
+    workers = own_workers(run.pid, "ActorWorker")
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    release.touch()
     code, err = finish(run)
     assert code == 1, err[-3000:]
-    assert "role 'actor' (worker" in err and "died during the" in err and "resume=true" in err, err[-3000:]
-    assert "Traceback" not in err
-    resumed = start(env, tmp_path, "resume=true")
+    assert "role 'actor' (worker" in err and "died during the update phase of step 2" in err, err[-3000:]
+    assert "checkpoints/step_000001: rerun the same command with resume=true" in err and "Traceback" not in err
+    resumed = start(env, tmp_path / "run", "resume=true")
     code, err = finish(resumed)
     assert code == 0, err[-3000:]
-    assert sorted(metrics(tmp_path)) == [1, 2, 3]
+    assert sorted(metrics(tmp_path / "run")) == [1, 2, 3]

@@ -19,3 +19,23 @@ def record_listeners(prompts, responses):
     with open(os.environ["OPENRLAIF_TEST_LISTENERS"], "w") as handle:
         json.dump({"node_ip": ray.util.get_node_ip_address(), "listening": listening()}, handle)
     return brevity(prompts, responses)
+
+
+_CALLS = {"count": 0}
+
+
+def hold_at_second_step(prompts, responses, target_words: int = 3):
+    """The brevity rule, except that its second call (step 2's feedback) waits until the file named by
+    $OPENRLAIF_TEST_RELEASE exists, after writing $OPENRLAIF_TEST_RELEASE.held: a test can act at a known point of
+    the run (kill a worker) with no race."""
+    import os
+    import time
+
+    from openrlaif.feedback.rules import brevity
+    _CALLS["count"] += 1
+    release = os.environ.get("OPENRLAIF_TEST_RELEASE")
+    if release and _CALLS["count"] == 2:
+        open(release + ".held", "w").close()
+        while not os.path.exists(release):
+            time.sleep(0.1)
+    return brevity(prompts, responses, target_words=target_words)

@@ -85,9 +85,9 @@ def test_label_with_a_strict_pairwise_judge_keeps_only_consistent_verdicts(ray_c
     assert all(0 <= row["feedback/judge_flip_rate"] <= 1 for row in steps)
     # best_worst: each prompt gives one pair or one skip reason (no kept comparison -> too_few_scored)
     assert summary["pairs"] + sum(summary["skipped"].values()) == 17
-    kept = sum(row["feedback/judge_kept_fraction"] * row["feedback/judge_comparisons"] for row in steps)
-    if kept == 0:
-        assert summary["pairs"] == 0
+    for row in steps:   # with repeats=1 a pair is kept exactly when its two orders did not flip
+        assert row["feedback/judge_kept_fraction"] == pytest.approx(1 - row["feedback/judge_flip_rate"])
+        assert row["feedback/failures"] == row.get("feedback/failures/no_kept_comparison", 0.0)
     for row in read_jsonl(summary["pairs_path"]):
         assert 0 <= row["rejected_score"] < row["chosen_score"] <= 1
 

@@ -65,13 +65,16 @@ def test_zero_trains_and_changes_every_weight_tensor(zero_runs, stage):
 
 def test_zero2_and_zero3_agree(zero_runs):
     """Same data, seed and optimizer: the sharding strategy must not change the maths."""
-    (_, after2, losses2, *_), (_, after3, losses3, *_) = zero_runs[2], zero_runs[3]
+    (before2, after2, losses2, *_), (_, after3, losses3, *_) = zero_runs[2], zero_runs[3]
     assert losses2 == pytest.approx(losses3, rel=1e-4, abs=1e-5)
     for name in after2:
         diff = (after2[name] - after3[name]).abs()
+        moved = (after2[name] - before2[name]).abs()
         # Adam divides by sqrt(v): gradients that differ only in summation order can flip the sign of a
-        # near-zero update, so single elements may differ by up to ~2·lr·steps; on average they must agree.
-        assert float(diff.mean()) < 1e-5 and float(diff.max()) < 6e-3, (name, float(diff.mean()), float(diff.max()))
+        # near-zero update, so a few elements differ by up to ~2·lr·steps (which bounds any two runs, so it is no
+        # test). What is one: nearly every element agrees to far less than it moved.
+        disagree = float((diff > 1e-6).float().mean())   # measured: at most 6e-5 of a tensor's elements
+        assert float(moved.mean()) > 1e-3 and float(diff.mean()) < 1e-5 and disagree < 1e-3, (name, disagree)
 
 
 def test_loss_goes_down_on_a_fixed_batch(zero_runs):
@@ -90,7 +93,8 @@ def test_one_worker_runs_stage_0_with_the_same_maths_and_refuses_a_zero2_state(z
     assert losses1 == pytest.approx(losses2, rel=1e-4, abs=1e-5)
     for name in after2:
         diff = (after1[name] - after2[name]).abs()
-        assert float(diff.mean()) < 1e-5 and float(diff.max()) < 6e-3, (name, float(diff.mean()), float(diff.max()))
+        disagree = float((diff > 1e-6).float().mean())   # see test_zero2_and_zero3_agree
+        assert float(diff.mean()) < 1e-5 and disagree < 1e-3, (name, float(diff.mean()), disagree)
     assert "ZeRO stage 2 on 2 worker(s)" in load_error and "stage 0 on 1" in load_error, load_error
 
 

@@ -55,6 +55,18 @@ def test_a_cut_http_body_or_a_garbled_status_line_is_a_retried_bad_response(serv
     assert server.faults["badstatus"] - before.get("badstatus", 0) == 3
 
 
+@pytest.mark.parametrize("reply,score", [("The response makes 2 small mistakes, so: 6", 6), ("Rating (1-9): 8", 8),
+                                         ("It is fine.\nScore: 3", 3)])
+def test_the_generate_readout_reads_the_verdict_of_a_reasoned_reply(tiny_model, reply, score):
+    """An endpoint whose every reply is `reply`: the reward is that verdict on the scale, for every sample."""
+    judge_server = JudgeServer(tiny_model, always=reply).start()
+    try:
+        result = http_judge(judge_server, readout="generate", max_new_tokens=32).pointwise(["q1", "q2"], ["a", "b"])
+    finally:
+        judge_server.shutdown()
+    assert bool(result.valid.all()) and result.rewards.tolist() == pytest.approx([(score - 1) / 8] * 2)
+
+
 def test_retries_with_backoff_recover_a_transient_error(server, monkeypatch):
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
     before = server.faults["error500once"]
@@ -63,11 +75,50 @@ def test_retries_with_backoff_recover_a_transient_error(server, monkeypatch):
     assert server.faults["error500once"] == before + 1
 
 
-def test_a_wrong_key_is_an_endpoint_error_and_the_key_is_not_logged(server, monkeypatch):
-    monkeypatch.setenv("TEST_JUDGE_KEY", "wrong")
+def files_holding(folder, secret: str) -> list[str]:
+    import os
+    found = []
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            try:
+                with open(path, "rb") as handle:
+                    if secret.encode() in handle.read():
+                        found.append(path)
+            except OSError:
+                continue
+    return found
+
+
+def test_a_wrong_key_is_an_endpoint_error_and_the_key_is_never_written(ray_cluster, server, monkeypatch, tmp_path,
+                                                                      capsys, tiny_model):
+    """A wrong key: a typed endpoint_error per verdict, and a start-up error (the probe) for a run. A right key:
+    judge-eval runs. Neither key appears in stdout, stderr, the error, any file under the output dir (config,
+    report, verdict cache, metrics) or the Ray session's logs."""
+    import ray
+
+    from openrlaif.config import ConfigError
+    from openrlaif.pipelines import run
+    wrong, right = "sk-WRONG-7c1e9d", "sk-test-123"
+    monkeypatch.setenv("TEST_JUDGE_KEY", wrong)
     result = http_judge(server).pointwise(["hi"], ["hello"])
-    assert result.failures == {"endpoint_error": 1}
-    assert "wrong" not in json.dumps(result.metrics)
+    assert result.failures == {"endpoint_error": 1} and "HTTP 401" in result.details["endpoint_error"]
+    settings = dict(backend="http", base_url=server.base_url, model="judge", api_key_env="TEST_JUDGE_KEY",
+                    mode="pairwise", min_label_mass=0.0, top_logprobs=1000, max_retries=0)
+    cfg = Config(pipeline="judge_eval", model=ModelConfig(path=tiny_model),
+                 feedback=FeedbackConfig(source="judge", judge=JudgeConfig(**settings)),
+                 output=OutputConfig(dir=str(tmp_path / "eval")))
+    validate(cfg)
+    with pytest.raises(ConfigError, match="HTTP 401") as raised:
+        run(cfg)
+    monkeypatch.setenv("TEST_JUDGE_KEY", right)
+    report = run(cfg)["metrics"]
+    assert report["judged"] == 13
+    printed = capsys.readouterr()
+    session_logs = ray._private.worker._global_node.get_session_dir_path()
+    for secret in (wrong, right):
+        assert secret not in str(raised.value) + printed.out + printed.err
+        assert not files_holding(tmp_path, secret) and not files_holding(session_logs, secret)
 
 
 def test_swap_debiasing_cancels_a_judge_that_always_answers_a(tiny_model, monkeypatch):

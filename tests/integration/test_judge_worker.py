@@ -3,7 +3,8 @@ import pytest
 import ray
 
 from openrlaif.config import JudgeConfig, RoleResources
-from openrlaif.feedback.backends import LocalBackend
+from openrlaif.feedback.backends import JudgeRequest, LocalBackend
+from openrlaif.feedback.base import JudgeFailure
 from openrlaif.feedback.judge import Judge, JudgeWorker
 from openrlaif.workers.group import WorkerGroup
 
@@ -37,6 +38,30 @@ def test_judge_scores_or_fails_typed(judge_group, overrides, expect_all_fail):
     if expect_all_fail is False:
         assert bool(result.valid.all())
         assert len(set(result.rewards.tolist())) > 1     # different responses, different expected scores
+
+
+def test_generate_readout_scores_exactly_what_the_replies_say(judge_group):
+    """The same requests answered by the worker, parsed independently: each verdict's reward is its reply's
+    number on the scale, and exactly the replies without one fail."""
+    from openrlaif.feedback.judge_prompts import normalise, parse_score, pointwise_messages
+    prompts, responses = PROMPTS * 3, [r + suffix for suffix in ("", " ok", " 7") for r in RESPONSES]
+    cfg = JudgeConfig(readout="generate", max_new_tokens=24, micro_batch_size=4)
+    result = Judge(LocalBackend(judge_group, "tiny"), cfg).score(prompts, responses)
+    requests = [JudgeRequest(pointwise_messages(cfg.rubric, p, r, 1, 9, "generate"), None, 24, 0.0)
+                for p, r in zip(prompts, responses)]
+    replies = ray.get(judge_group.workers[0].complete.remote(requests))
+    expected = []
+    for reply in replies:
+        try:
+            expected.append(normalise(parse_score(reply.text, 1, 9), 1, 9))
+        except JudgeFailure:
+            expected.append(None)
+    assert result.valid.tolist() == [value is not None for value in expected]
+    assert [round(float(r), 6) for r, ok in zip(result.rewards, result.valid) if ok] == \
+        [round(value, 6) for value in expected if value is not None]
+    # the random tiny model writes no digits: every verdict is `unparseable`, none is read as a score (the HTTP
+    # judge's test reads real "…, so: 6" replies)
+    assert result.failures == {"unparseable": len(prompts)}, [reply.text for reply in replies]
 
 
 def test_pairwise_win_rates_are_swap_debiased_probabilities(judge_group):

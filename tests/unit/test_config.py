@@ -294,3 +294,8 @@ def test_every_step_failing_stops_the_run_after_the_limit():
     never = FailedSteps(0)
     for step in range(10):
         never.count(step, all_failed)
+    filtered = FailedSteps(1)   # a strict consistency filter that kept no pair: the setting working, no failure
+    filtered.count(1, {"feedback/failure_rate": 1.0, "feedback/failures/no_kept_comparison": 8.0})
+    with pytest.raises(RunError):
+        filtered.count(2, {"feedback/failure_rate": 1.0, "feedback/failures/no_kept_comparison": 8.0,
+                           "feedback/comparison_failures/timeout": 4.0})

@@ -15,10 +15,15 @@ def test_missing_model_path_names_key_and_fix(tmp_path):
         resolve_model_path(str(tmp_path / "empty"), str(tmp_path))
 
 
-def test_short_name_is_materialised_once(tiny_model, model_cache):
+def test_short_name_is_materialised_once(tiny_model, model_cache, monkeypatch):
+    from openrlaif.models import registry
     assert os.path.isfile(os.path.join(tiny_model, "config.json"))
+    stamp = os.stat(os.path.join(tiny_model, "model.safetensors"))
+    monkeypatch.setitem(registry.SHORT_NAMES, "tiny-random-llama", lambda out: pytest.fail("built a second time"))
     assert resolve_model_path("tiny-random-llama", model_cache) == tiny_model
     assert resolve_model_path(tiny_model, "/unused") == tiny_model
+    after = os.stat(os.path.join(tiny_model, "model.safetensors"))
+    assert (after.st_ino, after.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)
 
 
 def test_rule_rewards():
