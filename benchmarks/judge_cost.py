@@ -46,7 +46,8 @@ def main() -> None:
                 run(config(["pipeline=label", f"model.path={args.model}", "data.prompts_per_step=4",
                             f"rollout.samples_per_prompt={args.samples}", f"rollout.max_new_tokens={args.max_new_tokens}",
                             "feedback.judge.cache=false", "cluster.threads_per_worker=0", f"output.dir={out_dir}",
-                            *extra]))
+                            # cost, not quality: every verdict counts, also a weak judge's (the tiny model's)
+                            "feedback.judge.min_label_mass=0", "feedback.max_failed_steps=0", *extra]))
                 chunks = metrics_rows(out_dir)
             judge_tokens = sum(c["feedback/judge_prompt_tokens"] + c["feedback/judge_generated_tokens"] for c in chunks)
             policy_tokens = sum((c["feedback/judge_prompt_tokens"] + c["feedback/judge_generated_tokens"])

@@ -218,3 +218,23 @@ def test_a_run_whose_every_verdict_fails_stops_and_says_why(ray_cluster, tiny_mo
     assert "feedback failed for 4 sample(s): endpoint_error: HTTP 500" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_judge_eval_with_nothing_judged_fails_instead_of_reporting_numbers(ray_cluster, tiny_model, server,
+                                                                          monkeypatch, tmp_path):
+    from openrlaif.checkpointing import RunError
+    from openrlaif.pipelines import run
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"FAULT:error500 q{i}", "chosen": "a", "rejected": "b"}) + "\n"
+                             for i in range(3)))
+    settings = dict(backend="http", base_url=server.base_url, model="judge", api_key_env="TEST_JUDGE_KEY",
+                    mode="pairwise", min_label_mass=0.0, top_logprobs=1000, max_retries=0)
+    cfg = Config(pipeline="judge_eval", model=ModelConfig(path=tiny_model), data=DataConfig(pairs=str(pairs)),
+                 feedback=FeedbackConfig(source="judge", judge=JudgeConfig(**settings)),
+                 output=OutputConfig(dir=str(tmp_path / "eval")))
+    validate(cfg)
+    with pytest.raises(RunError, match=r"nothing was judged: all 3 pairs failed .*endpoint_error: HTTP 500"):
+        run(cfg)
+    report = json.loads((tmp_path / "eval" / "judge_eval.json").read_text())
+    assert report["judged"] == 0 and report["agreement"] is None and report["position_consistency"] is None

@@ -2,6 +2,7 @@
 asked): grouping by rollout group, whole conversations, the chain-of-thought readouts, Repeat Ranking, the verdict
 cache's keys and its cost accounting. The real backends are tested in tests/integration (JudgeWorker on Ray, the
 HTTP server)."""
+import math
 import re
 
 import pytest
@@ -192,3 +193,13 @@ def test_a_listwise_reply_that_does_not_parse_is_dropped_and_counted():
         ["p"] * 2, ["a", "b"], group_ids=[0, 0])
     assert result.failures == {"no_ranking": 2} and result.metrics["ranking_failures/unparseable"] == 2
     assert result.consistency == {}
+
+
+def test_nothing_judged_gives_no_number_that_reads_as_a_result():
+    class Failing(ScriptedJudge):
+        def _answer(self, request):
+            return Reply(failure="endpoint_error", detail="HTTP 500")
+
+    result = judge(Failing()).score(["a", "b"], ["x", "y"])
+    assert result.failures == {"endpoint_error": 2} and result.details == {"endpoint_error": "HTTP 500"}
+    assert math.isnan(result.metrics["judge_score_mean"])
