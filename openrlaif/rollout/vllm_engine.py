@@ -7,10 +7,35 @@ some layers on CPU. All tensors go in one call so fused groups (q/k/v, gate/up) 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
 from openrlaif.rollout.types import Completion, SamplingSpec
+
+
+@contextmanager
+def own_rendezvous_file():
+    """An in-process vLLM engine rendezvouses through a FileStore file, /tmp/vllm_dist_<uuid>, that nobody removes
+    when its actor is killed: one more file in /tmp per engine start. Name the file here instead, and remove it once
+    the engine is up (one process, world size 1: the store is not used again; generation and weight reloads were
+    checked to work after it). Yields the path; a vLLM without that hook is left as it is."""
+    import tempfile
+    import uuid
+    try:
+        from vllm.v1.executor import uniproc_executor
+        original = uniproc_executor.get_file_store_init_method
+    except (ImportError, AttributeError):
+        yield None
+        return
+    path = os.path.join(tempfile.gettempdir(), f"openrlaif_vllm_{uuid.uuid4().hex}")
+    uniproc_executor.get_file_store_init_method = lambda: f"file://{path}"
+    try:
+        yield path
+    finally:
+        uniproc_executor.get_file_store_init_method = original
+        if os.path.exists(path):
+            os.remove(path)
 
 
 class VLLMEngine:
@@ -23,8 +48,10 @@ class VLLMEngine:
 
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)})
-        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, **memory)
+        with own_rendezvous_file() as rendezvous:
+            self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                           enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, **memory)
+        self.rendezvous_file = rendezvous
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
         from vllm import SamplingParams

