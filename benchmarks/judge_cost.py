@@ -1,8 +1,11 @@
 """What AI feedback costs: judge tokens and judge seconds per policy token, pointwise vs pairwise with position
-swap, on the same sampled responses (pipeline=label over the demo prompts, same seed, the policy model as judge).
+swap, on the HF and the vLLM judge engine, on the same sampled responses (pipeline=label over the demo prompts,
+same seed, the policy model as judge). --strategies adds pairwise rows per comparison strategy (all, anchor,
+adaptive) on the vLLM judge, with their request counts.
 
     .venv/bin/python benchmarks/judge_cost.py                       # SmolLM2-135M as policy and judge
     .venv/bin/python benchmarks/judge_cost.py --model tiny
+    .venv/bin/python benchmarks/judge_cost.py --samples 8 --strategies
 """
 from __future__ import annotations
 
@@ -15,9 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import config, metrics_rows, print_table, write_report  # noqa: E402
 
 MODES = {
-    "pointwise (probs)": ["feedback=judge"],
-    "pairwise + swap (probs)": ["feedback=judge_pairwise"],
+    "pointwise (probs), HF judge": ["feedback=judge", "feedback.judge.engine=hf"],
+    "pointwise (probs), vLLM judge": ["feedback=judge", "feedback.judge.engine=vllm"],
+    "pairwise + swap (probs), HF judge": ["feedback=judge_pairwise", "feedback.judge.engine=hf"],
+    "pairwise + swap (probs), vLLM judge": ["feedback=judge_pairwise", "feedback.judge.engine=vllm"],
 }
+STRATEGIES = {f"pairwise {name}, vLLM judge": ["feedback=judge_pairwise", "feedback.judge.engine=vllm",
+                                               f"feedback.judge.pairwise_strategy={name}"]
+              for name in ("anchor", "adaptive")}
 GENERATE_MODE = {   # --with-generate: sampled verdicts, two per order (pairwise consistency filter); slow on CPU
     "pairwise + swap, 2 repeats (generate, T=0.7)": ["feedback=judge_pairwise", "feedback.judge.readout=generate",
                                                      "feedback.judge.repeats=2", "feedback.judge.temperature=0.7"],
@@ -30,8 +38,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--with-generate", action="store_true", help="also time a generate-readout judge")
+    parser.add_argument("--strategies", action="store_true", help="also pairwise anchor and adaptive (vLLM judge)")
     args = parser.parse_args()
-    modes = MODES | (GENERATE_MODE if args.with_generate else {})
+    modes = MODES | (STRATEGIES if args.strategies else {}) | (GENERATE_MODE if args.with_generate else {})
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import ray
 
@@ -54,8 +63,11 @@ def main() -> None:
                                 / c["feedback/judge_tokens_per_policy_token"] for c in chunks)
             seconds = sum(c["time/feedback_s"] for c in chunks)
             requests = sum(c.get("feedback/judge_requests", 0) for c in chunks)
+            cached = sum(c.get("feedback/judge_cached_prompt_tokens", 0) for c in chunks)
             rows.append({"mode": name, "policy_tokens": policy_tokens, "judge_tokens": judge_tokens,
                          "judge_requests": requests, "judge_s": seconds,
+                         "cached_prompt_fraction": cached / max(sum(c["feedback/judge_prompt_tokens"]
+                                                                    for c in chunks), 1),
                          "judge_tokens_per_policy_token": judge_tokens / policy_tokens,
                          "judge_ms_per_policy_token": 1000 * seconds / policy_tokens,
                          "rollout_s": sum(c["time/rollout_s"] for c in chunks),
@@ -67,12 +79,16 @@ def main() -> None:
     base = rows[0]["judge_s"]
     for row in rows:
         row["seconds_vs_pointwise"] = row["judge_s"] / base
+        hf = next((r for r in rows if r["mode"] == row["mode"].replace("vLLM judge", "HF judge")), None)
+        row["ms_vs_hf_judge"] = row["judge_ms_per_policy_token"] / hf["judge_ms_per_policy_token"] if hf else 1.0
     print()
     print_table(rows, [("mode", "judge", "s"), ("policy_tokens", "policy tok", ".0f"),
                        ("judge_tokens", "judge tok", ".0f"), ("judge_requests", "requests", ".0f"),
                        ("judge_tokens_per_policy_token", "judge tok / policy tok", ".2f"),
                        ("judge_ms_per_policy_token", "judge ms / policy tok", ".1f"),
-                       ("seconds_vs_pointwise", "s vs pointwise", ".2f"), ("failures", "failures", ".0f")])
+                       ("seconds_vs_pointwise", "s vs HF pointwise", ".2f"),
+                       ("ms_vs_hf_judge", "ms vs HF judge", ".2f"),
+                       ("cached_prompt_fraction", "prompt cached", ".2f"), ("failures", "failures", ".0f")])
     write_report("judge_cost", {"model": args.model, "samples_per_prompt": args.samples,
                                 "max_new_tokens": args.max_new_tokens, "prompts": "demo (17)",
                                 "command": "benchmarks/judge_cost.py " + " ".join(sys.argv[1:]), "rows": rows})

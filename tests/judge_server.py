@@ -9,6 +9,7 @@ judge tests. A request whose last message contains `FAULT:<kind>` gets that faul
     cutbody       200 announcing `Content-Length: 200`, then 13 bytes and the connection closed (IncompleteRead)
     badstatus     a garbled status line instead of an HTTP response (BadStatusLine)
     positional    (listwise) the ranking follows the presentation order: "Ranking: 1 > 2 > ... > K"
+    ratelimit     HTTP 429 with `Retry-After: 1` the first two times this exact request arrives, then an answer
 
 `always` = "A" makes every answer "A" with probability 1 (a maximally position-biased judge); `prefer` = "shorter"
 answers every pairwise request with the shorter response, in whichever position (a consistent judge). A listwise request
@@ -47,6 +48,7 @@ class JudgeServer(ThreadingHTTPServer):
         self.faults: Counter = Counter()      # injected, by kind
         self.requests = 0
         self.seen: set[str] = set()
+        self.limited: Counter = Counter()     # ratelimit: 429s sent per request body
 
     @property
     def base_url(self) -> str:
@@ -95,8 +97,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def _send(self, code: int, payload: bytes) -> None:
+    def _send(self, code: int, payload: bytes, headers: dict | None = None) -> None:
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -117,12 +121,17 @@ class Handler(BaseHTTPRequestHandler):
                 first_time = raw not in server.seen
                 server.seen.add(raw)
                 kind = kind if first_time else None
+            if kind == "ratelimit":
+                server.limited[raw] += 1
+                kind = kind if server.limited[raw] <= 2 else None
             if kind:
                 server.faults[kind] += 1
         if kind == "slow":
             time.sleep(server.slow_s)
         if kind in ("error500", "error500once"):
             return self._send(500, b'{"error": "injected"}')
+        if kind == "ratelimit":
+            return self._send(429, b'{"error": "rate limited"}', {"Retry-After": "1"})
         if kind == "cutbody":
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

@@ -52,6 +52,8 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     attempts: int = 1
+    cached_tokens: int = 0               # prompt tokens read from the local vLLM judge's prefix cache
+    rate_limited: int = 0                # HTTP 429 answers waited out (apart from `attempts`)
 
 
 def model_fingerprint(path: str, chunks: int = 16, chunk_bytes: int = 1 << 16) -> str:
@@ -79,20 +81,70 @@ def model_fingerprint(path: str, chunks: int = 16, chunk_bytes: int = 1 << 16) -
 
 
 class LocalBackend:
-    """Fans requests out over the JudgeWorker group (contiguous shards, one call per worker)."""
+    """Fans requests out over the JudgeWorker group (contiguous shards, one call per worker). Requests are sent
+    sorted by their messages, so those sharing a prefix (the rubric and a prompt: a group's responses, both orders
+    of a pair) are adjacent and land on the same worker, whose vLLM engine then reuses the prefix's KV blocks."""
 
-    def __init__(self, group, name: str, dtype: str = "float32", max_prompt_tokens: int = 1024) -> None:
+    def __init__(self, group, name: str, dtype: str = "float32", max_prompt_tokens: int = 1024,
+                 engine: str = "hf") -> None:
         self.group, self.name = group, name
         self.identity = {"backend": "local", "model": name, "weights": model_fingerprint(name), "dtype": dtype,
-                         "max_prompt_tokens": max_prompt_tokens}
+                         "max_prompt_tokens": max_prompt_tokens, "engine": engine}
 
     def complete(self, requests: list[JudgeRequest]) -> list[Reply]:
         import ray
         if not requests:
             return []
-        shards = split_evenly(len(requests), min(len(self.group), len(requests)))
-        refs = self.group.map(lambda worker, span: worker.complete.remote(requests[span]), shards)
-        return [reply for shard in ray.get(refs) for reply in shard]
+        order = prefix_order(requests)
+        ordered = [requests[i] for i in order]
+        shards = split_evenly(len(ordered), min(len(self.group), len(ordered)))
+        refs = self.group.map(lambda worker, span: worker.complete.remote(ordered[span]), shards)
+        replies: list[Reply | None] = [None] * len(requests)
+        for i, reply in zip(order, (reply for shard in ray.get(refs) for reply in shard)):
+            replies[i] = reply
+        return replies
+
+
+def prefix_order(requests: list[JudgeRequest]) -> list[int]:
+    """Request indices sorted by their messages' text: requests that share a prefix end up adjacent."""
+    return sorted(range(len(requests)), key=lambda i: json.dumps(requests[i].messages, ensure_ascii=False))
+
+
+class TokenBucket:
+    """A client-side rate limit: `per_minute` units refill evenly over each minute, a minute's worth at most.
+    `take` waits until the amount is there (shared by the request threads)."""
+
+    def __init__(self, per_minute: float) -> None:
+        import threading
+        self.rate, self.capacity = per_minute / 60.0, per_minute
+        self.level, self.stamp, self.lock = per_minute, time.monotonic(), threading.Lock()
+
+    def take(self, amount: float, wait: bool = True) -> None:
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+                self.stamp = now
+                if not wait or self.level >= min(amount, self.capacity):
+                    self.level -= amount
+                    return
+                delay = (min(amount, self.capacity) - self.level) / self.rate
+            time.sleep(min(delay, 5.0))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """An HTTP Retry-After header (seconds, or an HTTP date) as seconds from now, capped at 10 minutes."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), 600.0)
 
 
 class HTTPBackend:
@@ -100,10 +152,15 @@ class HTTPBackend:
     generated token (labels missing from the top list get 0)."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "", timeout_s: float = 30.0,
-                 max_retries: int = 2, backoff_s: float = 0.5, concurrency: int = 8, top_logprobs: int = 20) -> None:
+                 max_retries: int = 2, backoff_s: float = 0.5, concurrency: int = 8, top_logprobs: int = 20,
+                 requests_per_minute: float = 0.0, tokens_per_minute: float = 0.0,
+                 max_rate_limit_waits: int = 8) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout_s, self.max_retries, self.backoff_s = model, timeout_s, max_retries, backoff_s
         self.concurrency, self.top_logprobs = concurrency, top_logprobs
+        self.request_bucket = TokenBucket(requests_per_minute) if requests_per_minute else None
+        self.token_bucket = TokenBucket(tokens_per_minute) if tokens_per_minute else None
+        self.max_rate_limit_waits = max_rate_limit_waits
         self.name = f"{base_url}|{model}"
         self.identity = {"backend": "http", "url": self.url, "model": model, "top_logprobs": top_logprobs}
         self._api_key_env = api_key_env
@@ -122,7 +179,7 @@ class HTTPBackend:
             print(f"[openrlaif] warning: ${self._api_key_env} (feedback.judge.api_key_env) is not set: requests "
                   "to the judge go without an API key")
         reply = self._attempt(JudgeRequest([{"role": "user", "content": "Reply with OK."}], None, 1, 0.0))
-        if reply.failure:
+        if reply.failure and reply.failure != "rate_limited":   # a 429 is an endpoint that answers
             raise ConfigError(
                 f"feedback.judge.base_url={self.url.rsplit('/chat/completions', 1)[0]}: the endpoint did not answer "
                 f"a probe request ({reply.failure}: {reply.detail}). Nothing was started. Fix: start the server or "
@@ -145,15 +202,34 @@ class HTTPBackend:
         return json.dumps(body).encode()
 
     def _one(self, request: JudgeRequest) -> Reply:
-        reply = Reply()
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        """Up to max_retries re-sends after a timeout, an HTTP error or a cut reply, with exponential backoff. An
+        HTTP 429 is waited out for its Retry-After (else the backoff), up to max_rate_limit_waits times in a row,
+        without using a retry; the reply counts them in `rate_limited`."""
+        reply, attempt, waits = Reply(), 0, 0
+        while True:
+            estimate = len(self._body(request)) / 3 + (1 if request.labels else request.max_tokens)
+            if self.request_bucket:
+                self.request_bucket.take(1)
+            if self.token_bucket:
+                self.token_bucket.take(estimate)
             reply = self._attempt(request)
-            reply.attempts = attempt + 1
+            if self.token_bucket and reply.failure is None:   # settle the estimate against what was used
+                self.token_bucket.take(reply.prompt_tokens + reply.completion_tokens - estimate, wait=False)
+            if reply.failure == "rate_limited" and waits < self.max_rate_limit_waits:
+                waits += 1
+                time.sleep(getattr(reply, "retry_after", None) or self.backoff_s * 2 ** (waits - 1))
+                continue
+            reply.attempts, reply.rate_limited = attempt + 1, waits
+            if reply.failure == "rate_limited":
+                reply.failure = "endpoint_error"
+                reply.detail = f"{reply.detail}, still after {waits} waits (feedback.judge.max_rate_limit_waits)"
+                return reply
             if reply.failure is None or (reply.failure == "bad_response" and not reply.detail.startswith(RETRIED)):
                 return reply    # a well-formed reply without a usable verdict is not retried: it would repeat
-        return reply
+            if attempt >= self.max_retries:
+                return reply
+            attempt += 1
+            time.sleep(self.backoff_s * 2 ** (attempt - 1))
 
     def _attempt(self, request: JudgeRequest) -> Reply:
         http_request = urllib.request.Request(self.url, data=self._body(request), headers=self._headers())
@@ -161,6 +237,10 @@ class HTTPBackend:
             with urllib.request.urlopen(http_request, timeout=self.timeout_s) as response:
                 raw = response.read()
         except urllib.error.HTTPError as err:
+            if err.code == 429:
+                reply = Reply(failure="rate_limited", detail=f"HTTP 429 (Retry-After: {err.headers.get('Retry-After')})")
+                reply.retry_after = retry_after_seconds(err.headers.get("Retry-After"))
+                return reply
             return Reply(failure="endpoint_error", detail=f"HTTP {err.code}")
         except http.client.HTTPException as err:
             # A body cut short of its Content-Length (IncompleteRead), a garbled status line (BadStatusLine): the

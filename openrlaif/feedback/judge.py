@@ -6,31 +6,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from itertools import combinations
 
 import ray
-import torch
 
-from openrlaif.batch import left_pad
 from openrlaif.config import JudgeConfig
 from openrlaif.feedback.backends import JudgeRequest, Reply
 from openrlaif.feedback.base import FeedbackResult, JudgeFailure
-from openrlaif.feedback.judge_prompts import (PAIRWISE_AFTER_RATIONALE, POINTWISE_AFTER_RATIONALE,
+from openrlaif.feedback.comparisons import adaptive_budget, bradley_terry, initial_pairs, least_certain_pairs
+from openrlaif.feedback.judge_prompts import (POINTWISE_AFTER_RATIONALE, pairwise_after_rationale,
                                               after_rationale, choice_probability, expected_score, kendalls_w,
                                               listwise_messages, normalise, pairwise_messages, parse_choice,
                                               parse_ranking, parse_score, pointwise_messages, swap_debiased)
-from openrlaif.workers.common import accepts_logits_to_keep, load_causal_lm, setup_process
+from openrlaif.workers.common import setup_process
 from openrlaif.workers.weights import Weights, named_tensors
 
 # Bumped whenever the way a reply is produced from a request changes (label-variant merging, ...): verdicts cached
 # under an older version are then not reused.
-READOUT_VERSION = 2
+READOUT_VERSION = 3
 
 
 def label_token_ids(tokenizer, label: str) -> list[int]:
@@ -46,21 +45,47 @@ def label_token_ids(tokenizer, label: str) -> list[int]:
     return sorted(ids)
 
 
+def label_variants(tokenizer, label: str) -> list[tuple[int, ...]]:
+    """Every token sequence the judge may answer `label` with: each single token that strips to it
+    (`label_token_ids`), and the tokenisations of the label with and without a leading space ("10" -> "1" "0",
+    "(A)" -> "(" "A" ")"). A label's probability is the sum over them (teacher-forced past the first token)."""
+    variants = {(token,) for token in label_token_ids(tokenizer, label)}
+    for text in (label, " " + label):
+        ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+        if ids and tokenizer.decode(list(ids)).strip() == label:
+            variants.add(ids)
+    return sorted(variants)
+
+
 @ray.remote
 class JudgeWorker:
-    """A causal LM answering JudgeRequests: label probabilities from one forward pass, or generated text."""
+    """A causal LM answering JudgeRequests on its engine (`feedback.judge.engine`: vLLM with prefix caching, or
+    HF): label probabilities by teacher forcing each label's token sequences (one position read for single-token
+    labels), or generated text."""
 
     def __init__(self, model_path: str, *, dtype: str, threads: int, seed: int, max_prompt_tokens: int = 1024,
-                 micro_batch_size: int = 8, trust_remote_code: bool = False) -> None:
+                 micro_batch_size: int = 8, trust_remote_code: bool = False, engine: str = "hf",
+                 max_new_tokens: int = 8, kv_cache_gib: float = 0.5, gpu_memory_utilization: float = 0.3) -> None:
         setup_process(threads, seed)
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
+
+        from openrlaif.feedback.judge_engines import HFJudgeEngine, VLLMJudgeEngine
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_causal_lm(model_path, dtype, trust_remote_code).to(self.device).eval()
-        self.max_prompt_tokens, self.micro_batch_size = max_prompt_tokens, micro_batch_size
-        self.label_ids: dict[str, list[int]] = {}
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.context = getattr(config, "max_position_embeddings", None) or 10**9
+        self.max_prompt_tokens = min(max_prompt_tokens, self.context - 1)
+        if engine == "vllm":
+            # room for the prompt, the longest generation, and a multi-token label's teacher-forced prefix
+            max_model_len = min(self.context, self.max_prompt_tokens + max(max_new_tokens, 16))
+            self.engine = VLLMJudgeEngine(model_path, dtype, max_model_len, seed, kv_cache_gib,
+                                          gpu_memory_utilization, trust_remote_code)
+            self.context = max_model_len
+        else:
+            self.engine = HFJudgeEngine(model_path, dtype, self.tokenizer.pad_token_id, micro_batch_size,
+                                        trust_remote_code)
+        self.variants: dict[str, list[tuple[int, ...]]] = {}
 
     def ready(self) -> bool:
         return True
@@ -68,67 +93,53 @@ class JudgeWorker:
     def update_weights(self, weights: Weights) -> float:
         """Self-rewarding: take the policy's new weights in place (names as the trainer's named_parameters)."""
         start = time.perf_counter()
-        state = dict(named_tensors(weights))
-        params = dict(self.model.named_parameters())
-        unknown = [name for name in state if name not in params]
-        if unknown:
-            raise ValueError(f"judge: weights {unknown[:3]} are not in the judge model; feedback.judge.follow_policy "
-                             "needs the judge to be the policy's own architecture.")
-        with torch.no_grad():
-            for name, tensor in state.items():
-                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        self.engine.update_weights(named_tensors(weights))
         return time.perf_counter() - start
 
-    def _label_ids(self, label: str) -> list[int]:
-        if label not in self.label_ids:
-            ids = label_token_ids(self.tokenizer, label)
-            if not ids:
-                raise ValueError(f"feedback.judge: label {label!r} is no single token for this judge's tokenizer; "
-                                 "reading label probabilities needs one. Fix: feedback.judge.readout=generate, or a "
-                                 "smaller feedback.judge.score_max.")
-            self.label_ids[label] = ids
-        return self.label_ids[label]
+    def _variants(self, label: str) -> list[tuple[int, ...]]:
+        if label not in self.variants:
+            variants = label_variants(self.tokenizer, label)
+            if not variants:
+                raise ValueError(f"feedback.judge: label {label!r} cannot be written with this judge's tokenizer. "
+                                 "Fix: feedback.judge.readout=generate, or other labels.")
+            self.variants[label] = variants
+        return self.variants[label]
 
     def _encode(self, messages: list[dict], max_tokens: int = 0) -> list[int]:
         """The templated prompt, cut from the start (the end holds the question to answer) to max_prompt_tokens,
         and to what the model's positions leave after `max_tokens` generated ones."""
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        context = getattr(self.model.config, "max_position_embeddings", None) or 10**9
-        return ids[-max(1, min(self.max_prompt_tokens, context - max_tokens)):]
+        return ids[-max(1, min(self.max_prompt_tokens, self.context - max_tokens)):]
 
-    @torch.no_grad()
+    def score_continuations(self, prompts: list[list[int]], candidates: list[list[list[int]]]) -> list[list[float]]:
+        """The engine's teacher-forced log P(candidate | prompt), in token ids (tests and tools)."""
+        return self.engine.score_continuations(prompts, [[tuple(c) for c in options] for options in candidates])
+
     def complete(self, requests: list[JudgeRequest]) -> list[Reply]:
         replies: list[Reply | None] = [None] * len(requests)
-        encoded = [self._encode(r.messages, 0 if r.labels else r.max_tokens) for r in requests]
-        for wants_labels in (True, False):
-            index = [i for i, r in enumerate(requests) if (r.labels is not None) == wants_labels]
-            for lo in range(0, len(index), self.micro_batch_size):
-                chunk = index[lo:lo + self.micro_batch_size]
-                ids, mask = (t.to(self.device) for t in left_pad([encoded[i] for i in chunk],
-                                                                 self.tokenizer.pad_token_id))
-                if wants_labels:
-                    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                    last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(self.model) else {}
-                    logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                        **last_only).logits[:, -1]
-                    probs = logits.float().softmax(-1).cpu()
-                    for row, i in enumerate(chunk):
-                        label_probs = {label: float(probs[row, self._label_ids(label)].sum())
-                                       for label in requests[i].labels}
-                        replies[i] = Reply(label_probs=label_probs, prompt_tokens=len(encoded[i]))
-                    continue
-                first = requests[chunk[0]]
-                torch.manual_seed(first.seed)
-                sample = first.temperature > 0
-                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=first.max_tokens,
-                                          do_sample=sample, temperature=first.temperature if sample else None,
-                                          top_p=None, top_k=None, pad_token_id=self.tokenizer.pad_token_id)
-                new = out[:, ids.shape[1]:]
-                texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-                for row, i in enumerate(chunk):
-                    replies[i] = Reply(text=texts[row], prompt_tokens=len(encoded[i]),
-                                       completion_tokens=int((new[row] != self.tokenizer.pad_token_id).sum()))
+        longest = {i: max((len(v) for label in r.labels for v in self._variants(label)), default=1)
+                   for i, r in enumerate(requests) if r.labels is not None}
+        encoded = [self._encode(r.messages, longest[i] - 1 if r.labels is not None else r.max_tokens)
+                   for i, r in enumerate(requests)]
+        labelled = [i for i, r in enumerate(requests) if r.labels is not None]
+        if labelled:
+            candidates = [[v for label in requests[i].labels for v in self._variants(label)] for i in labelled]
+            logprobs = self.engine.score_continuations([encoded[i] for i in labelled], candidates)
+            for i, options, values, hit in zip(labelled, candidates, logprobs, self.engine.cached):
+                by_sequence = dict(zip(options, values))
+                label_probs = {label: sum(math.exp(by_sequence[v]) for v in self._variants(label))
+                               for label in requests[i].labels}
+                replies[i] = Reply(label_probs=label_probs, prompt_tokens=len(encoded[i]), cached_tokens=hit)
+        asked = [i for i, r in enumerate(requests) if r.labels is None]
+        if asked:
+            generated = self.engine.generate([encoded[i] for i in asked], [requests[i].max_tokens for i in asked],
+                                             [requests[i].temperature for i in asked],
+                                             [requests[i].seed for i in asked])
+            for i, out in zip(asked, generated):
+                replies[i] = Reply(text=self.tokenizer.decode(out.tokens, skip_special_tokens=True),
+                                   prompt_tokens=len(encoded[i]), completion_tokens=len(out.tokens),
+                                   cached_tokens=out.cached_tokens)
         return replies
 
 
@@ -211,6 +222,9 @@ class Judge:
         self.judge_id = json.dumps([getattr(backend, "identity", backend.name), READOUT_VERSION], sort_keys=True)
         self.cache = VerdictCache(self.judge_id, cache_path if cfg.cache else None)
         self.stats: Counter = Counter()
+        # the run's cumulative spend (fresh replies only; restored on resume from driver.json "judge_ledger")
+        self.ledger: Counter = Counter()
+        self.exhausted: str | None = None   # the budget key whose total is spent (the driver then stops the run)
         self.run_id = uuid.uuid4().hex   # a judge that follows the policy keys its verdicts by run and version
         labels_read = cfg.readout == "probs"
         self.style = {(True, False): "probs", (True, True): "rationale", (False, False): "generate",
@@ -230,13 +244,29 @@ class Judge:
         self.stats["judge_requests"] += len(done)
         self.stats["judge_prompt_tokens"] += sum(r.prompt_tokens for r in done)
         self.stats["judge_generated_tokens"] += sum(r.completion_tokens for r in done)
+        self.stats["judge_cached_prompt_tokens"] += sum(r.cached_tokens for r in done)
+        self.stats["judge_rate_limited"] += sum(r.rate_limited for r in done)
+        prompt_tokens = sum(r.prompt_tokens for r in done)
+        completion_tokens = sum(r.completion_tokens for r in done)
+        cost = self.cost(prompt_tokens, completion_tokens)
+        self.stats["judge_cost"] += cost
+        self.ledger.update({"requests": len(done), "prompt_tokens": prompt_tokens, "completion_tokens":
+                            completion_tokens, "prompt_bytes": sum(request_bytes(requests[i]) for i, new
+                                                                   in enumerate(fresh) if new)})
+        self.ledger["cost"] += cost
         self.stats["judge_retries"] += sum(r.attempts - 1 for r in done)
         self.stats["judge_seconds"] += time.perf_counter() - start
         return replies
 
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (prompt_tokens * self.cfg.price_per_mtok_prompt
+                + completion_tokens * self.cfg.price_per_mtok_completion) / 1e6
+
     def take_stats(self) -> dict[str, float]:
         stats = {k: float(v) for k, v in self.stats.items()}
         stats["judge_cache_hits"] = float(self.cache.hits)
+        stats["judge_cost_total"] = float(self.ledger["cost"])
+        stats["judge_tokens_total"] = float(self.ledger["prompt_tokens"] + self.ledger["completion_tokens"])
         self.stats.clear()
         self.cache.hits = 0
         return stats
@@ -306,15 +336,17 @@ class Judge:
         consistency filter: with repeats > 1 (sampled, temperature > 0) or just the two orders, a pair is kept
         only if the share of verdicts agreeing with the majority reaches `consistency_threshold`."""
         cfg = self.cfg
-        labels = ["A", "B"] if cfg.readout == "probs" else None
+        names = tuple(cfg.pairwise_labels)
+        labels = list(names) if cfg.readout == "probs" else None
         conversations = conversations or [None] * len(prompts)
         messages, seeds = [], []
         for prompt, x, y, conversation in zip(prompts, firsts, seconds, conversations):
             for a, b in ((x, y), (y, x)):
                 for repeat in range(cfg.repeats):
-                    messages.append(pairwise_messages(cfg.pairwise_rubric, prompt, a, b, self.style, conversation))
+                    messages.append(pairwise_messages(cfg.pairwise_rubric, prompt, a, b, self.style, conversation,
+                                                      names))
                     seeds.append(repeat)
-        replies = self._verdicts(messages, labels, PAIRWISE_AFTER_RATIONALE, seeds)
+        replies = self._verdicts(messages, labels, pairwise_after_rationale(names), seeds)
         out = Comparisons(prob=[], kept=[])
         per_pair = 2 * cfg.repeats
         for k in range(len(prompts)):
@@ -326,8 +358,9 @@ class Judge:
                         raise JudgeFailure(reply.failure, reply.detail)
                     if labels:
                         out.label_mass.append(sum(reply.label_probs.values()))
-                    p_a = (choice_probability(reply.label_probs, self.min_label_mass) if labels
-                           else float(parse_choice(reply.text) == "A"))
+                    p_a = (choice_probability({"A": reply.label_probs.get(names[0], 0.0),
+                                               "B": reply.label_probs.get(names[1], 0.0)}, self.min_label_mass)
+                           if labels else float(parse_choice(reply.text) == "A"))
                 except JudgeFailure as failure:
                     failed = failed or failure.kind
                     out.details.setdefault(failure.kind, failure.detail)
@@ -351,30 +384,68 @@ class Judge:
 
     def pairwise_rewards(self, prompts: list[str], responses: list[str], group_ids: list[int] | None = None,
                          conversations: list[list[dict]] | None = None) -> FeedbackResult:
-        """Per-response rewards from pairwise verdicts inside each rollout group: the win rate mean_j P(i ≻ j)
-        over the group's kept comparisons. A response with none kept is masked."""
-        groups = group_rows(prompts, group_ids)
-        pairs = [(i, j) for members in groups.values() for i, j in combinations(members, 2)]
-        result = self.compare([prompts[i] for i, _ in pairs], [responses[i] for i, _ in pairs],
-                              [responses[j] for _, j in pairs],
-                              [conversations[i] for i, _ in pairs] if conversations else None)
+        """Per-response rewards from pairwise verdicts inside each rollout group, over the pairs that
+        `pairwise_strategy` picks (feedback/comparisons.py): the win rate mean_j P(i ≻ j) over i's kept
+        comparisons, or their Bradley–Terry log-strength (`pairwise_reward=bradley_terry`). A response with no
+        kept comparison is masked. `adaptive` judges in rounds: a random cycle first, then the least certain pairs
+        under the Bradley–Terry fit so far, until the budget."""
+        cfg = self.cfg
+        groups = [members for members in group_rows(prompts, group_ids).values()]
+        rngs = [random.Random(f"{cfg.pairwise_strategy}:" + hashlib.sha256(json.dumps(
+            [prompts[m[0]]] + [responses[i] for i in m]).encode()).hexdigest()) for m in groups]
+        todo = [[(members[a], members[b]) for a, b in initial_pairs(len(members), cfg.pairwise_strategy, rng,
+                                                                     cfg.pairwise_k)]
+                for members, rng in zip(groups, rngs)]
+        made: list[tuple[int, int, float | None]] = []     # (i, j, P(i ≻ j) or None) over every round
+        total = Comparisons(prob=[], kept=[])
+        while any(todo):
+            pairs = [pair for group_pairs in todo for pair in group_pairs]
+            result = self.compare([prompts[i] for i, _ in pairs], [responses[i] for i, _ in pairs],
+                                  [responses[j] for _, j in pairs],
+                                  [conversations[i] for i, _ in pairs] if conversations else None)
+            merge_comparisons(total, result)
+            made += [(i, j, prob) for (i, j), prob in zip(pairs, result.prob)]
+            todo = [self._next_round(members, made) if cfg.pairwise_strategy == "adaptive" else []
+                    for members in groups]
         wins = [0.0] * len(prompts)
         counts = [0] * len(prompts)
-        for (i, j), prob in zip(pairs, result.prob):
+        for i, j, prob in made:
             if prob is None:
                 continue
             wins[i] += prob
             wins[j] += 1.0 - prob
             counts[i] += 1
             counts[j] += 1
-        scores = [wins[i] / counts[i] if counts[i] else None for i in range(len(prompts))]
+        if cfg.pairwise_reward == "bradley_terry":
+            scores: list[float | None] = [None] * len(prompts)
+            for members in groups:
+                position = {row: k for k, row in enumerate(members)}
+                fitted = bradley_terry(len(members), [(position[i], position[j], p) for i, j, p in made
+                                                      if p is not None and i in position], cfg.bt_prior)
+                for k, row in enumerate(members):
+                    scores[row] = fitted[k] if counts[row] else None
+        else:
+            scores = [wins[i] / counts[i] if counts[i] else None for i in range(len(prompts))]
         kinds = [None if counts[i] else "no_kept_comparison" for i in range(len(prompts))]
-        stats = self.take_stats() | comparison_metrics(result, len(pairs))
+        stats = self.take_stats() | comparison_metrics(total, len(made))
+        stats["judge_comparisons_per_response"] = 2.0 * len(made) / max(len(prompts), 1)
         rewards = FeedbackResult.from_scores(scores, kinds, stats, {"no_kept_comparison": "; ".join(
-            f"{kind}: {detail}" for kind, detail in result.details.items()) or "the consistency filter dropped them"})
-        for kind, count in result.failures.items():   # per comparison, next to the per-response counts
+            f"{kind}: {detail}" for kind, detail in total.details.items()) or "the consistency filter dropped them"})
+        for kind, count in total.failures.items():   # per comparison, next to the per-response counts
             rewards.metrics[f"comparison_failures/{kind}"] = float(count)
         return rewards
+
+    def _next_round(self, members: list[int], made: list[tuple[int, int, float | None]]) -> list[tuple[int, int]]:
+        """Adaptive: the group's next pairs, the least certain under the Bradley–Terry fit of its verdicts so far,
+        while the group is under its budget."""
+        position = {row: k for k, row in enumerate(members)}
+        mine = [(position[i], position[j], p) for i, j, p in made if i in position]
+        left = adaptive_budget(len(members), self.cfg.pairwise_budget) - len(mine)
+        if left <= 0:
+            return []
+        fitted = bradley_terry(len(members), [c for c in mine if c[2] is not None], self.cfg.bt_prior)
+        done = {(min(i, j), max(i, j)) for i, j, _ in mine}
+        return [(members[i], members[j]) for i, j in least_certain_pairs(fitted, done, left)]
 
     # ---------------------------------------------------------------------------------------------- listwise
     def rank_groups(self, prompts: list[str], responses: list[str], group_ids: list[int] | None = None,
@@ -449,11 +520,105 @@ class Judge:
 
     def score(self, prompts: list[str], responses: list[str], group_ids: list[int] | None = None,
               conversations: list[list[dict]] | None = None) -> FeedbackResult:
+        """Rewards in the configured mode. Under a budget (feedback.judge.budget) only the groups that fit are
+        judged, in order; the rest are masked `over_budget`."""
+        rows = self._rows_within_budget(prompts, responses, group_ids, conversations)
+        if rows is None:
+            return self._score(prompts, responses, group_ids, conversations)
+        def pick(values):
+            return [values[i] for i in rows] if values is not None else None
+        part = self._score(pick(prompts), pick(responses), pick(group_ids), pick(conversations)) if rows else \
+            FeedbackResult.from_scores([], metrics=self.take_stats())
+        scores: list[float | None] = [None] * len(prompts)
+        kinds: list[str | None] = ["over_budget"] * len(prompts)
+        for k, row in enumerate(rows):
+            scores[row] = float(part.rewards[k]) if bool(part.valid[k]) else None
+            kinds[row] = None if bool(part.valid[k]) else "failed"
+        result = FeedbackResult.from_scores(scores, kinds, part.metrics, part.details)
+        result.failures = Counter({k: v for k, v in result.failures.items() if k != "failed"}) + part.failures
+        result.details["over_budget"] = self._over_budget_detail
+        result.consistency = part.consistency
+        return result
+
+    def _score(self, prompts, responses, group_ids, conversations) -> FeedbackResult:
         if self.cfg.mode == "pairwise":
             return self.pairwise_rewards(prompts, responses, group_ids, conversations)
         if self.cfg.mode == "listwise":
             return self.rank_groups(prompts, responses, group_ids, conversations)
         return self.pointwise(prompts, responses, conversations)
+
+    def _rows_within_budget(self, prompts, responses, group_ids, conversations) -> list[int] | None:
+        """None without a budget, or when every group fits; else the rows of the groups that fit, in order.
+
+        A group's spend is estimated before it is asked: its requests' UTF-8 bytes × the judge's tokens per byte
+        measured so far (before any measurement 1 token per byte, an upper bound for byte-level tokenisers), plus
+        each request's generated tokens. When the run's total budget is what stops a group, `exhausted` names it."""
+        budget = self.cfg.budget
+        if not (budget.tokens_per_step or budget.tokens_total or budget.cost_per_step or budget.cost_total):
+            return None
+        spent_tokens = self.ledger["prompt_tokens"] + self.ledger["completion_tokens"]
+        limits = {"tokens_per_step": (budget.tokens_per_step, 0.0), "cost_per_step": (budget.cost_per_step, 0.0),
+                  "tokens_total": (budget.tokens_total, spent_tokens), "cost_total": (budget.cost_total,
+                                                                                       self.ledger["cost"])}
+        room = {key: limit - used for key, (limit, used) in limits.items() if limit}
+        per_byte = (1.1 * self.ledger["prompt_tokens"] / self.ledger["prompt_bytes"] if self.ledger["prompt_bytes"]
+                    else 1.0)
+        rows: list[int] = []
+        for members in group_rows(prompts, group_ids).values():
+            prompt_tokens, completion_tokens = self._group_estimate(members, prompts, responses, conversations)
+            prompt_tokens = prompt_tokens * per_byte
+            need = {"tokens_per_step": prompt_tokens + completion_tokens, "tokens_total": prompt_tokens +
+                    completion_tokens, "cost_per_step": self.cost(prompt_tokens, completion_tokens),
+                    "cost_total": self.cost(prompt_tokens, completion_tokens)}
+            short = [key for key in room if need[key] > room[key]]
+            if short:
+                if any(key.endswith("_total") for key in short):
+                    self.exhausted = f"feedback.judge.budget.{next(k for k in short if k.endswith('_total'))}"
+                self._over_budget_detail = (f"feedback.judge.budget.{short[0]}: this step's remaining "
+                                            f"{room[short[0]]:.4g} does not fit the next group's estimated "
+                                            f"{need[short[0]]:.4g}")
+                break
+            for key in room:
+                room[key] -= need[key]
+            rows += members
+        if len(rows) == len(prompts):
+            return None
+        return sorted(rows)
+
+    def _group_estimate(self, members, prompts, responses, conversations) -> tuple[float, float]:
+        """(prompt bytes, generated tokens) the group's requests will take, before any is sent."""
+        cfg = self.cfg
+        overhead = 64 + len(cfg.rubric.encode()) + 400   # template, the rubric, the answer instructions
+        prompt = len((json.dumps(conversations[members[0]]) if conversations else prompts[members[0]]).encode())
+        sizes = [len(responses[i].encode()) for i in members]
+        generated = 1 if cfg.readout == "probs" and not cfg.chain_of_thought else cfg.max_new_tokens
+        steps = 2 if cfg.chain_of_thought and cfg.readout == "probs" else 1
+        n = len(members)
+        if cfg.mode == "pointwise":
+            return steps * sum(overhead + prompt + size for size in sizes), steps * n * generated
+        if cfg.mode == "listwise":
+            return cfg.rankings * (overhead + prompt + sum(sizes) + 16 * n), cfg.rankings * cfg.max_new_tokens
+        pairs = {"all": n * (n - 1) / 2, "anchor": n - 1, "k_random": min(n * cfg.pairwise_k, n * (n - 1) / 2),
+                 "adaptive": adaptive_budget(n, cfg.pairwise_budget)}[cfg.pairwise_strategy] if n > 1 else 0
+        requests = 2 * cfg.repeats * pairs
+        mean = sum(sizes) / n
+        return steps * requests * (overhead + prompt + 2 * mean), steps * requests * generated
+
+
+def request_bytes(request: JudgeRequest) -> int:
+    return sum(len(str(m.get("content", "")).encode()) for m in request.messages)
+
+
+def merge_comparisons(into: Comparisons, more: Comparisons) -> None:
+    """Add a round's comparisons to the run's totals (adaptive judging asks in rounds)."""
+    into.prob += more.prob
+    into.kept += more.kept
+    into.flips += more.flips
+    into.judged += more.judged
+    into.failures.update(more.failures)
+    into.label_mass += more.label_mass
+    for kind, detail in more.details.items():
+        into.details.setdefault(kind, detail)
 
 
 def comparison_metrics(result: Comparisons, total: int) -> dict[str, float]:

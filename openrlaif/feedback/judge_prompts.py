@@ -136,10 +136,26 @@ PAIRWISE_RUBRIC = "Compare two responses to the user's message for helpfulness, 
 
 
 def pairwise_messages(rubric: str, prompt: str, response_a: str, response_b: str, style: str = "probs",
-                      conversation: list[dict] | None = None) -> list[dict]:
+                      conversation: list[dict] | None = None, labels: tuple[str, str] = ("A", "B")) -> list[dict]:
+    """`labels`: the answers the probs readout reads for Response A and Response B (A/B by default; e.g. "(A)"/"(B)"
+    or "Summary 1"/"Summary 2", read by teacher forcing on a local judge)."""
+    ending = PAIRWISE_ENDINGS[style]
+    if style == "probs" and tuple(labels) != ("A", "B"):
+        ending = pairwise_label_question(labels)
     content = PAIRWISE_TEMPLATE.format(rubric=rubric, conversation=render_conversation(prompt, conversation),
-                                       response_a=response_a, response_b=response_b, ending=PAIRWISE_ENDINGS[style])
+                                       response_a=response_a, response_b=response_b, ending=ending)
     return [{"role": "user", "content": content}]
+
+
+def pairwise_label_question(labels: tuple[str, str]) -> str:
+    return (f"Which response is better? Answer with {labels[0]} for Response A or {labels[1]} for Response B, and "
+            "nothing else.")
+
+
+def pairwise_after_rationale(labels: tuple[str, str]) -> str:
+    if tuple(labels) == ("A", "B"):
+        return PAIRWISE_AFTER_RATIONALE
+    return "Now give your verdict. " + pairwise_label_question(labels)
 
 
 # A marked verdict: "Verdict: A", "Answer: (B)", "Better response: Response A", MT-Bench's "[[A]]".

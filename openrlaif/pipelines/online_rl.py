@@ -17,7 +17,7 @@ from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE
 from openrlaif.batch import Batch, split_evenly
 from openrlaif.checkpointing import (Checkpointer, RunError, dead_workers, non_finite_stop, resume_hint,
                                      role_died, stop_on_non_finite, truncate_metrics)
-from openrlaif.config import Config, RoleResources, cache_dir, step_batch_size
+from openrlaif.config import Config, RoleResources, cache_dir, judge_engine, step_batch_size
 from openrlaif.data import PromptStream, load_prompts
 from openrlaif.feedback import Feedback, FeedbackResult
 from openrlaif.metrics import MetricsLogger, summary_line, timer
@@ -70,6 +70,15 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles, step_fn=None) -> tuple
                                       progress.checkpointer)
             failed_steps.count(step, metrics, progress.checkpointer)
             progress.save_if_due(step)
+            judge = roles.judge_client
+            if judge is not None and judge.exhausted and step < cfg.steps:   # the run's judge budget is spent
+                if not progress.checkpointer.due(step, cfg.steps):   # else it was just saved
+                    progress.save(step)
+                raise RunError(f"step {step}: the judge's total budget is spent ({judge.exhausted}; "
+                               f"{judge.ledger['prompt_tokens'] + judge.ledger['completion_tokens']:.0f} tokens, "
+                               f"cost {judge.ledger['cost']:.4g} so far). The run stopped after saving a checkpoint "
+                               f"({progress.checkpointer.last_path}). To go on: raise {judge.exhausted} and rerun "
+                               "the same command with resume=true.")
     finally:
         logger.close()      # also on a failed step: TensorBoard and W&B keep what was logged
     checkpoint = None
@@ -145,6 +154,8 @@ class Progress:
             self.roles.feedback.references = state["references"]
         if "judge_run_id" in state and self.roles.judge_client is not None:   # a self-judge's verdicts are this run's
             self.roles.judge_client.run_id = state["judge_run_id"]
+        if "judge_ledger" in state and self.roles.judge_client is not None:   # the budget counts the whole run
+            self.roles.judge_client.ledger.update(state["judge_ledger"])
         sync_weights(self.roles, self.cfg, step)   # engines (and a self-judge) get the restored weights
         truncate_metrics(os.path.join(self.run.out_dir, "metrics.jsonl"), step)
         self.checkpointer.last_path = path
@@ -152,8 +163,10 @@ class Progress:
         return step + 1
 
     def save_if_due(self, step: int) -> None:
-        if not self.checkpointer.due(step, self.cfg.steps):
-            return
+        if self.checkpointer.due(step, self.cfg.steps):
+            self.save(step)
+
+    def save(self, step: int) -> None:
         # a prefetched batch (one-step-off) is not trained yet: a resume samples it again
         prefetched = self.cfg.data.prompts_per_step if self.roles.pending_rollout is not None else 0
         state = {"stream_position": self.stream.position - prefetched}
@@ -161,6 +174,7 @@ class Progress:
             state["references"] = self.roles.feedback.references
         if self.roles.judge_client is not None:
             state["judge_run_id"] = self.roles.judge_client.run_id
+            state["judge_ledger"] = dict(self.roles.judge_client.ledger)
         with self.step(step, {}, phase="checkpoint"):   # a worker may die while writing its shard, too
             path = self.checkpointer.save(step, self.trained, state)
         tqdm.write(f"[openrlaif] resumable checkpoint: {path}")
@@ -404,18 +418,21 @@ def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,
     cache_path = os.path.join(out_dir, "judge_cache.jsonl")
     if jc.backend == "http":
         return None, Judge(http_backend(jc), jc, cache_path, model_name=jc.model)
+    engine = judge_engine(jc, cfg.rollout.engine)
     group = WorkerGroup("judge", JudgeWorker, jc.resources, lambda rank: dict(
         model_path=judge_path, dtype=cfg.model.dtype, threads=threads, seed=cfg.seed,
         max_prompt_tokens=jc.max_prompt_tokens, micro_batch_size=jc.micro_batch_size,
-        trust_remote_code=cfg.model.trust_remote_code), shared=shared)
-    backend = LocalBackend(group, judge_path, cfg.model.dtype, jc.max_prompt_tokens)
+        trust_remote_code=cfg.model.trust_remote_code, engine=engine, max_new_tokens=jc.max_new_tokens,
+        kv_cache_gib=jc.kv_cache_gib, gpu_memory_utilization=jc.gpu_memory_utilization), shared=shared)
+    backend = LocalBackend(group, judge_path, cfg.model.dtype, jc.max_prompt_tokens, engine)
     return group, Judge(backend, jc, cache_path, model_name=jc.model or cfg.model.path)
 
 
 def http_backend(jc):
     from openrlaif.feedback.backends import HTTPBackend
     return HTTPBackend(jc.base_url, jc.model, jc.api_key_env, jc.timeout_s, jc.max_retries, jc.backoff_s,
-                       jc.concurrency, jc.top_logprobs)
+                       jc.concurrency, jc.top_logprobs, jc.requests_per_minute, jc.tokens_per_minute,
+                       jc.max_rate_limit_waits)
 
 
 def function_name(spec: str) -> str:

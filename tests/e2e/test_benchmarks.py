@@ -68,6 +68,11 @@ def test_zero_vs_ddp(bench):
 def test_judge_cost(bench):
     report = bench("judge_cost.py", "--model", "tiny-random-llama", "--samples", "2", "--max-new-tokens", "8")
     rows = {row["mode"]: row for row in report["rows"]}
-    assert list(rows) == ["pointwise (probs)", "pairwise + swap (probs)"]
+    assert list(rows) == [f"{mode} (probs), {engine} judge" for mode in ("pointwise", "pairwise + swap")
+                          for engine in ("HF", "vLLM")]
     for row in rows.values():
         assert row["policy_tokens"] > 0 and row["judge_requests"] > 0 and row["judge_tokens"] > row["policy_tokens"]
+    for mode in ("pointwise", "pairwise + swap"):   # both engines judged the same responses
+        hf, vllm = rows[f"{mode} (probs), HF judge"], rows[f"{mode} (probs), vLLM judge"]
+        assert hf["policy_tokens"] == vllm["policy_tokens"] and hf["judge_requests"] == vllm["judge_requests"]
+        assert hf["cached_prompt_fraction"] == 0

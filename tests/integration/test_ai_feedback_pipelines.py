@@ -117,12 +117,12 @@ def test_online_dpo_with_a_rule_learns_from_its_own_samples(ray_cluster, tiny_mo
 
 
 def test_self_rewarding_online_dpo_the_judge_follows_the_policy(ray_cluster, tiny_model, tmp_path):
-    """Pairwise self-judging: after the run the judge group answers exactly like a fresh judge loaded from the
-    final checkpoint, so every weight sync reached it."""
+    """Pairwise self-judging on a vLLM judge: after the run the judge group answers exactly like a fresh judge
+    loaded from the final checkpoint, so every weight sync reached it."""
     from openrlaif.pipelines.online_dpo import train_loop
     from openrlaif.pipelines.online_rl import prepare_run, start_roles
     feedback = FeedbackConfig(source="judge", judge=JudgeConfig(mode="pairwise", min_label_mass=0.0,
-                                                                follow_policy=True))
+                                                                follow_policy=True, kv_cache_gib=0.05))
     cfg = sampling_config(tiny_model, tmp_path, "online_dpo", feedback,
                           rollout=RolloutConfig(engine="vllm", samples_per_prompt=3, max_new_tokens=8,
                                                 kv_cache_gib=0.05),
@@ -137,8 +137,9 @@ def test_self_rewarding_online_dpo_the_judge_follows_the_policy(ray_cluster, tin
     finally:
         roles.shutdown()
     assert metrics["feedback/judge_comparisons"] == 4 * 3 and math.isfinite(metrics["train/loss"])
+    # the judge follows rollout.engine: a vLLM judge, which took every sync the way the rollout engines do
     fresh = WorkerGroup("fresh-judge", JudgeWorker, RoleResources(), lambda rank: dict(
-        model_path=checkpoint, dtype="float32", threads=1, seed=0))
+        model_path=checkpoint, dtype="float32", threads=1, seed=0, engine="vllm", kv_cache_gib=0.05))
     try:
         expected = ray.get(fresh.workers[0].complete.remote([request]))[0].label_probs
     finally:

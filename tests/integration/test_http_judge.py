@@ -25,8 +25,35 @@ def http_judge(server, tmp_path=None, **overrides) -> Judge:
                     timeout_s=0.5, max_retries=0, backoff_s=0.01, concurrency=4, min_label_mass=0.0, top_logprobs=1000)
     cfg = JudgeConfig(**(settings | overrides))
     backend = HTTPBackend(cfg.base_url, cfg.model, cfg.api_key_env, cfg.timeout_s, cfg.max_retries, cfg.backoff_s,
-                          cfg.concurrency, cfg.top_logprobs)
+                          cfg.concurrency, cfg.top_logprobs, cfg.requests_per_minute, cfg.tokens_per_minute,
+                          cfg.max_rate_limit_waits)
     return Judge(backend, cfg, str(tmp_path / "cache.jsonl") if tmp_path else None)
+
+
+def test_a_429_is_waited_out_for_its_retry_after_and_counted_apart_from_retries(server, monkeypatch):
+    """Two 429s with Retry-After: 1, then an answer: the verdict arrives after ~2 s without using a retry
+    (max_retries=0); with max_rate_limit_waits=1 the second 429 makes it an endpoint_error that says so."""
+    import time
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
+    start = time.perf_counter()
+    result = http_judge(server, backoff_s=5.0).pointwise(["FAULT:ratelimit wait for me"], ["ok"])
+    assert bool(result.valid.all()) and 2.0 <= time.perf_counter() - start < 4.5   # Retry-After, not the backoff
+    assert result.metrics["judge_rate_limited"] == 2 and result.metrics["judge_retries"] == 0
+    impatient = http_judge(server, max_rate_limit_waits=1).pointwise(["FAULT:ratelimit not for me"], ["ok"])
+    assert impatient.failures == {"endpoint_error": 1}
+    assert "429" in impatient.details["endpoint_error"] and "max_rate_limit_waits" in impatient.details["endpoint_error"]
+
+
+def test_a_client_side_request_rate_is_kept(server, monkeypatch):
+    """requests_per_minute=60 with a full first minute: 60 go at once, the 61st and 62nd wait ~1 s each."""
+    import time
+
+    from openrlaif.feedback.backends import TokenBucket
+    bucket = TokenBucket(60)
+    start = time.perf_counter()
+    for _ in range(62):
+        bucket.take(1)
+    assert 1.6 <= time.perf_counter() - start < 3.0
 
 
 def test_injected_faults_are_masked_and_counted_exactly(server, monkeypatch):
@@ -238,3 +265,35 @@ def test_judge_eval_with_nothing_judged_fails_instead_of_reporting_numbers(ray_c
         run(cfg)
     report = json.loads((tmp_path / "eval" / "judge_eval.json").read_text())
     assert report["judged"] == 0 and report["agreement"] is None and report["position_consistency"] is None
+
+
+def test_a_spent_judge_budget_stops_the_run_with_a_checkpoint_that_resumes(ray_cluster, tiny_model, server,
+                                                                            monkeypatch, tmp_path):
+    """budget.tokens_total: the judge scores the groups that fit, masks the rest `over_budget`, and once the total
+    cannot fit a group the run saves a checkpoint and stops naming the key; raised, the run resumes there with
+    the spend so far carried over (driver.json's judge ledger), priced by the configured rates."""
+    from dataclasses import replace
+
+    from openrlaif.checkpointing import RunError
+    from openrlaif.config import JudgeBudget
+    from openrlaif.pipelines import run
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test-123")
+    cfg = endpoint_run(tiny_model, tmp_path, server.base_url, ["what is the sun", "name a color"],
+                       budget=JudgeBudget(tokens_total=2600), price_per_mtok_prompt=1.0,
+                       price_per_mtok_completion=4.0)
+    with pytest.raises(RunError, match=r"feedback.judge.budget.tokens_total.*resume=true") as err:
+        run(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    stopped = rows[-1]["step"]
+    assert 1 <= stopped < 4 and f"step_{stopped:06d}" in str(err.value)
+    assert any(row.get("feedback/failures/over_budget", 0) > 0 for row in rows)
+    assert rows[-1]["feedback/judge_tokens_total"] <= 2600
+    for row in rows:
+        spent = row.get("feedback/judge_prompt_tokens", 0) + 4 * row.get("feedback/judge_generated_tokens", 0)
+        assert row["feedback/judge_cost"] == pytest.approx(spent / 1e6)
+    judge = replace(cfg.feedback.judge, budget=JudgeBudget(tokens_total=10**6))
+    run(replace(cfg, resume=True, feedback=replace(cfg.feedback, judge=judge)))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert rows[stopped]["feedback/judge_tokens_total"] > rows[stopped - 1]["feedback/judge_tokens_total"]
+    assert rows[stopped]["feedback/failure_rate"] == 0.0

@@ -61,7 +61,8 @@ def test_shipped_groups_cover_every_config_file():
     ("actor.zero_stage=4", "actor.zero_stage"),
     ("rollout.samples_per_prompt=1", "rollout.samples_per_prompt"),
     ("actor.micro_batch_size=3", "actor.micro_batch_size"),
-    ("feedback.judge.score_max=10", "feedback.judge.score_min/score_max"),
+    ("feedback.judge.pairwise_strategy=best", "feedback.judge.pairwise_strategy"),
+    ("feedback.judge.engine=sglang", "feedback.judge.engine"),
     ("algorithm.kl_estimator=k9", "algorithm.kl_estimator"),
     ("rollout.top_p=1.5", "rollout.top_p"),
 ])
@@ -299,3 +300,26 @@ def test_every_step_failing_stops_the_run_after_the_limit():
     with pytest.raises(RunError):
         filtered.count(2, {"feedback/failure_rate": 1.0, "feedback/failures/no_kept_comparison": 8.0,
                            "feedback/comparison_failures/timeout": 4.0})
+
+
+def test_an_endpoint_judge_refuses_labels_it_cannot_read_but_a_local_judge_takes_any():
+    """A local judge teacher-forces labels of any length ("10", "(A)"); an endpoint reads the first token only."""
+    validate(composed("feedback.judge.score_max=10"))
+    validate(composed("feedback=judge_pairwise", "feedback.judge.pairwise_labels=['(A)','(B)']"))
+    for overrides in (["feedback.judge.score_max=10"], ["feedback.judge.mode=pairwise",
+                                                        "feedback.judge.pairwise_labels=['(A)','(B)']"]):
+        with pytest.raises(ConfigError, match="first token only.*readout=generate"):
+            validate(composed("feedback=judge_http", *overrides))
+    validate(composed("feedback=judge_http", "feedback.judge.score_max=10", "feedback.judge.readout=generate"))
+    with pytest.raises(ConfigError, match="pairwise_labels"):
+        validate(composed("feedback.judge.pairwise_labels=[A,A]"))
+
+
+def test_judge_budget_and_strategy_values_are_checked():
+    with pytest.raises(ConfigError, match="pairwise_budget"):
+        validate(composed("feedback.judge.pairwise_budget=1"))
+    with pytest.raises(ConfigError, match="prices are 0"):
+        validate(composed("feedback.judge.budget.cost_total=5"))
+    with pytest.raises(ConfigError, match="budget.tokens_per_step"):
+        validate(composed("feedback.judge.budget.tokens_per_step=-1"))
+    validate(composed("feedback.judge.budget.cost_total=5", "feedback.judge.price_per_mtok_prompt=0.5"))

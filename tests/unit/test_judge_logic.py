@@ -4,6 +4,7 @@ cache's keys and its cost accounting. The real backends are tested in tests/inte
 HTTP server)."""
 import math
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -203,3 +204,36 @@ def test_nothing_judged_gives_no_number_that_reads_as_a_result():
     result = judge(Failing()).score(["a", "b"], ["x", "y"])
     assert result.failures == {"endpoint_error": 2} and result.details == {"endpoint_error": "HTTP 500"}
     assert math.isnan(result.metrics["judge_score_mean"])
+
+
+def test_a_step_budget_judges_the_groups_that_fit_and_masks_the_rest():
+    """Every request of the scripted judge costs 100 prompt + 10 generated tokens. Budgeted, the judge first
+    estimates a group's cost from its bytes (1 token per byte before any measurement): the first step judges
+    fewer groups than a measured step does, none beyond the budget, and the rest are `over_budget`."""
+    from openrlaif.config import JudgeBudget
+    prompts = [f"question {g}" for g in range(6) for _ in range(2)]
+    responses = [f"answer {k}" for k in range(12)]
+    groups = [g for g in range(6) for _ in range(2)]
+    cfg = JudgeConfig(readout="generate", min_label_mass=0.0, cache=False, budget=JudgeBudget(tokens_per_step=2000),
+                      price_per_mtok_prompt=2.0, price_per_mtok_completion=8.0)
+    backend = ScriptedJudge(tokens=10)
+    judge = Judge(backend, cfg)
+    first = judge.score(prompts, responses, group_ids=groups)
+    judged = int(first.valid.sum())
+    assert 0 < judged < 12 and judged % 2 == 0                # whole groups, in order
+    assert first.valid.tolist() == [True] * judged + [False] * (12 - judged)
+    assert first.failures == {"over_budget": 12 - judged} and "tokens_per_step" in first.details["over_budget"]
+    assert first.metrics["judge_requests"] * 110 <= 2000
+    assert first.metrics["judge_cost"] == pytest.approx(judged * (100 * 2.0 + 10 * 8.0) / 1e6)
+    second = judge.score(prompts, responses, group_ids=groups)   # now measured: 100 tokens for ~200 bytes
+    assert int(second.valid.sum()) > judged and second.metrics["judge_requests"] * 110 <= 2000
+    assert second.metrics["judge_cost_total"] == pytest.approx((judged + second.metrics["judge_requests"])
+                                                               * 280 / 1e6)
+    assert judge.exhausted is None
+    # a run's total: once it cannot fit the next group, the judge names the key for the driver to stop on
+    total = Judge(ScriptedJudge(tokens=10), replace(cfg, budget=JudgeBudget(tokens_total=700)))
+    total.score(prompts, responses, group_ids=groups)
+    assert total.exhausted == "feedback.judge.budget.tokens_total"
+    assert total.ledger["prompt_tokens"] + total.ledger["completion_tokens"] <= 700
+    unbudgeted = Judge(ScriptedJudge(), replace(cfg, budget=JudgeBudget())).score(prompts, responses, group_ids=groups)
+    assert bool(unbudgeted.valid.all())
