@@ -212,12 +212,23 @@ class RewardModelConfig:
 
 
 @dataclass
+class CascadeConfig:
+    """A cheap source scores every sample; the judge (feedback.source=judge) only the uncertain ones."""
+    source: str = ""                      # "" (off) | function | reward_model (feedback.reward_model's path)
+    function: str = ""                    # source=function: "package.module:callable", scores on [0, 1]
+    function_kwargs: dict[str, Any] = field(default_factory=dict)
+    band: list[float] = field(default_factory=lambda: [0.25, 0.75])   # pointwise: cheap scores in it escalate
+    delta: float = 0.1                    # pairwise/listwise: escalate a group with |σ(r_i − r_j) − 0.5| < delta
+
+
+@dataclass
 class FeedbackConfig:
     source: str = "judge"                 # judge | function | reward_model
     function: str = ""                    # "package.module:callable" taking (prompts, responses, **kwargs) -> list[float | None]
     function_kwargs: dict[str, Any] = field(default_factory=dict)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     # Multi-objective: more rule/user functions scored next to `source`; the rewards are summed (after `transform`)
     extra_functions: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)   # one per objective, `source` first; [] = all 1
@@ -764,6 +775,24 @@ def _validate_feedback(fb: FeedbackConfig) -> None:
         raise ConfigError(f"feedback.reference_quantile={fb.reference_quantile} must be in [0, 1].")
     _positive("feedback.reference_samples", fb.reference_samples)
     _positive("feedback.max_failed_steps", fb.max_failed_steps, allow_zero=True)
+    cascade = fb.cascade
+    _choice("feedback.cascade.source", cascade.source, {"", "function", "reward_model"})
+    if cascade.source:
+        if fb.source != "judge":
+            raise ConfigError(f"feedback.cascade.source={cascade.source} escalates uncertain samples to the judge; "
+                              f"feedback.source={fb.source} is no judge. Fix: feedback.source=judge, or "
+                              "feedback.cascade.source=''.")
+        if cascade.source == "function" and ":" not in cascade.function:
+            raise ConfigError(f"feedback.cascade.function={cascade.function!r} must name a callable as "
+                              "'package.module:name'. Fix: e.g. openrlaif.feedback.rules:brevity")
+        if cascade.source == "reward_model" and not fb.reward_model.path:
+            raise ConfigError("feedback.cascade.source=reward_model needs feedback.reward_model.path (the cheap "
+                              "reward model).")
+        if len(cascade.band) != 2 or not cascade.band[0] <= cascade.band[1]:
+            raise ConfigError(f"feedback.cascade.band={list(cascade.band)} must be [low, high] with low <= high "
+                              "(cheap scores inside it are escalated to the judge).")
+        if not 0 < cascade.delta <= 0.5:
+            raise ConfigError(f"feedback.cascade.delta={cascade.delta} must be in (0, 0.5].")
 
 
 def _validate_offline(cfg: Config) -> None:

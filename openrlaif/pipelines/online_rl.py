@@ -245,13 +245,16 @@ def prepare_run(cfg: Config) -> RunInputs:
     elif uses_judge and cfg.feedback.judge.backend == "local":
         judge_path = resolve_model_path(cfg.feedback.judge.model or cfg.model.path, cache_dir(cfg.model),
                                         key="feedback.judge.model")
-    elif cfg.feedback.source == "reward_model" and cfg.pipeline != "constitutional":
+    if (cfg.feedback.source == "reward_model" or cfg.feedback.cascade.source == "reward_model") and \
+            cfg.pipeline != "constitutional":
         reward_model_path = resolve_model_path(cfg.feedback.reward_model.path, cache_dir(cfg.model),
                                                key="feedback.reward_model.path")
     from openrlaif.feedback.rules import load_function
     if cfg.pipeline != "constitutional":   # fail now on a bad name or signature, not after the models are loaded
         if cfg.feedback.source == "function":
             load_function(cfg.feedback.function, cfg.feedback.function_kwargs)
+        if cfg.feedback.cascade.source == "function":
+            load_function(cfg.feedback.cascade.function, cfg.feedback.cascade.function_kwargs)
         for spec in cfg.feedback.extra_functions:
             load_function(spec)
     if cfg.pipeline == "online_rl" and cfg.algorithm.advantage in CRITIC:
@@ -283,7 +286,7 @@ def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
         plan["reference"] = cfg.reference.resources
     if judge_path:   # a local judge model; an HTTP judge reserves nothing
         plan["judge"] = cfg.feedback.judge.resources
-    if cfg.feedback.source == "reward_model" and cfg.pipeline != "constitutional":
+    if "reward_model" in (cfg.feedback.source, cfg.feedback.cascade.source) and cfg.pipeline != "constitutional":
         plan["reward_model"] = cfg.feedback.reward_model.resources
     if cfg.pipeline == "online_rl" and cfg.algorithm.advantage in CRITIC:
         plan["critic"] = cfg.critic.resources
@@ -352,18 +355,27 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
             model_path=run.model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.reference.micro_batch_size,
             temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust),
             shared=shared))
-    judge = reward_model = critic = None
+    judge = reward_model = critic = judge_client = None
     objectives = {}
-    if cfg.feedback.source == "judge" or cfg.pipeline == "constitutional":
-        judge, objectives["judge"] = start_judge(cfg, run.judge_path, run.out_dir,
-                                                 threads("judge") if "judge" in plan else 1, shared)
-        keep(judge)
-    elif "reward_model" in plan:
+    if "reward_model" in plan:
         rm = cfg.feedback.reward_model
         reward_model = keep(WorkerGroup("reward_model", RewardModelWorker, rm.resources, lambda rank: dict(
             model_path=run.reward_model_path, micro_batch_size=rm.micro_batch_size,
             max_tokens=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, dtype=cfg.model.dtype,
             threads=threads("reward_model"), seed=cfg.seed, trust_remote_code=trust), shared=shared))
+    if cfg.feedback.source == "judge" or cfg.pipeline == "constitutional":
+        judge, judge_client = start_judge(cfg, run.judge_path, run.out_dir,
+                                          threads("judge") if "judge" in plan else 1, shared)
+        objectives["judge"] = judge_client
+        keep(judge)
+        cascade = cfg.feedback.cascade
+        if cascade.source and cfg.pipeline != "constitutional":   # 2b. a cheap source first, the judge where unsure
+            from openrlaif.feedback.cascade import CascadeFeedback
+            cheap = (RewardModelFeedback(reward_model) if cascade.source == "reward_model"
+                     else FunctionFeedback(cascade.function, cascade.function_kwargs))
+            objectives["judge"] = CascadeFeedback(cheap, objectives["judge"], cfg.feedback.judge.mode,
+                                                  list(cascade.band), cascade.delta)
+    elif reward_model is not None:
         objectives["reward_model"] = RewardModelFeedback(reward_model)
     else:
         objectives[function_name(cfg.feedback.function)] = FunctionFeedback(cfg.feedback.function,
@@ -378,7 +390,7 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
         critic = keep(start_trainer(cfg, "critic", CriticWorker, cfg.critic, step_batch, model_path=run.critic_path,
                                     pad_token_id=run.tokenizer.pad_token_id, shared=shared))
     wait_until_ready(started)
-    return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, objectives.get("judge"), shared)
+    return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, judge_client, shared)
 
 
 def wait_until_ready(groups: list[WorkerGroup]) -> None:
@@ -597,6 +609,8 @@ def update_actor(roles: Roles, batch: Batch, cfg: Config) -> dict[str, float]:
     if cfg.rollout.async_steps:            # behaviour-policy log-probs for the importance weights
         fields.append("rollout_logprobs")
     train_batch = Batch({k: batch[k] for k in fields})
+    if not cfg.rollout.async_steps and "rollout_logprobs" in batch:   # only measured: the trainer-engine gap
+        train_batch["engine_logprobs"] = batch["rollout_logprobs"]
     actor_refs = roles.actor.map(lambda w, shard: w.train_step.remote(shard), train_batch.split(len(roles.actor)))
     critic_refs = []
     if roles.critic is not None:   # the critic trains on the same samples at the same time
@@ -609,6 +623,7 @@ def update_actor(roles: Roles, batch: Batch, cfg: Config) -> dict[str, float]:
     total = {key: sum(r[key] for r in per_rank) for key in per_rank[0]}
     total["seconds"] = max(r["seconds"] for r in per_rank)
     total["grad_norm"] = per_rank[0]["grad_norm"]
+    total["mismatch_max"] = max(r["mismatch_max"] for r in per_rank)
     if critic_refs:
         critic = results[len(actor_refs):]
         total["critic/value_loss"] = sum(r["value_loss"] for r in critic)
@@ -647,6 +662,10 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
             "train/behaviour_kl": train["behaviour_kl_x_tokens"] / max(train["valid_tokens"], 1.0)}
            if train.get("is_weight_x_tokens") else {}),
         "train/grad_norm": train["grad_norm"],
+        **({"rollout/logprob_mismatch_mean": train["mismatch_abs_x_tokens"] / train["mismatch_tokens"],
+            "rollout/logprob_mismatch_max": train["mismatch_max"],
+            "rollout/logprob_mismatch_k3": train["mismatch_k3_x_tokens"] / train["mismatch_tokens"]}
+           if train.get("mismatch_tokens") else {}),
         "throughput/rollout_tokens_per_s": response_tokens / max(times["time/rollout_s"], 1e-9),
         "throughput/logprobs_tokens_per_s": all_tokens / max(times["time/logprobs_s"], 1e-9),
         "throughput/update_tokens_per_s": train["tokens"] / max(times["time/update_s"], 1e-9),

@@ -38,10 +38,12 @@ class ActorWorker(DeepSpeedWorker):
         loss_fn = POLICY_LOSSES[self.algo.policy_loss]
         start_time = time.perf_counter()
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "ratio": 0.0,
-                "is_weight": 0.0, "is_truncated": 0.0, "behaviour_kl": 0.0, "valid_tokens": 0.0}
+                "is_weight": 0.0, "is_truncated": 0.0, "behaviour_kl": 0.0, "valid_tokens": 0.0,
+                "mismatch_abs": 0.0, "mismatch_k3": 0.0, "mismatch_tokens": 0.0}
+        mismatch_max = 0.0
         algo = self.algo
         tokens_seen, grad_norm = 0, 0.0
-        for _ in range(self.cfg.epochs):
+        for epoch in range(self.cfg.epochs):
             for mini in batch.chunks_of(self.per_rank_mini):
                 mask = mini["response_mask"] * mini["sample_mask"].unsqueeze(-1)
                 # Normaliser of the global mini-batch (#tokens, or #sequences), so the loss is the big-batch value.
@@ -56,6 +58,15 @@ class ActorWorker(DeepSpeedWorker):
                         logprobs = response_logprobs(self.engine, micro, self.temperature)
                     old = micro["old_logprobs"] if "old_logprobs" in micro else logprobs.detach()
                     token_mask = micro["response_mask"] * micro["sample_mask"].unsqueeze(-1)
+                    engine = next((micro[k] for k in ("engine_logprobs", "rollout_logprobs") if k in micro), None)
+                    # the engine's raw log-probs vs the trainer's log π_old (comparable at temperature 1 only)
+                    if epoch == 0 and engine is not None and self.temperature == 1.0:
+                        with torch.no_grad():
+                            gap = (old.detach().float() - engine.float()) * token_mask
+                            sums["mismatch_abs"] += float(gap.abs().sum())
+                            sums["mismatch_k3"] += float(((gap.exp() - 1 - gap) * token_mask).sum())
+                            sums["mismatch_tokens"] += float(token_mask.sum())
+                            mismatch_max = max(mismatch_max, float(gap.abs().max()) if gap.numel() else 0.0)
                     is_weights = None
                     if "rollout_logprobs" in micro:   # sampled by an older policy: truncated IS to π_old
                         raw = torch.exp(old.detach() - micro["rollout_logprobs"])
@@ -92,6 +103,8 @@ class ActorWorker(DeepSpeedWorker):
             "clip_fraction_x_tokens": sums["clip_fraction"],
             "is_weight_x_tokens": sums["is_weight"], "is_truncated_x_tokens": sums["is_truncated"],
             "behaviour_kl_x_tokens": sums["behaviour_kl"],
+            "mismatch_abs_x_tokens": sums["mismatch_abs"], "mismatch_k3_x_tokens": sums["mismatch_k3"],
+            "mismatch_tokens": sums["mismatch_tokens"], "mismatch_max": mismatch_max,
             "ratio_x_tokens": sums["ratio"],
             "valid_tokens": sums["valid_tokens"],   # response tokens of unmasked samples, over every epoch
             "tokens": float(tokens_seen),
@@ -212,7 +225,7 @@ class ActorWorker(DeepSpeedWorker):
         self.engine.train()
         start_time = time.perf_counter()
         loss_sum, tokens_seen, slots, grad_norm = 0.0, 0, 0, 0.0
-        for _ in range(self.cfg.epochs):
+        for epoch in range(self.cfg.epochs):
             for mini in batch.chunks_of(self.per_rank_mini):
                 answer_tokens = sum(len(r) for r in mini.meta["response_ids"])
                 num_tokens = float(all_reduce_sum(torch.tensor(float(answer_tokens)), self.device))

@@ -11,7 +11,8 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from openrlaif.config import (ActorConfig, AlgorithmConfig, ClusterConfig, Config, ConstitutionConfig, DataConfig,
+from openrlaif.config import (ActorConfig, AlgorithmConfig, CascadeConfig, ClusterConfig, Config, ConstitutionConfig,
+                              DataConfig,
                               FeedbackConfig, JudgeConfig, LabelConfig, ModelConfig, OutputConfig, Principle,
                               RoleResources, RolloutConfig, validate)
 from openrlaif.data.pairs import load_pairs
@@ -71,6 +72,33 @@ def test_label_writes_pairs_the_preference_and_reward_model_pipelines_train_on(r
                  data=replace(dpo.data, eval_fraction=0.25), output=OutputConfig(dir=str(tmp_path / "rm")))
     validate(rm)
     assert os.path.exists(os.path.join(run(rm)["checkpoint"], "model.safetensors"))
+
+
+def test_a_cascade_asks_the_judge_only_where_the_rule_is_unsure(ray_cluster, tiny_model, tmp_path):
+    """feedback.cascade: brevity scores every sample; the local judge (HF engine) is asked exactly for the samples
+    whose brevity score lies inside the band, one request each, and their rewards are the judge's."""
+    from openrlaif.feedback.rules import brevity
+    feedback = FeedbackConfig(source="judge", judge=JudgeConfig(min_label_mass=0.0, engine="hf", cache=False),
+                              cascade=CascadeConfig(source="function", function="openrlaif.feedback.rules:brevity",
+                                                    function_kwargs={"target_words": 4}, band=[0.2, 0.8]))
+    cfg = sampling_config(tiny_model, tmp_path, "label", feedback, steps=1,
+                          data=DataConfig(prompts="demo", prompts_per_step=17),
+                          rollout=RolloutConfig(engine="hf", samples_per_prompt=3, max_new_tokens=8),
+                          label=LabelConfig(pairs="all", min_gap=0.0))
+    run(cfg)
+    steps = read_jsonl(tmp_path / "metrics.jsonl")
+    ranked = read_jsonl(tmp_path / "ranked.jsonl")
+    rule = [s for row in ranked for s in brevity([], row["responses"], 4)]   # 16 of the 17 prompts
+    unsure = sum(0.2 <= s <= 0.8 for s in rule)
+    escalated = round(steps[0]["feedback/cascade_escalated_fraction"] * 17 * 3)
+    assert 0 < unsure < len(rule), rule          # the test needs both kinds of sample
+    assert unsure <= escalated <= unsure + 3     # the 17th (multi-message) prompt's 3 samples are not in ranked
+    assert steps[0]["feedback/judge_requests"] == escalated   # one pointwise request per escalated sample
+    for row in ranked:                           # a confident sample's score is the rule's own
+        for response, score in zip(row["responses"], row["scores"]):
+            rule_score = brevity([], [response], 4)[0]
+            if not 0.2 <= rule_score <= 0.8:
+                assert score == pytest.approx(rule_score, abs=1e-6)
 
 
 def test_label_with_a_strict_pairwise_judge_keeps_only_consistent_verdicts(ray_cluster, tiny_model, tmp_path):

@@ -67,6 +67,9 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
     assert rows[1]["train/kl"] > 0          # step 2 samples from the updated policy, the reference stayed put
     for row in rows:                        # one epoch, one optimizer step: log π_old is log π_θ, the ratio is 1
         assert row["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+        # float32 engines sample with the trainer's own log-probs; the gap is logged every step
+        assert 0 <= row["rollout/logprob_mismatch_mean"] <= row["rollout/logprob_mismatch_max"] < 1e-3
+        assert 0 <= row["rollout/logprob_mismatch_k3"] < 1e-6
     if feedback.transform == "lsc":           # log σ(·) of each objective, summed: never above 0
         assert all(row["reward/mean"] <= 0 and "feedback/objective/keyword_raw_mean" in row for row in rows)
     if algorithm.advantage == "gae":

@@ -323,3 +323,17 @@ def test_judge_budget_and_strategy_values_are_checked():
     with pytest.raises(ConfigError, match="budget.tokens_per_step"):
         validate(composed("feedback.judge.budget.tokens_per_step=-1"))
     validate(composed("feedback.judge.budget.cost_total=5", "feedback.judge.price_per_mtok_prompt=0.5"))
+
+
+def test_a_cascade_needs_a_judge_a_cheap_source_and_a_band():
+    validate(composed("feedback.cascade.source=function", "feedback.cascade.function=openrlaif.feedback.rules:brevity"))
+    with pytest.raises(ConfigError, match="feedback.cascade.source=function escalates"):
+        validate(composed("feedback=function", "feedback.cascade.source=function",
+                          "feedback.cascade.function=openrlaif.feedback.rules:brevity"))
+    with pytest.raises(ConfigError, match="feedback.cascade.function"):
+        validate(composed("feedback.cascade.source=function"))
+    with pytest.raises(ConfigError, match="feedback.cascade.band"):
+        validate(composed("feedback.cascade.source=function", "feedback.cascade.function=a.b:c",
+                          "feedback.cascade.band=[0.8,0.2]"))
+    with pytest.raises(ConfigError, match="feedback.cascade.source=reward_model needs"):
+        validate(composed("feedback.cascade.source=reward_model"))

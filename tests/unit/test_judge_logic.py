@@ -237,3 +237,42 @@ def test_a_step_budget_judges_the_groups_that_fit_and_masks_the_rest():
     assert total.ledger["prompt_tokens"] + total.ledger["completion_tokens"] <= 700
     unbudgeted = Judge(ScriptedJudge(), replace(cfg, budget=JudgeBudget())).score(prompts, responses, group_ids=groups)
     assert bool(unbudgeted.valid.all())
+
+
+def _cheap(scores):
+    """A cheap source whose score for response "r<k>" is scores[k] (None: no verdict)."""
+    from openrlaif.feedback.base import FeedbackResult
+
+    class Cheap:
+        def score(self, prompts, responses, group_ids=None, conversations=None):
+            return FeedbackResult.from_scores([scores[int(r.split()[0][1:])] for r in responses])
+    return Cheap()
+
+
+def test_a_pointwise_cascade_asks_the_judge_only_inside_the_band():
+    from openrlaif.feedback.cascade import CascadeFeedback
+    backend = ScriptedJudge()
+    judge = Judge(backend, JudgeConfig(readout="generate", min_label_mass=0.0, cache=False))
+    cheap = [0.1, 0.5, 0.9, 0.3, None]
+    cascade = CascadeFeedback(_cheap(cheap), judge, "pointwise", [0.25, 0.75], 0.1)
+    responses = ["r0", "r1 good", "r2", "r3 good good", "r4"]
+    result = cascade.score(["q"] * 5, responses, group_ids=[0] * 5)
+    assert len(backend.requests) == 3 and result.metrics["cascade_escalated_fraction"] == pytest.approx(0.6)
+    assert result.metrics["cascade_cheap_failures/no_score"] == 1
+    asked = [r.messages[0]["content"] for r in backend.requests]
+    assert all(any(f"[Response]\n{responses[i]}\n" in text for text in asked) for i in (1, 3, 4))
+    # the judge's "Score: N" with N = 1 + 4·goods, normalised on 1..9; the confident samples keep the cheap score
+    assert result.rewards.tolist() == pytest.approx([0.1, 0.5, 0.9, 1.0, 0.0])
+    assert bool(result.valid.all())
+
+
+def test_a_pairwise_cascade_escalates_groups_it_cannot_order():
+    from openrlaif.feedback.cascade import CascadeFeedback
+    backend = ScriptedJudge()
+    judge = Judge(backend, JudgeConfig(mode="pairwise", min_label_mass=0.0, cache=False))
+    # group 0: 0.1 vs 0.9 is sure (|σ(0.8) − 0.5| = 0.19); group 1: 0.5 vs 0.6 is not (0.025 < 0.1)
+    cascade = CascadeFeedback(_cheap([0.1, 0.9, 0.5, 0.6]), judge, "pairwise", [0.25, 0.75], 0.1)
+    result = cascade.score(["a", "a", "b", "b"], ["r0", "r1", "r2 good", "r3"], group_ids=[0, 0, 1, 1])
+    assert len(backend.requests) == 2 and result.metrics["cascade_escalated_fraction"] == 0.5
+    assert result.rewards.tolist()[:2] == pytest.approx([0.1, 0.9])
+    assert result.rewards.tolist()[2:] == pytest.approx([0.8, 0.2])   # the judge's swap-debiased win rates
