@@ -10,6 +10,7 @@ adaptive) on the vLLM judge, with their request counts.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -23,9 +24,9 @@ MODES = {
     "pairwise + swap (probs), HF judge": ["feedback=judge_pairwise", "feedback.judge.engine=hf"],
     "pairwise + swap (probs), vLLM judge": ["feedback=judge_pairwise", "feedback.judge.engine=vllm"],
 }
-STRATEGIES = {f"pairwise {name}, vLLM judge": ["feedback=judge_pairwise", "feedback.judge.engine=vllm",
-                                               f"feedback.judge.pairwise_strategy={name}"]
-              for name in ("anchor", "adaptive")}
+STRATEGIES = {f"pairwise {name} (Bradley-Terry), vLLM judge": [
+    "feedback=judge_pairwise", "feedback.judge.engine=vllm", f"feedback.judge.pairwise_strategy={name}",
+    "feedback.judge.pairwise_reward=bradley_terry"] for name in ("all", "anchor", "k_random", "adaptive")}
 GENERATE_MODE = {   # --with-generate: sampled verdicts, two per order (pairwise consistency filter); slow on CPU
     "pairwise + swap, 2 repeats (generate, T=0.7)": ["feedback=judge_pairwise", "feedback.judge.readout=generate",
                                                      "feedback.judge.repeats=2", "feedback.judge.temperature=0.7"],
@@ -38,7 +39,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--with-generate", action="store_true", help="also time a generate-readout judge")
-    parser.add_argument("--strategies", action="store_true", help="also pairwise anchor and adaptive (vLLM judge)")
+    parser.add_argument("--strategies", action="store_true",
+                        help="also every pairwise strategy with Bradley-Terry rewards (vLLM judge), and each one's "
+                             "Kendall tau with all-pairs Bradley-Terry on the same responses")
     args = parser.parse_args()
     modes = MODES | (STRATEGIES if args.strategies else {}) | (GENERATE_MODE if args.with_generate else {})
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -58,6 +61,8 @@ def main() -> None:
                             # cost, not quality: every verdict counts, also a weak judge's (the tiny model's)
                             "feedback.judge.min_label_mass=0", "feedback.max_failed_steps=0", *extra]))
                 chunks = metrics_rows(out_dir)
+                ranked = {json.dumps(row["prompt"]): row["scores"] for row in map(json.loads, open(
+                    os.path.join(out_dir, "ranked.jsonl")))}
             judge_tokens = sum(c["feedback/judge_prompt_tokens"] + c["feedback/judge_generated_tokens"] for c in chunks)
             policy_tokens = sum((c["feedback/judge_prompt_tokens"] + c["feedback/judge_generated_tokens"])
                                 / c["feedback/judge_tokens_per_policy_token"] for c in chunks)
@@ -71,11 +76,21 @@ def main() -> None:
                          "judge_tokens_per_policy_token": judge_tokens / policy_tokens,
                          "judge_ms_per_policy_token": 1000 * seconds / policy_tokens,
                          "rollout_s": sum(c["time/rollout_s"] for c in chunks),
-                         "failures": sum(c.get("feedback/failures", 0) for c in chunks)})
+                         "failures": sum(c.get("feedback/failures", 0) for c in chunks), "ranked": ranked})
             print(f"[judge_cost] {name}: {rows[-1]['judge_tokens_per_policy_token']:.1f} judge tokens and "
                   f"{rows[-1]['judge_ms_per_policy_token']:.1f} ms per policy token")
     finally:
         ray.shutdown()
+    from openrlaif.feedback.comparisons import kendall_tau
+    reference = next((r for r in rows if r["mode"].startswith("pairwise all (Bradley-Terry)")), None)
+    for row in rows:
+        ranked = row.pop("ranked")
+        if reference is None or "(Bradley-Terry)" not in row["mode"]:
+            continue
+        common = [p for p in ranked if p in reference["ranked"]]
+        taus = [kendall_tau(ranked[p], reference["ranked"][p]) for p in common]
+        row["kendall_tau_vs_all"] = sum(taus) / len(taus) if taus else float("nan")
+        row["requests_vs_all"] = row["judge_requests"] / reference["judge_requests"]
     base = rows[0]["judge_s"]
     for row in rows:
         row["seconds_vs_pointwise"] = row["judge_s"] / base
@@ -88,7 +103,9 @@ def main() -> None:
                        ("judge_ms_per_policy_token", "judge ms / policy tok", ".1f"),
                        ("seconds_vs_pointwise", "s vs HF pointwise", ".2f"),
                        ("ms_vs_hf_judge", "ms vs HF judge", ".2f"),
-                       ("cached_prompt_fraction", "prompt cached", ".2f"), ("failures", "failures", ".0f")])
+                       ("cached_prompt_fraction", "prompt cached", ".2f"), ("failures", "failures", ".0f")]
+                + ([("requests_vs_all", "requests vs all", ".2f"), ("kendall_tau_vs_all", "tau vs all", ".2f")]
+                   if args.strategies else []))
     write_report("judge_cost", {"model": args.model, "samples_per_prompt": args.samples,
                                 "max_new_tokens": args.max_new_tokens, "prompts": "demo (17)",
                                 "command": "benchmarks/judge_cost.py " + " ".join(sys.argv[1:]), "rows": rows})

@@ -48,7 +48,7 @@ def main(spec_path: str, result_path: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     common = dict(output_dir=tempfile.mkdtemp(prefix="trl-bench-"), max_steps=spec["steps"], report_to=[],
-                  use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no",
+                  use_cpu=True, bf16=bool(spec.get("bf16")), fp16=False, gradient_checkpointing=False, save_strategy="no",
                   logging_steps=1, seed=0, dataloader_num_workers=0, disable_tqdm=True,
                   lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0)
     start = time.perf_counter()

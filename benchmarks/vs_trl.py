@@ -63,11 +63,12 @@ def trl_pairs(path: str) -> list[dict]:
     return rows
 
 
-def run_trl(python: str, kind: str, model_path: str, steps: int, extra: dict) -> dict:
+def run_trl(python: str, kind: str, model_path: str, steps: int, extra: dict, dtype: str = "float32") -> dict:
     data = os.path.join(ROOT, "openrlaif", "data")
     prompts = [row.get("messages") or [{"role": "user", "content": row["prompt"]}]
                for row in map(json.loads, open(os.path.join(data, "demo_prompts.jsonl")))]
     spec = {"kind": kind, "model": model_path, "steps": steps, "threads": os.cpu_count(), "prompts": prompts,
+            "bf16": dtype == "bfloat16",
             "pairs": trl_pairs(os.path.join(data, "demo_pairs.jsonl")), "grpo": GRPO, "dpo": DPO | extra}
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
@@ -82,10 +83,12 @@ def run_trl(python: str, kind: str, model_path: str, steps: int, extra: dict) ->
             return json.load(handle)
 
 
-def run_ours(kind: str, model: str, steps: int, engine: str, async_steps: int = 0) -> list[dict]:
+def run_ours(kind: str, model: str, steps: int, engine: str, async_steps: int = 0,
+             dtype: str = "float32") -> list[dict]:
     from openrlaif.pipelines import run
 
     common = [f"model.path={model}", f"steps={steps}", "output.save_final=false", "actor.resources.num_workers=1",
+              f"model.dtype={dtype}", f"rollout.dtype={dtype}",
               f"actor.lr={GRPO['lr'] if kind == 'grpo' else DPO['lr']}", "cluster.threads_per_worker=0",
               "data.shuffle=false"]
     if kind == "grpo":
@@ -120,6 +123,8 @@ def main() -> None:
                         help="our rollout engines to time in GRPO")
     parser.add_argument("--report", default="vs_trl",
                         help="the JSON's name in the results folder (keep make bench's vs_trl.json apart)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="both sides' precision: ours model.dtype/rollout.dtype, TRL's bf16=True (autocast)")
     parser.add_argument("--with-async", action="store_true",
                         help="also time one-step-off GRPO (rollout.async_steps=1); it only pays on separate devices")
     args = parser.parse_args()
@@ -138,7 +143,7 @@ def main() -> None:
                                                        ("trl (reference pass every step)", {"precompute_ref": False})]
         for side, extra in variants:
             start = time.perf_counter()
-            result = run_trl(python, kind, model_path, args.steps, extra)
+            result = run_trl(python, kind, model_path, args.steps, extra, args.dtype)
             trl_versions = result["versions"]
             rows.append(summary(kind, side, result["step_s"], args.warmup) | {"wall_s": time.perf_counter() - start})
             print(f"[vs_trl] {kind} {side}: median {rows[-1]['median_step_s']:.3f} s/step")
@@ -150,7 +155,7 @@ def main() -> None:
             init_local_ray(num_cpus=4)
             try:
                 start = time.perf_counter()
-                metrics = run_ours(kind, args.model, args.steps, engine, async_steps)
+                metrics = run_ours(kind, args.model, args.steps, engine, async_steps, args.dtype)
             finally:
                 ray.shutdown()
             step_s = [m["time/step_s"] for m in metrics]
@@ -168,7 +173,7 @@ def main() -> None:
     print_table(rows, [("name", "step", "s"), ("side", "framework", "s"), ("median_step_s", "median s", ".3f"),
                        ("min_step_s", "min s", ".3f"), ("max_step_s", "max s", ".3f"),
                        ("trl_over_this", "TRL s / this s", ".2f")])
-    write_report(args.report, {"model": args.model, "steps": args.steps, "warmup": args.warmup,
+    write_report(args.report, {"model": args.model, "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype,
                                "trl": trl_versions, "grpo": GRPO, "dpo": DPO,
                                "command": "benchmarks/vs_trl.py " + " ".join(sys.argv[1:]), "rows": rows})
 

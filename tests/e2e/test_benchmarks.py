@@ -60,9 +60,9 @@ def test_zero_vs_ddp(bench):
     report = bench("zero_vs_ddp.py", "--model", "tiny-random-llama", "--steps", "2", "--batch", "4",
                    "--prompt-len", "8", "--response-len", "8")
     assert [row["name"].split(" ")[0] for row in report["rows"]] == ["ddp", "zero-0", "zero-1", "zero-2", "zero-3"]
-    assert report["peak_gflops"] > 0 and report["step_gflop"] > 0
+    assert report["peak_gflops"] > 0 and report["step_gflop"] > 0 and report["peak_bf16_gflops"] > 0
     for row in report["rows"]:
-        assert row["step_s"] > 0 and 0 < row["mfu"] < 1
+        assert row["step_s"] > 0 and 0 < row["mfu"] < 1 and 0 < row["mfu_vs_bf16_peak"] < 1
 
 
 def test_judge_cost(bench):

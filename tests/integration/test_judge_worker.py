@@ -122,6 +122,7 @@ def test_the_vllm_judge_reads_the_same_label_probabilities_as_the_hf_judge(ray_c
     from openrlaif.models import resolve_model_path
     path = resolve_model_path(model, model_cache)
     requests = _requests([str(s) for s in range(1, 11)], 4)
+    generate = JudgeRequest(requests[0].messages, None, 6, 0.0)   # critiques and CoT verdicts: the same engine
     if not model.startswith("tiny"):   # SmolLM2 on one thread costs ~2 s per HF row: the 1-10 scale, both orders
         requests = _requests([str(s) for s in range(1, 11)], 1)[1:5]   # of A/B, one of (A)/(B)
     groups = {engine: WorkerGroup(f"judge-{engine}", JudgeWorker, RoleResources(num_workers=1, num_cpus=1),
@@ -129,11 +130,13 @@ def test_the_vllm_judge_reads_the_same_label_probabilities_as_the_hf_judge(ray_c
                                                                    engine=engine, kv_cache_gib=0.1))
               for engine in ("hf", "vllm")}     # both start side by side
     try:
-        refs = {engine: group.workers[0].complete.remote(requests) for engine, group in groups.items()}
+        refs = {engine: group.workers[0].complete.remote(requests + [generate]) for engine, group in groups.items()}
         answers = {engine: ray.get(ref) for engine, ref in refs.items()}
     finally:
         for group in groups.values():
             group.shutdown()
+    hf_text, vllm_text = answers["hf"].pop(), answers["vllm"].pop()
+    assert 0 < vllm_text.completion_tokens <= 6 and vllm_text.text == hf_text.text   # greedy: the same words
     for hf, vllm, request in zip(answers["hf"], answers["vllm"], requests):
         assert set(hf.label_probs) == set(vllm.label_probs) == set(request.labels)
         for label in request.labels:

@@ -276,3 +276,17 @@ def test_a_pairwise_cascade_escalates_groups_it_cannot_order():
     assert len(backend.requests) == 2 and result.metrics["cascade_escalated_fraction"] == 0.5
     assert result.rewards.tolist()[:2] == pytest.approx([0.1, 0.9])
     assert result.rewards.tolist()[2:] == pytest.approx([0.8, 0.2])   # the judge's swap-debiased win rates
+
+
+def test_requests_sharing_a_prefix_are_sent_together():
+    """The local backend sends requests sorted by their messages: a group's requests (same rubric and prompt)
+    become adjacent, so they land on one worker and its vLLM engine reuses their cached prefix."""
+    from openrlaif.feedback.backends import prefix_order
+    from openrlaif.feedback.judge_prompts import pointwise_messages
+    asked = [("what is the sun", "a star"), ("say hi", "hi"), ("what is the sun", "hot"), ("say hi", "hello")]
+    requests = [JudgeRequest(pointwise_messages("Rate it.", p, r, 1, 9), ["1"]) for p, r in asked]
+    order = prefix_order(requests)
+    assert sorted(order) == [0, 1, 2, 3]
+    prompts = [asked[i][0] for i in order]
+    assert prompts in (["say hi", "say hi", "what is the sun", "what is the sun"],
+                       ["what is the sun", "what is the sun", "say hi", "say hi"])
