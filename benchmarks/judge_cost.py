@@ -42,8 +42,12 @@ def main() -> None:
     parser.add_argument("--strategies", action="store_true",
                         help="also every pairwise strategy with Bradley-Terry rewards (vLLM judge), and each one's "
                              "Kendall tau with all-pairs Bradley-Terry on the same responses")
+    parser.add_argument("--only-strategies", action="store_true", help="--strategies without the engine rows")
+    parser.add_argument("--report", default="judge_cost", help="the JSON's name in the results folder")
     args = parser.parse_args()
-    modes = MODES | (STRATEGIES if args.strategies else {}) | (GENERATE_MODE if args.with_generate else {})
+    args.strategies = args.strategies or args.only_strategies
+    modes = ({} if args.only_strategies else MODES) | (STRATEGIES if args.strategies else {}) | \
+        (GENERATE_MODE if args.with_generate else {})
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import ray
 
@@ -82,13 +86,13 @@ def main() -> None:
     finally:
         ray.shutdown()
     from openrlaif.feedback.comparisons import kendall_tau
+    ranked = {row["mode"]: row.pop("ranked") for row in rows}     # per prompt: the group's rewards
     reference = next((r for r in rows if r["mode"].startswith("pairwise all (Bradley-Terry)")), None)
     for row in rows:
-        ranked = row.pop("ranked")
         if reference is None or "(Bradley-Terry)" not in row["mode"]:
             continue
-        common = [p for p in ranked if p in reference["ranked"]]
-        taus = [kendall_tau(ranked[p], reference["ranked"][p]) for p in common]
+        mine, theirs = ranked[row["mode"]], ranked[reference["mode"]]
+        taus = [kendall_tau(mine[p], theirs[p]) for p in mine if p in theirs]
         row["kendall_tau_vs_all"] = sum(taus) / len(taus) if taus else float("nan")
         row["requests_vs_all"] = row["judge_requests"] / reference["judge_requests"]
     base = rows[0]["judge_s"]
@@ -106,7 +110,7 @@ def main() -> None:
                        ("cached_prompt_fraction", "prompt cached", ".2f"), ("failures", "failures", ".0f")]
                 + ([("requests_vs_all", "requests vs all", ".2f"), ("kendall_tau_vs_all", "tau vs all", ".2f")]
                    if args.strategies else []))
-    write_report("judge_cost", {"model": args.model, "samples_per_prompt": args.samples,
+    write_report(args.report, {"model": args.model, "samples_per_prompt": args.samples,
                                 "max_new_tokens": args.max_new_tokens, "prompts": "demo (17)",
                                 "command": "benchmarks/judge_cost.py " + " ".join(sys.argv[1:]), "rows": rows})
 

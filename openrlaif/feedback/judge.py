@@ -47,12 +47,15 @@ def label_token_ids(tokenizer, label: str) -> list[int]:
 
 def label_variants(tokenizer, label: str) -> list[tuple[int, ...]]:
     """Every token sequence the judge may answer `label` with: each single token that strips to it
-    (`label_token_ids`), and the tokenisations of the label with and without a leading space ("10" -> "1" "0",
-    "(A)" -> "(" "A" ")"). A label's probability is the sum over them (teacher-forced past the first token)."""
+    (`label_token_ids`: "7", "Ġ7"), and the tokenisations of the label with and without a leading space where the
+    space is merged into the first token ("10" -> "1" "0" and "Ġ1" "0"; "(A)" -> "(" "A" ")"). A tokeniser that
+    writes the space as a token of its own (SmolLM2: " 7" = " " "7") adds no variant for it: that is another
+    answer, and reading it would cost a second pass for every single-token label. A label's probability is the sum
+    over its variants (teacher-forced past the first token)."""
     variants = {(token,) for token in label_token_ids(tokenizer, label)}
     for text in (label, " " + label):
         ids = tuple(tokenizer.encode(text, add_special_tokens=False))
-        if ids and tokenizer.decode(list(ids)).strip() == label:
+        if ids and tokenizer.decode(list(ids)).strip() == label and tokenizer.decode([ids[0]]).strip():
             variants.add(ids)
     return sorted(variants)
 

@@ -62,7 +62,8 @@ def test_zero_vs_ddp(bench):
     assert [row["name"].split(" ")[0] for row in report["rows"]] == ["ddp", "zero-0", "zero-1", "zero-2", "zero-3"]
     assert report["peak_gflops"] > 0 and report["step_gflop"] > 0 and report["peak_bf16_gflops"] > 0
     for row in report["rows"]:
-        assert row["step_s"] > 0 and 0 < row["mfu"] < 1 and 0 < row["mfu_vs_bf16_peak"] < 1
+        # against the bf16 peak: above 1 where bf16 is emulated (this CPU without AVX512 runs it slower than fp32)
+        assert row["step_s"] > 0 and 0 < row["mfu"] < 1 and row["mfu_vs_bf16_peak"] > 0
 
 
 def test_judge_cost(bench):
