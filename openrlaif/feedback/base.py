@@ -49,6 +49,18 @@ class FeedbackResult:
                                                                               if k in failures})
 
 
+def score_rows(score, rows: list[int], prompts: list[str], responses: list[str], group_ids: list[int] | None,
+               conversations: list[list[dict]] | None, into: tuple[torch.Tensor, torch.Tensor]) -> FeedbackResult:
+    """`score` (a Feedback's score) on the given rows only; their rewards and validity are written into the
+    full-size (rewards, valid) tensors of `into`. Returns the rows' own result (failures, metrics, details)."""
+    def pick(values):
+        return [values[i] for i in rows] if values is not None else None
+    part = score(pick(prompts), pick(responses), group_ids=pick(group_ids), conversations=pick(conversations))
+    index = torch.tensor(rows, dtype=torch.long)
+    into[0][index], into[1][index] = part.rewards, part.valid
+    return part
+
+
 class Feedback(Protocol):
     """`prompts[i]` is the last user message sample i answers; `group_ids[i]` the rollout group it belongs to (the
     samples of one prompt; two rows of the same prompt text in a step are two groups); `conversations[i]` the whole

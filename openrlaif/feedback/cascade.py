@@ -15,7 +15,7 @@ from collections import Counter
 
 import torch
 
-from openrlaif.feedback.base import Feedback, FeedbackResult
+from openrlaif.feedback.base import Feedback, FeedbackResult, score_rows
 from openrlaif.feedback.judge import group_rows
 
 
@@ -51,12 +51,8 @@ class CascadeFeedback:
         metrics = {f"cascade_cheap_failures/{k}": float(v) for k, v in cheap.failures.items()}
         consistency: dict[int, float] = {}
         if rows:
-            def pick(values):
-                return [values[i] for i in rows] if values is not None else None
-            judged = self.expensive.score(pick(prompts), pick(responses), group_ids=pick(group_ids),
-                                          conversations=pick(conversations))
-            index = torch.tensor(rows)
-            rewards[index], valid[index] = judged.rewards, judged.valid
+            judged = score_rows(self.expensive.score, rows, prompts, responses, group_ids, conversations,
+                                (rewards, valid))
             failures, details, consistency = judged.failures, judged.details, judged.consistency
             metrics |= judged.metrics
         metrics["cascade_escalated_fraction"] = len(rows) / max(len(prompts), 1)

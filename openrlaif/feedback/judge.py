@@ -15,10 +15,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import ray
+import torch
 
 from openrlaif.config import JudgeConfig
 from openrlaif.feedback.backends import JudgeRequest, Reply
-from openrlaif.feedback.base import FeedbackResult, JudgeFailure
+from openrlaif.feedback.base import FeedbackResult, JudgeFailure, score_rows
 from openrlaif.feedback.comparisons import adaptive_budget, bradley_terry, initial_pairs, least_certain_pairs
 from openrlaif.feedback.judge_prompts import (POINTWISE_AFTER_RATIONALE, pairwise_after_rationale,
                                               after_rationale, choice_probability, expected_score, kendalls_w,
@@ -528,20 +529,12 @@ class Judge:
         rows = self._rows_within_budget(prompts, responses, group_ids, conversations)
         if rows is None:
             return self._score(prompts, responses, group_ids, conversations)
-        def pick(values):
-            return [values[i] for i in rows] if values is not None else None
-        part = self._score(pick(prompts), pick(responses), pick(group_ids), pick(conversations)) if rows else \
-            FeedbackResult.from_scores([], metrics=self.take_stats())
-        scores: list[float | None] = [None] * len(prompts)
-        kinds: list[str | None] = ["over_budget"] * len(prompts)
-        for k, row in enumerate(rows):
-            scores[row] = float(part.rewards[k]) if bool(part.valid[k]) else None
-            kinds[row] = None if bool(part.valid[k]) else "failed"
-        result = FeedbackResult.from_scores(scores, kinds, part.metrics, part.details)
-        result.failures = Counter({k: v for k, v in result.failures.items() if k != "failed"}) + part.failures
-        result.details["over_budget"] = self._over_budget_detail
-        result.consistency = part.consistency
-        return result
+        rewards, valid = torch.zeros(len(prompts)), torch.zeros(len(prompts), dtype=torch.bool)
+        part = (score_rows(self._score, rows, prompts, responses, group_ids, conversations, (rewards, valid)) if rows
+                else FeedbackResult.from_scores([], metrics=self.take_stats()))
+        failures = part.failures + Counter(over_budget=len(prompts) - len(rows))
+        return FeedbackResult(rewards, valid, failures, part.metrics, part.consistency,
+                              part.details | {"over_budget": self._over_budget_detail})
 
     def _score(self, prompts, responses, group_ids, conversations) -> FeedbackResult:
         if self.cfg.mode == "pairwise":
