@@ -13,7 +13,6 @@ other teacher-forcing route) never reads the prefix cache, so it is not used. Bo
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -125,18 +124,13 @@ class VLLMJudgeEngine(JudgeEngine):
 
     def __init__(self, model_path: str, dtype: str, max_model_len: int, seed: int, kv_cache_gib: float,
                  gpu_memory_utilization: float, trust_remote_code: bool = False) -> None:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
-
-        from openrlaif.rollout.vllm_engine import own_rendezvous_file
+        from openrlaif.rollout.vllm_engine import VLLMEngine
         # CPU: vLLM's default KV block is 128 tokens and only full blocks are cached, more than a judge prompt's
         # shared part (rubric + prompt: ~70 tokens on SmolLM2); 32 is the smallest the CPU attention takes.
-        memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
-                  else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30), "block_size": 32})
-        with own_rendezvous_file():
-            self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=True,
-                           enable_prefix_caching=True, max_logprobs=self.MAX_IDS,
-                           trust_remote_code=trust_remote_code, **memory)
+        self.engine = VLLMEngine(model_path, dtype, max_model_len, seed, kv_cache_gib, gpu_memory_utilization,
+                                 trust_remote_code=trust_remote_code, cpu_kv={"block_size": 32},
+                                 enable_prefix_caching=True, max_logprobs=self.MAX_IDS)
+        self.llm = self.engine.llm
 
     def _run(self, prompts: list[list[int]], params: list) -> list:
         from vllm.inputs import TokensPrompt
@@ -168,5 +162,4 @@ class VLLMJudgeEngine(JudgeEngine):
         return [Generated(list(o.outputs[0].token_ids), hit) for o, hit in zip(outputs, self.cached)]
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
-        self.llm.reset_prefix_cache()   # cached KV blocks were computed with the old weights
+        self.engine.update_weights(named_tensors)   # the rollout engine's reload, then a prefix-cache reset

@@ -41,16 +41,18 @@ def own_rendezvous_file():
 class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 1024, seed: int = 0,
                  kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, cpu_kv: dict | None = None, **llm_kwargs) -> None:
+        """`llm_kwargs` go to vllm.LLM as they are (the judge: prefix caching, max_logprobs); `cpu_kv` only on CPU
+        (the judge's smaller KV blocks)."""
         # In-process engine: 2 s start instead of 15-40 s, and weights can be handed over as tensors.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
-                  else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)})
+                  else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30), **(cpu_kv or {})})
         with own_rendezvous_file() as rendezvous:
             self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                           enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, **memory)
+                           enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, **memory, **llm_kwargs)
         self.rendezvous_file = rendezvous
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
