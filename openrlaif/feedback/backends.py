@@ -207,10 +207,10 @@ class HTTPBackend:
         without using a retry; the reply counts them in `rate_limited`."""
         reply, attempt, waits = Reply(), 0, 0
         while True:
-            estimate = len(self._body(request)) / 3 + (1 if request.labels else request.max_tokens)
             if self.request_bucket:
                 self.request_bucket.take(1)
-            if self.token_bucket:
+            if self.token_bucket:   # the body's size is only needed to estimate its tokens
+                estimate = len(self._body(request)) / 3 + (1 if request.labels else request.max_tokens)
                 self.token_bucket.take(estimate)
             reply = self._attempt(request)
             if self.token_bucket and reply.failure is None:   # settle the estimate against what was used
