@@ -11,7 +11,7 @@ install:
 	@bash scripts/install.sh
 
 demo: install
-	$(VENV)/bin/openrlaif train $(ARGS)
+	$(VENV)/bin/openrlaif demo $(ARGS)
 
 # The whole suite: unit (seconds), integration (Ray + DeepSpeed + vLLM on tiny models), e2e (the CLI).
 test: install

@@ -1,4 +1,4 @@
-"""`openrlaif <command> [hydra overrides]`. Commands: train, judge-eval.
+"""`openrlaif <command> [hydra overrides]`. Commands: train, judge-eval, eval, plot, serve-labeller.
 
     openrlaif train                                   # the embedded default (SmolLM2 + SmolLM2 judge, GRPO)
     openrlaif train model.path=/ckpt/my-model rollout.engine=hf steps=20
@@ -9,16 +9,24 @@
     openrlaif train --cfg job                         # print the composed config (any Hydra flag works)
     openrlaif judge-eval feedback=judge_pairwise data.pairs=labelled.jsonl   # judge vs gold labels
     openrlaif plot runs/my-run                        # metrics.jsonl -> runs/my-run/metrics.png
+    openrlaif eval runs/my-run/checkpoint eval.prompts=held_out.jsonl eval.feedback.source=function \
+        eval.feedback.function=openrlaif.feedback.gold:concise eval.baseline=smollm2-135m-instruct   # win rate
+    openrlaif serve-labeller --port 8000 --accuracy 0.8 --position-bias 2   # a simulated AI labeller endpoint
 """
 from __future__ import annotations
 
 import os
 import sys
 
-COMMANDS = {"train": "run a training job: pipeline=online_rl (default: PPO, GRPO family, REINFORCE++, ReMax), "
+COMMANDS = {"demo": "what `make demo` runs: GRPO on SmolLM2 against a simulated AI labeller, measured on held-out "
+                    "prompts by a gold rule; ends with metrics.png and what rose",
+            "train": "run a training job: pipeline=online_rl (default: PPO, GRPO family, REINFORCE++, ReMax), "
                      "preference (DPO family, KTO, BCO, LiPO), reward_model, sft, label, online_dpo, constitutional",
             "judge-eval": "score the judge against a labelled pairs file: agreement, position consistency, failures",
-            "plot": "render a run's metrics.jsonl to PNG: openrlaif plot RUN_DIR [--out F.png] [--keys a,b]"}
+            "plot": "render a run's metrics.jsonl to PNG: openrlaif plot RUN_DIR [--out F.png] [--keys a,b]",
+            "eval": "score a model on eval.prompts with eval.feedback; eval.baseline=M adds a win rate with a 95% CI",
+            "serve-labeller": "serve a simulated AI labeller (gold rule + accuracy, position/length bias, "
+                              "inconsistency) as an OpenAI-compatible endpoint with log-probs"}
 
 
 def _config_dir() -> str:
@@ -81,6 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         return _train(rest)
     if command == "judge-eval":
         return _train(["pipeline=judge_eval", *rest])
+    if command == "demo":
+        from openrlaif.demo import main as demo
+        return demo(rest)
+    if command == "eval":
+        if not rest or "=" in rest[0] or rest[0].startswith("-"):
+            print("error: usage: openrlaif eval MODEL [overrides]: MODEL is a checkpoint folder (or a short name "
+                  "such as smollm2-135m-instruct), then eval.prompts=... eval.feedback...=...", file=sys.stderr)
+            return 2
+        return _train(["pipeline=eval", f"model.path={rest[0]}", *rest[1:]])
+    if command == "serve-labeller":
+        from openrlaif.labeller import main as serve
+        return serve(rest)
     if command == "plot":
         from openrlaif.plot import main as plot
         return plot(rest)

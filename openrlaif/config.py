@@ -184,7 +184,9 @@ class JudgeConfig:
     min_label_mass: Optional[float] = None
     max_new_tokens: int = 8               # generate readout, and the rationale of chain_of_thought (raise it: 256)
     temperature: float = 0.0              # generate readout; > 0 makes repeats independent samples
-    repeats: int = 1                      # pairwise: verdicts per order; both orders always run
+    repeats: int = 1                      # pairwise: verdicts per order
+    swap: bool = True                     # pairwise: judge both orders and average (position debiasing). false =
+                                          # only the order given: a switch for studies of position bias, not a setting
     consistency_threshold: float = 0.0    # pairwise consistency filter: keep a pair only if this share of its
                                           # verdicts (both orders × repeats) agree with its majority
     rankings: int = 5                     # listwise: rankings per group, each in a shuffled order (R of Repeat Ranking)
@@ -240,6 +242,22 @@ class FeedbackConfig:
     # stop the run (exit 1, no final checkpoint) after this many consecutive steps in which every sample's
     # feedback failed: it is learning nothing (an endpoint down, a broken reward function). 0 = never stop.
     max_failed_steps: int = 3
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation in the loop (online pipelines) and `openrlaif eval`: sample on held-out prompts and score the
+    samples with the training feedback and with `feedback`, a source used only to measure (a gold rule, another
+    judge, a reward model, an endpoint). Logged as eval/* beside the step's metrics."""
+    prompts: str = ""                     # jsonl like data.prompts ("demo" = the shipped prompts); "" = no evaluation
+    every: int = 0                        # every N steps, and before the first step and after the last; 0 = only those
+    samples_per_prompt: int = 1
+    greedy: bool = True                   # temperature 0 (one sample per prompt); false = rollout.temperature/top_p
+    max_new_tokens: int = 0               # 0 = rollout.max_new_tokens
+    name: str = "gold"                    # eval/<name>_reward
+    feedback: FeedbackConfig = field(default_factory=lambda: FeedbackConfig(source=""))   # source "" = none
+    baseline: str = ""                    # openrlaif eval: a model (checkpoint folder or short name) to compare
+                                          # against: the win rate of the policy's responses, both orders, 95% CI
 
 
 @dataclass
@@ -329,6 +347,7 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     constitution: ConstitutionConfig = field(default_factory=ConstitutionConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -441,12 +460,19 @@ def validate(cfg: Config) -> None:
         _validate_constitution(cfg)
     elif cfg.pipeline == "judge_eval":
         _validate_judge(cfg.feedback.judge, cfg.pipeline, cfg.rollout.engine)
-    else:
+    elif cfg.pipeline != "eval":
         _validate_offline(cfg)
+    from openrlaif.pipelines.evaluation import validate_eval
+    validate_eval(cfg)
+    if cfg.eval.feedback.source == "judge":   # the same checks, the keys named as they are under eval
+        try:
+            _validate_judge(cfg.eval.feedback.judge, "eval", cfg.rollout.engine)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("feedback.judge.", "eval.feedback.judge.")) from None
 
 
 # Pipelines that sample from the policy with the rollout engines.
-SAMPLING_PIPELINES = {"online_rl", "online_dpo", "label", "constitutional"}
+SAMPLING_PIPELINES = {"online_rl", "online_dpo", "label", "constitutional", "eval"}
 
 
 def step_batch_size(cfg: Config) -> int:

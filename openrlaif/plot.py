@@ -1,6 +1,8 @@
 """`openrlaif plot <run dir | metrics.jsonl> [--out file.png] [--keys k1,k2,...]`: the metrics of a run as one PNG
 of small line charts (reward, KL, loss, judge metrics over steps). Drawn with Pillow, which the install already
-has; no plotting library needed."""
+has; no plotting library needed. A key `a+b+c` draws those series on one panel (one scale, a legend). A run with
+eval.* gets, first, the panel "reward/mean+eval/train_reward+eval/<name>_reward": the training reward and the
+measured one side by side, so over-optimisation (train up, gold down) shows at a glance."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,17 @@ DEFAULT_KEYS = ["reward/mean", "train/kl", "train/loss", "train/reward_accuracy"
                 "feedback/failure_rate", "feedback/judge_flip_rate", "feedback/judge_kept_fraction",
                 "feedback/judge_seconds", "response/length_mean", "label/pairs", "time/step_s"]
 PANEL_W, PANEL_H, MARGIN, COLUMNS = 360, 220, 44, 3
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def default_keys(series: dict) -> list[str]:
+    """DEFAULT_KEYS, after a train-vs-eval reward panel (and eval/kl) when the run logged eval.*."""
+    measured = sorted(k for k in series if k.startswith("eval/") and k.endswith("_reward")
+                      and k != "eval/train_reward")
+    if not measured:
+        return DEFAULT_KEYS
+    overlay = "+".join(["reward/mean"] + [k for k in ("eval/train_reward",) if k in series] + measured)
+    return [overlay] + ["eval/kl", "eval/response_length"] + DEFAULT_KEYS
 
 
 def read_series(path: str) -> dict[str, list[tuple[int, float]]]:
@@ -33,7 +46,7 @@ def read_series(path: str) -> dict[str, list[tuple[int, float]]]:
 def render(series: dict[str, list[tuple[int, float]]], keys: list[str], out_path: str, title: str) -> list[str]:
     """Write the PNG; returns the keys drawn (those with at least one value)."""
     from PIL import Image, ImageDraw
-    drawn = [key for key in keys if series.get(key)]
+    drawn = [key for key in keys if any(series.get(part) for part in key.split("+"))]
     if not drawn:
         raise ValueError(f"none of {keys} has a finite value in the metrics; pick others with --keys")
     rows = math.ceil(len(drawn) / COLUMNS)
@@ -42,14 +55,16 @@ def render(series: dict[str, list[tuple[int, float]]], keys: list[str], out_path
     draw.text((8, 6), title, fill="black")
     for index, key in enumerate(drawn):
         left, top = (index % COLUMNS) * PANEL_W, 24 + (index // COLUMNS) * PANEL_H
-        panel(draw, series[key], key, left, top)
+        panel(draw, {part: series[part] for part in key.split("+") if series.get(part)}, key, left, top)
     image.save(out_path)
     return drawn
 
 
-def panel(draw, points: list[tuple[int, float]], key: str, left: int, top: int) -> None:
+def panel(draw, lines: dict[str, list[tuple[int, float]]], key: str, left: int, top: int) -> None:
+    """One chart; several series share its scale, each in its own colour, named under the chart."""
     x0, y0, x1, y1 = left + MARGIN, top + 20, left + PANEL_W - 12, top + PANEL_H - 28
-    steps, values = [s for s, _ in points], [v for _, v in points]
+    every = [point for points in lines.values() for point in points]
+    steps, values = [s for s, _ in every], [v for _, v in every]
     lo, hi = min(values), max(values)
     if hi == lo:
         lo, hi = lo - 0.5, hi + 0.5
@@ -59,24 +74,31 @@ def panel(draw, points: list[tuple[int, float]], key: str, left: int, top: int) 
     def xy(step: int, value: float) -> tuple[float, float]:
         return x0 + (step - first) / span * (x1 - x0), y1 - (value - lo) / (hi - lo) * (y1 - y0)
 
-    draw.text((left + 8, top + 4), key, fill="black")
+    draw.text((left + 8, top + 4), key if len(lines) == 1 else "train vs eval", fill="black")
     draw.rectangle([x0, y0, x1, y1], outline=(180, 180, 180))
     for value in (lo, hi):
         draw.text((left + 2, xy(first, value)[1] - 6), f"{value:.3g}", fill=(90, 90, 90))
     draw.text((x0, y1 + 6), str(first), fill=(90, 90, 90))
     draw.text((x1 - 24, y1 + 6), str(last), fill=(90, 90, 90))
-    coords = [xy(s, v) for s, v in points]
-    if len(coords) > 1:
-        draw.line(coords, fill=(31, 119, 180), width=2)
-    for x, y in coords:
-        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(31, 119, 180))
+    legend_x = left + 110
+    for index, (name, points) in enumerate(lines.items()):
+        colour = COLOURS[index % len(COLOURS)]
+        coords = [xy(s, v) for s, v in points]
+        if len(coords) > 1:
+            draw.line(coords, fill=colour, width=2)
+        for x, y in coords:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        if len(lines) > 1:   # "reward/mean" -> "train", "eval/gold_reward" -> "eval gold"
+            label = "train" if name == "reward/mean" else name.replace("eval/", "eval ").replace("_reward", "")
+            draw.text((legend_x, top + 4), label, fill=colour)
+            legend_x += 6 * len(label) + 10
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    source, out, keys = argv[0], None, DEFAULT_KEYS
+    source, out, keys = argv[0], None, None
     rest = argv[1:]
     while rest:
         flag, value, rest = rest[0], (rest[1] if len(rest) > 1 else None), rest[2:]
@@ -94,7 +116,8 @@ def main(argv: list[str]) -> int:
         return 2
     out = out or os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.png")
     try:
-        drawn = render(read_series(path), keys, out, title=os.path.abspath(path))
+        series = read_series(path)
+        drawn = render(series, keys or default_keys(series), out, title=os.path.abspath(path))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from openrlaif.config import ConfigError
 from openrlaif.data.jsonl import check_prompt_length, read_jsonl
 
 DEMO_PROMPTS = os.path.join(os.path.dirname(__file__), "demo_prompts.jsonl")
+DEMO_EVAL_PROMPTS = os.path.join(os.path.dirname(__file__), "demo_eval_prompts.jsonl")   # held out: eval.prompts=demo
 
 
 @dataclass
@@ -40,17 +41,19 @@ def _messages(row, where: str, system_prompt: str) -> list[dict]:
     return messages
 
 
-def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: str = "") -> list[Prompt]:
-    path = DEMO_PROMPTS if path == "demo" else path
+def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: str = "",
+                 key: str = "data.prompts") -> list[Prompt]:
+    demo = DEMO_EVAL_PROMPTS if key == "eval.prompts" else DEMO_PROMPTS
+    path = demo if path == "demo" else path
     prompts = []
-    for where, row in read_jsonl(path, "data.prompts", '{"prompt": ...} or {"messages": [...]}'):
+    for where, row in read_jsonl(path, key, '{"prompt": ...} or {"messages": [...]}'):
         messages = _messages(row, where, system_prompt)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         check_prompt_length(where, len(ids), max_prompt_tokens)
         prompts.append(Prompt(messages[-1]["content"], ids, messages))
     if not prompts:
-        raise ConfigError(f"data.prompts={path!r} holds no prompts. Fix: add {{\"prompt\": ...}} rows, one per line.")
+        raise ConfigError(f"{key}={path!r} holds no prompts. Fix: add {{\"prompt\": ...}} rows, one per line.")
     return prompts
 
 

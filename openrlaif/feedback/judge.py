@@ -344,15 +344,16 @@ class Judge:
         labels = list(names) if cfg.readout == "probs" else None
         conversations = conversations or [None] * len(prompts)
         messages, seeds = [], []
+        orders = 2 if cfg.swap else 1     # swap=false: only (x, y), a position-bias study's switch
         for prompt, x, y, conversation in zip(prompts, firsts, seconds, conversations):
-            for a, b in ((x, y), (y, x)):
+            for a, b in ((x, y), (y, x))[:orders]:
                 for repeat in range(cfg.repeats):
                     messages.append(pairwise_messages(cfg.pairwise_rubric, prompt, a, b, self.style, conversation,
                                                       names))
                     seeds.append(repeat)
         replies = self._verdicts(messages, labels, pairwise_after_rationale(names), seeds)
         out = Comparisons(prob=[], kept=[])
-        per_pair = 2 * cfg.repeats
+        per_pair = orders * cfg.repeats
         for k in range(len(prompts)):
             probs: list[list[float]] = [[], []]   # P(A) per order, one per answered repeat
             failed = None
@@ -370,13 +371,16 @@ class Judge:
                     out.details.setdefault(failure.kind, failure.detail)
                     continue
                 probs[j // cfg.repeats].append(p_a)
-            if not probs[0] or not probs[1]:
+            if not probs[0] or (orders == 2 and not probs[1]):
                 out.failures[failed or "unparseable"] += 1
                 out.prob.append(None)
                 out.kept.append(False)
                 continue
-            prob, _ = swap_debiased(sum(probs[0]) / len(probs[0]), sum(probs[1]) / len(probs[1]))
-            _, flipped = swap_debiased(probs[0][0], probs[1][0])   # the first repeat of each order
+            if orders == 1:   # nothing to debias with, and no flip to measure
+                prob, flipped = sum(probs[0]) / len(probs[0]), False
+            else:
+                prob, _ = swap_debiased(sum(probs[0]) / len(probs[0]), sum(probs[1]) / len(probs[1]))
+                _, flipped = swap_debiased(probs[0][0], probs[1][0])   # the first repeat of each order
             out.judged += 1
             out.flips += int(flipped)
             votes = [p > 0.5 for p in probs[0] if p != 0.5] + [p < 0.5 for p in probs[1] if p != 0.5]

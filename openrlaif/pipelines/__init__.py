@@ -4,7 +4,8 @@ import importlib
 PIPELINES = {"online_rl": "openrlaif.pipelines.online_rl", "preference": "openrlaif.pipelines.preference",
              "sft": "openrlaif.pipelines.sft", "reward_model": "openrlaif.pipelines.reward_model",
              "judge_eval": "openrlaif.pipelines.judge_eval", "online_dpo": "openrlaif.pipelines.online_dpo",
-             "label": "openrlaif.pipelines.label", "constitutional": "openrlaif.pipelines.constitutional"}
+             "label": "openrlaif.pipelines.label", "constitutional": "openrlaif.pipelines.constitutional",
+             "eval": "openrlaif.pipelines.evaluation"}
 
 
 def run(cfg) -> dict:

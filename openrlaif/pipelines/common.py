@@ -120,13 +120,14 @@ def start_over(out_dir: str) -> None:
     settings and every request exactly)."""
     shutil.rmtree(os.path.join(out_dir, "checkpoints"), ignore_errors=True)
     shutil.rmtree(os.path.join(out_dir, "tensorboard"), ignore_errors=True)
-    for name in ("metrics.jsonl", "wandb_id"):
+    for name in ("metrics.jsonl", "wandb_id", "eval_samples.jsonl"):
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    cache = os.path.join(out_dir, "judge_cache.jsonl")
-    if os.path.exists(cache):
-        os.replace(cache, cache + ".previous")
-        print(f"[openrlaif] output.overwrite=true: moved the earlier verdict cache to {cache}.previous")
+    for name in ("judge_cache.jsonl", "eval_judge_cache.jsonl"):   # the training judge's and eval.feedback's
+        cache = os.path.join(out_dir, name)
+        if os.path.exists(cache):
+            os.replace(cache, cache + ".previous")
+            print(f"[openrlaif] output.overwrite=true: moved the earlier verdict cache to {cache}.previous")
 
 
 def describe_run_dir(out_dir: str) -> str:

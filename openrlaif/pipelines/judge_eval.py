@@ -51,6 +51,10 @@ def train(cfg: Config) -> dict:
     with ray_session(cfg.cluster, cpus):
         group, judge = start_judge(cfg, judge_path, out_dir, threads_per_worker(cfg, judge_cfg.resources.num_workers))
         try:
+            if judge_cfg.mode == "pointwise":   # each answer scored alone; a pair agrees when chosen scores higher
+                result = judge.pointwise([p[0] for p in pairs] * 2, [p[1] for p in pairs] + [p[2] for p in pairs],
+                                         [p[3] for p in pairs] * 2)
+                return pointwise_report(cfg, judge, result, pairs, out_dir)
             comparisons = judge.compare([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs],
                                         [p[3] for p in pairs])
             stats = judge.take_stats()
@@ -93,4 +97,51 @@ def train(cfg: Config) -> dict:
     print(f"{report['pairs']:6d} {cell(report['agreement'], 7)} {cell(report['mean_p_chosen'], 10)} "
           f"{cell(report['position_consistency'], 11)} {report['kept_fraction']:6.3f} {report['failure_rate']:7.3f}")
     release(out_dir)
+    return {"checkpoint": None, "metrics": report, "out_dir": out_dir}
+
+
+def pointwise_report(cfg: Config, judge, result, pairs: list, out_dir: str) -> dict:
+    """judge-eval of a pointwise judge: agreement = the share of pairs (both answers scored) whose chosen answer
+    scores above the rejected one; ties are counted apart (neither agreement nor disagreement)."""
+    size = len(pairs)
+    scores = [float(r) if bool(v) else None for r, v in zip(result.rewards, result.valid)]
+    chosen, rejected = scores[:size], scores[size:]
+    both = [(c, r) for c, r in zip(chosen, rejected) if c is not None and r is not None]
+    judged = [s for s in scores if s is not None]
+
+    def share(value: float, count: int) -> float | None:
+        return value / count if count else None
+
+    mean = share(sum(judged), len(judged))
+    report = {
+        "pairs": size, "mode": "pointwise", "judged": len(both),
+        "agreement": share(sum(c > r for c, r in both), len(both)),
+        "ties": share(sum(c == r for c, r in both), len(both)),
+        "disagreement": share(sum(c < r for c, r in both), len(both)),
+        "mean_score_chosen": share(sum(c for c, _ in both), len(both)),
+        "mean_score_rejected": share(sum(r for _, r in both), len(both)),
+        "score_std": (sum((s - mean) ** 2 for s in judged) / len(judged)) ** 0.5 if judged else None,
+        "failure_rate": sum(s is None for s in scores) / len(scores),
+        "failures": dict(result.failures),
+        "judge": judge.backend.name,
+        "judge_seconds": result.metrics.get("judge_seconds", 0.0),
+        "judge_requests": result.metrics.get("judge_requests", 0.0),
+    }
+    path = os.path.join(out_dir, "judge_eval.json")
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(f"[openrlaif] judge-eval report: {path}")
+    release(out_dir)
+    if not both:
+        causes = "; ".join(f"{kind}: {detail}" for kind, detail in result.details.items())
+        raise RunError(f"judge-eval: no pair had both answers scored ({dict(result.failures)}; {causes}). "
+                       "Fix: what the failures name.")
+
+    def cell(value, width: int) -> str:
+        return f"{'n/a':>{width}s}" if value is None else f"{value:{width}.3f}"
+
+    print(f"\n{'pairs':>6s} {'agree':>7s} {'ties':>6s} {'chosen':>7s} {'rejected':>9s} {'spread':>7s} {'failed':>7s}")
+    print(f"{size:6d} {cell(report['agreement'], 7)} {cell(report['ties'], 6)} "
+          f"{cell(report['mean_score_chosen'], 7)} {cell(report['mean_score_rejected'], 9)} "
+          f"{cell(report['score_std'], 7)} {report['failure_rate']:7.3f}")
     return {"checkpoint": None, "metrics": report, "out_dir": out_dir}

@@ -24,6 +24,7 @@ from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
 from openrlaif.rollout.collate import completions_to_batch
 from openrlaif.rollout.types import SamplingSpec
+from openrlaif.pipelines.evaluation import InLoopEval
 from openrlaif.pipelines.common import (finish, load_tokenizer, prepare_output_dir, save_checkpoint,
                                         start_actor, start_trainer, threads_per_worker)
 from openrlaif.runtime import ray_session
@@ -52,17 +53,22 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles, step_fn=None) -> tuple
     first_step = progress.resume()
     logger = MetricsLogger(run.out_dir, cfg, first_step)
     failed_steps = FailedSteps(cfg.feedback.max_failed_steps)
+    evaluation = InLoopEval(cfg, run, roles)   # eval.*: held-out prompts, measured before, every N steps, after
     metrics: dict[str, float] = {}
     if cfg.feedback.transform != "none" and first_step == 1:   # 0. per-prompt reference rewards (LSC)
         reference_metrics = calibrate_references(roles, run, cfg)
         tqdm.write("[openrlaif] reference rewards: " + ", ".join(f"{k}={v:.3g}" for k, v in reference_metrics.items()))
     try:
+        if first_step == 1 and evaluation.due(0):   # the starting policy, as step 0
+            logger.log(0, evaluation.run_eval(0))
         for step in tqdm(range(first_step, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True,
                          initial=first_step - 1, total=cfg.steps):
             metrics, step_start = {}, time.perf_counter()
             with progress.step(step, metrics):
                 step_fn(cfg, run, roles, stream, step, metrics)
             metrics["time/step_s"] = time.perf_counter() - step_start
+            if evaluation.due(step):   # after the step's update and weight sync: the policy it ends with
+                metrics |= evaluation.run_eval(step)
             logger.log(step, metrics)
             tqdm.write(summary_line(step, metrics))
             if not math.isfinite(metrics.get("train/grad_norm", 0.0)):   # applied: these weights are lost
@@ -209,6 +215,7 @@ class RunInputs:
     prompts: list
     plan: dict[str, RoleResources]
     cpus_needed: float
+    eval: object | None = None         # evaluation.EvalInputs when eval.prompts is set
 
 
 @dataclass
@@ -223,10 +230,12 @@ class Roles:
     judge_client: object | None = None   # the Judge (every backend) when the feedback or pipeline uses one
     shared: SharedPlacement | None = None  # the placement group of cluster.colocate's roles
     pending_rollout: object | None = None  # rollout.async_steps=1: the next step's PendingRollout, in flight
+    eval: object | None = None             # evaluation.EvalRoles: the measuring feedback of eval.*
 
     def groups(self) -> dict[str, WorkerGroup]:
         named = {"actor": self.actor, "reference": self.reference, "rollout": self.rollout, "judge": self.judge,
                  "critic": self.critic, "reward_model": self.reward_model}
+        named |= self.eval.groups if self.eval is not None else {}
         return {name: group for name, group in named.items() if group is not None}
 
     def shutdown(self) -> None:
@@ -268,11 +277,14 @@ def prepare_run(cfg: Config) -> RunInputs:
                           "data.max_prompt_tokens + rollout.max_new_tokens")
     tokenizer = load_tokenizer(model_path, cfg)
     prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
+    from openrlaif.pipelines.evaluation import eval_plan, prepare_eval
+    evaluation = prepare_eval(cfg, tokenizer)
     out_dir = prepare_output_dir(cfg)
-    plan = role_plan(cfg, judge_path)
+    plan = role_plan(cfg, judge_path) | eval_plan(cfg, evaluation)
     colocated_plan(plan, cfg.cluster.colocate)   # unequal worker counts fail here, before Ray starts
     cpus = reserved_cpus(plan, cfg.cluster.colocate)
-    return RunInputs(out_dir, model_path, judge_path, critic_path, reward_model_path, tokenizer, prompts, plan, cpus)
+    return RunInputs(out_dir, model_path, judge_path, critic_path, reward_model_path, tokenizer, prompts, plan, cpus,
+                     evaluation)
 
 
 def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
@@ -389,8 +401,13 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
     if "critic" in plan:
         critic = keep(start_trainer(cfg, "critic", CriticWorker, cfg.critic, step_batch, model_path=run.critic_path,
                                     pad_token_id=run.tokenizer.pad_token_id, shared=shared))
+    from openrlaif.pipelines.evaluation import start_eval
+    evaluation = start_eval(cfg, run.eval, run.out_dir, threads, shared)   # eval.feedback: measures, never trains
+    for group in evaluation.groups.values() if evaluation is not None else []:
+        keep(group)
     wait_until_ready(started)
-    return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, judge_client, shared)
+    return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, judge_client, shared,
+                 eval=evaluation)
 
 
 def wait_until_ready(groups: list[WorkerGroup]) -> None:
@@ -422,16 +439,17 @@ def startup_error(err: Exception) -> str:
 
 
 def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,
-                shared: SharedPlacement | None = None):
-    """(worker group or None, Judge): a local judge model in its own group, or an HTTP endpoint client."""
+                shared: SharedPlacement | None = None, name: str = "judge"):
+    """(worker group or None, Judge): a local judge model in its own group, or an HTTP endpoint client. `name`:
+    the group's role name and its verdict cache's (<out_dir>/<name>_cache.jsonl)."""
     from openrlaif.feedback.backends import LocalBackend
     from openrlaif.feedback.judge import Judge, JudgeWorker
     jc = cfg.feedback.judge
-    cache_path = os.path.join(out_dir, "judge_cache.jsonl")
+    cache_path = os.path.join(out_dir, f"{name}_cache.jsonl")
     if jc.backend == "http":
         return None, Judge(http_backend(jc), jc, cache_path, model_name=jc.model)
     engine = judge_engine(jc, cfg.rollout.engine)
-    group = WorkerGroup("judge", JudgeWorker, jc.resources, lambda rank: dict(
+    group = WorkerGroup(name, JudgeWorker, jc.resources, lambda rank: dict(
         model_path=judge_path, dtype=cfg.model.dtype, threads=threads, seed=cfg.seed,
         max_prompt_tokens=jc.max_prompt_tokens, micro_batch_size=jc.micro_batch_size,
         trust_remote_code=cfg.model.trust_remote_code, engine=engine, max_new_tokens=jc.max_new_tokens,

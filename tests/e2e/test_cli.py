@@ -234,3 +234,26 @@ def test_self_rewarding_online_dpo_from_the_cli(cache_env, tmp_path):
 def test_ai_feedback_pipelines_bad_input(cache_env, tmp_path, args, needle):
     out = cli("train", "model=tiny", f"output.dir={tmp_path}", *args, env_extra=cache_env)
     assert out.returncode == 2 and needle in out.stderr, out.stderr[-2000:]
+
+
+def test_serve_labeller_answers_an_openai_request_and_eval_needs_a_model():
+    import urllib.request
+    proc = subprocess.Popen([sys.executable, "-m", "openrlaif", "serve-labeller", "--port", "0", "--accuracy", "0.9",
+                             "--position-bias", "1"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = line.rsplit(" at ", 1)[1].split()[0]
+        body = {"messages": [{"role": "user", "content": "Rate.\n\n[User message]\nQ?\n\n[Response]\nParis.\n\n"
+                              "Answer with a single number from 1 to 9 and nothing else."}],
+                "logprobs": True, "top_logprobs": 3}
+        request = urllib.request.Request(url + "/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        reply = json.load(urllib.request.urlopen(request, timeout=10))
+        top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        assert reply["choices"][0]["message"]["content"] == "9" and len(top) == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    out = cli("eval", "eval.prompts=demo")
+    assert out.returncode == 2 and "usage: openrlaif eval MODEL" in out.stderr
+    assert cli("serve-labeller", "--accuracy", "0.2").returncode == 2
