@@ -74,13 +74,14 @@ def panel(draw, lines: dict[str, list[tuple[int, float]]], key: str, left: int, 
     def xy(step: int, value: float) -> tuple[float, float]:
         return x0 + (step - first) / span * (x1 - x0), y1 - (value - lo) / (hi - lo) * (y1 - y0)
 
-    draw.text((left + 8, top + 4), key if len(lines) == 1 else "train vs eval", fill="black")
+    draw.text((left + 8, top + 4), key if len(lines) == 1 else "train vs eval" if key.startswith("reward/mean+")
+              else "", fill="black")
     draw.rectangle([x0, y0, x1, y1], outline=(180, 180, 180))
     for value in (lo, hi):
         draw.text((left + 2, xy(first, value)[1] - 6), f"{value:.3g}", fill=(90, 90, 90))
     draw.text((x0, y1 + 6), str(first), fill=(90, 90, 90))
     draw.text((x1 - 24, y1 + 6), str(last), fill=(90, 90, 90))
-    legend_x = left + 110
+    legend_x = left + (110 if key.startswith("reward/mean+") else 8)
     for index, (name, points) in enumerate(lines.items()):
         colour = COLOURS[index % len(COLOURS)]
         coords = [xy(s, v) for s, v in points]

@@ -163,7 +163,8 @@ class Progress:
         if "judge_ledger" in state and self.roles.judge_client is not None:   # the budget counts the whole run
             self.roles.judge_client.ledger.update(state["judge_ledger"])
         sync_weights(self.roles, self.cfg, step)   # engines (and a self-judge) get the restored weights
-        truncate_metrics(os.path.join(self.run.out_dir, "metrics.jsonl"), step)
+        for name in ("metrics.jsonl", "eval_samples.jsonl"):   # rows a killed run logged after its checkpoint
+            truncate_metrics(os.path.join(self.run.out_dir, name), step)
         self.checkpointer.last_path = path
         tqdm.write(f"[openrlaif] resumed from {path}; next step {step + 1} of {self.cfg.steps}")
         return step + 1

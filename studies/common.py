@@ -1,0 +1,171 @@
+"""What every study shares: configs composed exactly as the CLI composes them, one run per arm and seed, the
+simulated labeller, the peak memory of each role, and the table + JSON + PNG every study writes.
+
+Each study script: `python studies/<name>.py [--quick] [--out DIR] [--seeds 0,1,2]`. `--quick` is a tiny-model
+smoke (the e2e tests run it: its JSON fields are checked, its claim is not)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+RESULTS = os.path.join(ROOT, "studies", "results")
+GOLD = "openrlaif.feedback.gold:concise"
+
+# The shared set-up of the SmolLM2 studies (the demo's): GRPO-family runs on the shipped prompts, measured greedily
+# on the 12 held-out prompts by the gold rule before the first step, every 4 steps and at the end.
+FULL = ["model=smollm2", "actor.lr=1e-5", "rollout.max_new_tokens=32", "eval.prompts=demo", "eval.every=4",
+        "eval.feedback.source=function", f"eval.feedback.function={GOLD}"]
+# --quick: the tiny random model on HF engines, two steps, a few prompts.
+QUICK = ["model=tiny", "rollout.engine=hf", "rollout.max_new_tokens=6", "data.prompts_per_step=2",
+         "rollout.samples_per_prompt=2", "actor.lr=1e-3", "eval.prompts=demo", "eval.every=0",
+         "eval.feedback.source=function", f"eval.feedback.function={GOLD}", "cluster.threads_per_worker=1"]
+
+
+def arguments(description: str, steps: int, seeds: str = "0,1,2"):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a tiny-model smoke: 2 steps, 1 seed")
+    parser.add_argument("--out", default=RESULTS, help="where <name>.json and <name>.png go")
+    parser.add_argument("--seeds", default=seeds)
+    parser.add_argument("--steps", type=int, default=steps)
+    args = parser.parse_args()
+    args.seed_list = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    args.steps = 2 if args.quick else args.steps
+    args.base = QUICK if args.quick else FULL
+    os.makedirs(args.out, exist_ok=True)
+    return args
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from openrlaif.config import check_known_keys, register_configs, validate
+    register_configs()
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base=None):
+        node = hydra_compose(config_name="config", overrides=overrides)
+    check_known_keys(node)
+    cfg = OmegaConf.to_object(node)
+    validate(cfg)
+    return cfg
+
+
+class PeakMemory:
+    """The peak resident memory (VmHWM) of each role's worker processes while a run lasts, read from /proc (one
+    machine: the local cluster). Ray names a worker process after its class: ray::ActorWorker, ..."""
+    ROLES = {"ActorWorker": "actor", "ReferenceWorker": "reference", "RolloutWorker": "rollout",
+             "CriticWorker": "critic", "JudgeWorker": "judge", "RewardModelWorker": "reward_model"}
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s, self.peak, self.stop = every_s, {}, threading.Event()
+
+    def poll(self) -> None:
+        import psutil
+        for proc in psutil.Process().children(recursive=True):   # this cluster's workers, no one else's
+            try:
+                title = " ".join(proc.cmdline() or [])
+                role = next((r for cls, r in self.ROLES.items() if title.startswith(f"ray::{cls}")), None)
+                if role is None:
+                    continue
+                with open(f"/proc/{proc.pid}/status") as handle:
+                    hwm = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM"))
+                self.peak[role] = max(self.peak.get(role, 0.0), hwm / 2 ** 20)   # kB -> GiB
+            except (OSError, StopIteration, psutil.Error):
+                continue
+
+    def __enter__(self) -> "PeakMemory":
+        def loop():
+            while not self.stop.wait(self.every_s):
+                self.poll()
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def run_arm(overrides: list[str], out_dir: str) -> dict:
+    """One training run; its metrics rows, wall time, and each role's peak memory (GiB)."""
+    import ray
+
+    from openrlaif.pipelines import run
+    from openrlaif.runtime import init_local_ray
+    cfg = compose(overrides + [f"output.dir={out_dir}", "output.overwrite=true"])
+    if not ray.is_initialized():   # one local cluster for all the arms (each run frees its placement groups)
+        init_local_ray(num_cpus=6)
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        run(cfg)
+    seconds = time.perf_counter() - start
+    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {"rows": rows, "seconds": seconds, "peak_gib": memory.peak}
+
+
+def gold_curve(rows: list[dict], name: str = "gold") -> list[tuple[int, float]]:
+    return [(r["step"], r[f"eval/{name}_reward"]) for r in rows if r.get(f"eval/{name}_reward") is not None]
+
+
+@contextlib.contextmanager
+def labeller(**noise):
+    from openrlaif.labeller import Labeller, LabellerServer, NoiseModel
+    server = LabellerServer(Labeller(noise=NoiseModel(**noise))).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, sd
+
+
+def welch_t(a: list[float], b: list[float]) -> float:
+    """(mean a − mean b) / its standard error; inf-safe for one seed each (returns nan)."""
+    (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
+    se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b)) if len(a) > 1 and len(b) > 1 else float("nan")
+    return (ma - mb) / se if se and math.isfinite(se) and se > 0 else float("nan")
+
+
+def mean_curves(runs: dict[str, list[dict]], key: str = "curve") -> dict[str, list[tuple[int, float]]]:
+    """Per arm, the mean over its seeds of each run's (step, value) curve: one line per arm in the PNG."""
+    out = {}
+    for arm, items in runs.items():
+        steps = sorted({step for item in items for step, _ in item[key]})
+        out[arm] = [(step, sum(v for item in items for s, v in item[key] if s == step)
+                     / sum(1 for item in items for s, _ in item[key] if s == step)) for step in steps]
+    return out
+
+
+def table(columns: list[str], rows: list[list]) -> str:
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    widths = [max(len(c), *(len(cell(r[i])) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(cell(v).rjust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def write(name: str, out: str, payload: dict, curves: dict[str, list[tuple[int, float]]], title: str) -> str:
+    """<out>/<name>.json and <out>/<name>.png (the curves on one panel, one colour each)."""
+    from openrlaif.plot import render
+    path = os.path.join(out, f"{name}.json")
+    with open(path, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    if curves:
+        render(curves, ["+".join(curves)], os.path.join(out, f"{name}.png"), title)
+    print(f"[study] {path}")
+    return path
