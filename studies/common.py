@@ -23,12 +23,13 @@ GOLD = "openrlaif.feedback.gold:concise"
 
 # The shared set-up of the SmolLM2 studies (the demo's): GRPO-family runs on the shipped prompts, measured greedily
 # on the 12 held-out prompts by the gold rule before the first step, every 4 steps and at the end.
-FULL = ["model=smollm2", "actor.lr=1e-5", "rollout.max_new_tokens=32", "eval.prompts=demo", "eval.every=4",
-        "eval.feedback.source=function", f"eval.feedback.function={GOLD}"]
+FULL = ["model=smollm2", "output.save_final=false", "actor.lr=1e-5", "rollout.max_new_tokens=32",
+        "eval.prompts=demo", "eval.every=4", "eval.feedback.source=function", f"eval.feedback.function={GOLD}"]
 # --quick: the tiny random model on HF engines, two steps, a few prompts.
-QUICK = ["model=tiny", "rollout.engine=hf", "rollout.max_new_tokens=6", "data.prompts_per_step=2",
-         "rollout.samples_per_prompt=2", "actor.lr=1e-3", "eval.prompts=demo", "eval.every=0",
-         "eval.feedback.source=function", f"eval.feedback.function={GOLD}", "cluster.threads_per_worker=1"]
+QUICK = ["model=tiny", "output.save_final=false", "rollout.engine=hf", "rollout.max_new_tokens=6",
+         "data.prompts_per_step=2", "rollout.samples_per_prompt=2", "actor.lr=1e-3", "eval.prompts=demo",
+         "eval.every=0", "eval.feedback.source=function", f"eval.feedback.function={GOLD}",
+         "cluster.threads_per_worker=1"]
 
 
 def arguments(description: str, steps: int, seeds: str = "0,1,2"):
