@@ -35,6 +35,15 @@ def load_labelled_pairs(path: str) -> list[tuple[str, str, str, list[dict] | Non
     return out
 
 
+def share(value: float, count: int) -> float | None:
+    """value / count, or None when nothing was judged: no number that reads as a result."""
+    return value / count if count else None
+
+
+def cell(value, width: int) -> str:
+    return f"{'n/a':>{width}s}" if value is None else f"{value:{width}.3f}"
+
+
 def train(cfg: Config) -> dict:
     from openrlaif.pipelines.online_rl import start_judge
     pairs = load_labelled_pairs(cfg.data.pairs)
@@ -64,9 +73,6 @@ def train(cfg: Config) -> dict:
     probs = [p for p in comparisons.prob if p is not None]
     failed = sum(comparisons.failures.values())
 
-    def share(value: float, count: int) -> float | None:   # nothing judged: no number that reads as a result
-        return value / count if count else None
-
     report = {
         "pairs": len(pairs),
         "judged": comparisons.judged,
@@ -90,9 +96,6 @@ def train(cfg: Config) -> dict:
         raise RunError(f"judge-eval: nothing was judged: all {len(pairs)} pairs failed ({dict(comparisons.failures)}"
                        f"; {causes}). Fix: what the failures name.")
 
-    def cell(value, width: int) -> str:
-        return f"{'n/a':>{width}s}" if value is None else f"{value:{width}.3f}"
-
     print(f"\n{'pairs':>6s} {'agree':>7s} {'P(chosen)':>10s} {'consistent':>11s} {'kept':>6s} {'failed':>7s}")
     print(f"{report['pairs']:6d} {cell(report['agreement'], 7)} {cell(report['mean_p_chosen'], 10)} "
           f"{cell(report['position_consistency'], 11)} {report['kept_fraction']:6.3f} {report['failure_rate']:7.3f}")
@@ -108,9 +111,6 @@ def pointwise_report(cfg: Config, judge, result, pairs: list, out_dir: str) -> d
     chosen, rejected = scores[:size], scores[size:]
     both = [(c, r) for c, r in zip(chosen, rejected) if c is not None and r is not None]
     judged = [s for s in scores if s is not None]
-
-    def share(value: float, count: int) -> float | None:
-        return value / count if count else None
 
     mean = share(sum(judged), len(judged))
     report = {
@@ -136,9 +136,6 @@ def pointwise_report(cfg: Config, judge, result, pairs: list, out_dir: str) -> d
         causes = "; ".join(f"{kind}: {detail}" for kind, detail in result.details.items())
         raise RunError(f"judge-eval: no pair had both answers scored ({dict(result.failures)}; {causes}). "
                        "Fix: what the failures name.")
-
-    def cell(value, width: int) -> str:
-        return f"{'n/a':>{width}s}" if value is None else f"{value:{width}.3f}"
 
     print(f"\n{'pairs':>6s} {'agree':>7s} {'ties':>6s} {'chosen':>7s} {'rejected':>9s} {'spread':>7s} {'failed':>7s}")
     print(f"{size:6d} {cell(report['agreement'], 7)} {cell(report['ties'], 6)} "
