@@ -258,6 +258,9 @@ class EvalConfig:
     feedback: FeedbackConfig = field(default_factory=lambda: FeedbackConfig(source=""))   # source "" = none
     baseline: str = ""                    # openrlaif eval: a model (checkpoint folder or short name) to compare
                                           # against: the win rate of the policy's responses, both orders, 95% CI
+    pairs: str = ""                       # pipeline=preference (pairwise losses): held-out {"prompt", "chosen",
+                                          # "rejected"} pairs; eval/reward_accuracy = the share the loss's implicit
+                                          # reward ranks like them (ties 1/2), at step 0, every `every` steps, the end
 
 
 @dataclass

@@ -97,7 +97,8 @@ class PeakMemory:
 
 
 def run_arm(overrides: list[str], out_dir: str) -> dict:
-    """One training run; its metrics rows, wall time, and each role's peak memory (GiB)."""
+    """One run of any pipeline; its metrics rows, wall time, each role's peak memory (GiB) and what the pipeline
+    returned (checkpoint, metrics, out_dir)."""
     import ray
 
     from openrlaif.pipelines import run
@@ -107,10 +108,11 @@ def run_arm(overrides: list[str], out_dir: str) -> dict:
         init_local_ray(num_cpus=6)
     start = time.perf_counter()
     with PeakMemory() as memory:
-        run(cfg)
+        result = run(cfg)
     seconds = time.perf_counter() - start
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    return {"rows": rows, "seconds": seconds, "peak_gib": memory.peak}
+    metrics = os.path.join(out_dir, "metrics.jsonl")   # pipeline=eval writes eval.json instead
+    rows = [json.loads(line) for line in open(metrics)] if os.path.exists(metrics) else []
+    return {"rows": rows, "seconds": seconds, "peak_gib": memory.peak, "result": result}
 
 
 def gold_curve(rows: list[dict], name: str = "gold") -> list[tuple[int, float]]:

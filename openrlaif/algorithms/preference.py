@@ -135,6 +135,23 @@ PREFERENCE_LOSSES = {
     "orpo": orpo_loss,
 }
 REFERENCE_FREE = {"simpo", "orpo"}
+
+
+def implicit_rewards(loss: str, logps: Tensor, ref_logps: Tensor, lengths: Tensor, beta: float) -> Tensor:
+    """Per sequence, the reward a pairwise loss implicitly learns: what its logits compare between the chosen and
+    the rejected answer, so that `chosen > rejected` is the loss's own preference (held-out pair accuracy,
+    `eval.pairs`). DPO, cDPO, robust DPO: β·log π/π_ref (Rafailov et al., eq. 5); IPO: the length-averaged
+    log π/π_ref; SimPO: β·mean log π; ORPO: the log odds of the mean token probability."""
+    if loss == "ipo":
+        return (logps - ref_logps) / lengths
+    if loss == "simpo":
+        return beta * logps / lengths
+    if loss == "orpo":
+        mean = logps / lengths
+        return mean - log1mexp(mean)
+    if loss not in PREFERENCE_LOSSES:
+        raise ValueError(f"no implicit reward for loss {loss!r}: one of {sorted(PREFERENCE_LOSSES)}")
+    return beta * (logps - ref_logps)
 # Unpaired (KTO, BCO) and listwise (LiPO-λ) losses take other inputs; they are registered by data shape.
 UNPAIRED_LOSSES = {"kto": kto_loss, "bco": bco_loss}
 LISTWISE_LOSSES = {"lipo": lipo_lambda_loss}

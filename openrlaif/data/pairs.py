@@ -51,10 +51,10 @@ def encode_response(tokenizer, prompt_messages: list[dict], response: str) -> tu
 
 
 def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int,
-               default_margin: float = 0.0) -> list[Pair]:
+               default_margin: float = 0.0, key: str = "data.pairs") -> list[Pair]:
     path = DEMO_PAIRS if path == "demo" else path
     pairs, identical = [], []
-    for where, row in read_jsonl(path, "data.pairs", '{"prompt", "chosen", "rejected"}'):
+    for where, row in read_jsonl(path, key, '{"prompt", "chosen", "rejected"}'):
         if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
             raise ConfigError(f"{where}: each row needs \"chosen\" and \"rejected\" (and \"prompt\" unless they "
                               "are message lists).")
@@ -79,10 +79,10 @@ def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens
         pairs.append(Pair(prompt_ids, chosen_ids[:max_response_tokens], rejected_ids[:max_response_tokens],
                           margin=float(margin)))
     if identical:
-        print(f"[openrlaif] warning: data.pairs={path}: skipped {len(identical)} pair(s) whose chosen and rejected "
+        print(f"[openrlaif] warning: {key}={path}: skipped {len(identical)} pair(s) whose chosen and rejected "
               f"answers are the same (line(s) {', '.join(identical[:10])}{' ...' if len(identical) > 10 else ''})")
     if not pairs:
-        raise ConfigError(f"data.pairs={path!r} holds no pairs. Fix: add {{\"prompt\", \"chosen\", \"rejected\"}} rows.")
+        raise ConfigError(f"{key}={path!r} holds no pairs. Fix: add {{\"prompt\", \"chosen\", \"rejected\"}} rows.")
     return pairs
 
 

@@ -382,6 +382,13 @@ def validate_eval(cfg: Config) -> None:
         if fb.judge.mode == "listwise":
             raise ConfigError("eval.feedback.judge.mode=listwise gives ranks within a group, not a score per answer. "
                               "Fix: pointwise or pairwise.")
+    if ev.pairs:
+        from openrlaif.algorithms.preference import PREFERENCE_LOSSES
+        if cfg.pipeline != "preference" or cfg.algorithm.loss not in PREFERENCE_LOSSES:
+            raise ConfigError(f"eval.pairs measures a pairwise preference loss's implicit reward on held-out pairs "
+                              f"(pipeline=preference with algorithm.loss in {sorted(PREFERENCE_LOSSES)}); here "
+                              f"pipeline={cfg.pipeline}, algorithm.loss={cfg.algorithm.loss}. Fix: eval.pairs=\"\" "
+                              "(for a reward model, data.eval_fraction holds pairs out).")
     if cfg.pipeline == "eval":
         if not ev.prompts:
             raise ConfigError("openrlaif eval needs eval.prompts (a jsonl of {\"prompt\": ...} rows, or demo).")

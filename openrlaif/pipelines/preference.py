@@ -7,6 +7,7 @@ then each step is one DeepSpeed update of the actor on `data.prompts_per_step` e
 """
 from __future__ import annotations
 
+import time
 
 import ray
 from tqdm import tqdm
@@ -30,6 +31,8 @@ def train(cfg: Config) -> dict:
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
     tokenizer = load_tokenizer(model_path, cfg)
     examples = load_examples(cfg, tokenizer)
+    held_out = load_pairs(cfg.eval.pairs, tokenizer, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens,
+                          key="eval.pairs") if cfg.eval.pairs else []
     pairwise = not isinstance(examples[0], ListExample)
     list_size = 2 if pairwise else len(examples[0].responses)
     out_dir = prepare_output_dir(cfg)
@@ -40,12 +43,14 @@ def train(cfg: Config) -> dict:
         check_cluster_fits(plan)
         actor = start_actor(cfg, model_path, cfg.data.prompts_per_step)
         try:
-            if needs_reference:                  # 1. reference log-probs of every pair, once
-                add_reference_logps(cfg, model_path, examples, tokenizer.pad_token_id)
+            if needs_reference:                  # 1. reference log-probs of every pair (held-out ones too), once
+                add_reference_logps(cfg, model_path, examples + held_out, tokenizer.pad_token_id)
             ray.get(actor.call(lambda w: w.ready.remote()))
             stream = PromptStream(examples, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
             logger = MetricsLogger(out_dir, cfg)
             metrics: dict[str, float] = {}
+            if held_out:                         # the starting policy on the held-out pairs, as step 0
+                logger.log(0, held_out_accuracy(cfg, actor, held_out, tokenizer.pad_token_id))
             for step in tqdm(range(1, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True):
                 metrics = {}
                 # 2. one DeepSpeed update on the examples, sharded over the workers
@@ -59,6 +64,8 @@ def train(cfg: Config) -> dict:
                         per_rank = ray.get(actor.map(lambda w, shard: w.listwise_step.remote(shard, list_size),
                                                      batch.split(len(actor))))
                 metrics |= (preference_metrics if pairwise else listwise_metrics)(per_rank, metrics["time/update_s"])
+                if held_out and (step == cfg.steps or (cfg.eval.every > 0 and step % cfg.eval.every == 0)):
+                    metrics |= held_out_accuracy(cfg, actor, held_out, tokenizer.pad_token_id)
                 logger.log(step, metrics)
                 tqdm.write(summary_line(step, metrics))
             logger.close()
@@ -104,6 +111,27 @@ def add_reference_logps(cfg: Config, model_path: str, examples: list, pad_id: in
     values = iter(sequence_logps)   # K consecutive rows per example
     for example in examples:
         example.ref_logps = [next(values) for _ in example.responses]
+
+
+def held_out_accuracy(cfg: Config, actor: WorkerGroup, pairs: list, pad_id: int) -> dict[str, float]:
+    """eval.pairs: how the loss's implicit reward (algorithms.preference.implicit_rewards) ranks held-out pairs.
+    eval/reward_accuracy counts a tie as 1/2 (DPO's implicit reward is 0 for every answer before the first step),
+    eval/reward_margin is the mean chosen − rejected reward."""
+    import torch
+
+    from openrlaif.algorithms.preference import implicit_rewards
+    start = time.perf_counter()
+    rows = both_sides(pairs_to_batch(pairs, pad_id))
+    token_logps = torch.cat(ray.get(actor.map(lambda w, shard: w.logprobs.remote(shard),
+                                              rows.split(min(len(actor), len(rows))))))
+    lengths = rows["response_mask"].sum(-1).clamp(min=1.0)
+    ref = torch.tensor([p.ref_chosen_logp for p in pairs] + [p.ref_rejected_logp for p in pairs])
+    rewards = implicit_rewards(cfg.algorithm.loss, token_logps.sum(-1).double(), ref.double(), lengths.double(),
+                               cfg.algorithm.beta)
+    chosen, rejected = rewards[:len(pairs)], rewards[len(pairs):]
+    wins = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
+    return {"eval/reward_accuracy": float(wins.mean()), "eval/reward_margin": float((chosen - rejected).mean()),
+            "eval/pairs": float(len(pairs)), "time/eval_s": time.perf_counter() - start}
 
 
 def preference_metrics(per_rank: list[dict], update_seconds: float) -> dict[str, float]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from openrlaif.config import (ActorConfig, AlgorithmConfig, ClusterConfig, Config, DataConfig, ModelConfig,
-                              OutputConfig, RoleResources, validate)
+from openrlaif.config import (ActorConfig, AlgorithmConfig, ClusterConfig, Config, DataConfig, EvalConfig,
+                              ModelConfig, OutputConfig, RoleResources, validate)
 from openrlaif.pipelines import run
 
 PAIRS = [{"prompt": f"question {i}", "chosen": "the sun is a star", "rejected": "blue blue cat dog"}
@@ -22,12 +22,21 @@ def pairs_file(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def held_out_file(tmp_path_factory):
+    """The same preference under prompts the actor never trains on (eval.pairs)."""
+    path = tmp_path_factory.mktemp("held_out") / "held_out.jsonl"
+    path.write_text("".join(json.dumps(dict(row, prompt=f"other thing {i}")) + "\n" for i, row in enumerate(PAIRS[:5])))
+    return str(path)
+
+
 @pytest.mark.parametrize("loss,beta,smoothing,stage", [("dpo", 0.1, 0.0, 2), ("robust_dpo", 0.1, 0.1, 3),
                                                        ("ipo", 0.1, 0.0, 2), ("simpo", 2.0, 0.0, 2),
                                                        ("orpo", 0.1, 0.0, 2)])
-def test_loss_falls_on_a_fixed_set_of_pairs(ray_cluster, tiny_model, pairs_file, tmp_path, loss, beta, smoothing,
-                                            stage):
+def test_loss_falls_on_a_fixed_set_of_pairs(ray_cluster, tiny_model, pairs_file, held_out_file, tmp_path, loss, beta,
+                                            smoothing, stage):
     cfg = Config(pipeline="preference", steps=4, seed=0, model=ModelConfig(path=tiny_model),
+                 eval=EvalConfig(pairs=held_out_file, every=2),
                  data=DataConfig(pairs=pairs_file, prompts_per_step=8, shuffle=False),
                  actor=ActorConfig(zero_stage=stage, lr=1e-3, micro_batch_size=2,
                                    resources=RoleResources(num_workers=2)),
@@ -36,6 +45,14 @@ def test_loss_falls_on_a_fixed_set_of_pairs(ray_cluster, tiny_model, pairs_file,
     validate(cfg)
     result = run(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    # eval.pairs: the loss's implicit reward on the held-out pairs before the first step, at step 2 and at the end
+    held_out = [row for row in rows if "eval/reward_accuracy" in row]
+    assert [row["step"] for row in held_out] == [0, 2, 4] and held_out[0]["eval/pairs"] == 5
+    assert held_out[-1]["eval/reward_margin"] > held_out[0]["eval/reward_margin"]
+    assert held_out[-1]["eval/reward_accuracy"] == 1.0
+    if loss in ("dpo", "robust_dpo", "ipo"):   # policy == reference at step 0: every implicit reward is ~0
+        assert abs(held_out[0]["eval/reward_margin"]) < 1e-4
+    rows = [row for row in rows if row["step"] >= 1]
     losses = [row["train/loss"] for row in rows]
     assert all(math.isfinite(value) for value in losses)
     assert losses[-1] < losses[0], losses

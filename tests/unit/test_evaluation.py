@@ -41,6 +41,8 @@ def test_win_rate_counts_ties_as_half_and_leaves_out_unjudged():
      "itself"),
     (["pipeline=eval", "eval.prompts=demo"], "eval.feedback.source"),
     (["pipeline=sft", "eval.prompts=demo"], "openrlaif eval <checkpoint>"),
+    (["eval.pairs=demo"], "pipeline=online_rl"),                                   # pairs are for preference
+    (["pipeline=preference", "algorithm=kto", "eval.pairs=demo"], "algorithm.loss=kto"),
 ])
 def test_bad_eval_settings_name_the_key_and_the_fix(overrides, needle):
     with pytest.raises(ConfigError, match=None) as err:
@@ -54,6 +56,7 @@ def test_good_eval_settings_pass():
     validate(composed("pipeline=eval", "eval.prompts=demo", "eval.baseline=smollm2-135m-instruct",
                       "eval.feedback.source=judge", "eval.feedback.judge.backend=http",
                       "eval.feedback.judge.base_url=http://127.0.0.1:8000/v1", "eval.feedback.judge.model=labeller"))
+    validate(composed("pipeline=preference", "algorithm=robust_dpo", "eval.pairs=demo", "eval.every=2"))
     with pytest.raises(ConfigError, match="eval.feedback.judge.base_url"):
         validate(composed("eval.prompts=demo", "eval.feedback.source=judge", "eval.feedback.judge.backend=http"))
 

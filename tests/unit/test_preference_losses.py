@@ -150,3 +150,37 @@ def test_lipo_ignores_ties_and_masked_entries():
                               mask=torch.tensor([[True, True, False]]))
     two = lipo_lambda_loss(logps[:, :2], ref[:, :2], labels=torch.tensor([[2.0, 1.0]]))
     assert float(masked) == pytest.approx(float(two))
+
+
+def test_implicit_rewards_compare_what_each_loss_compares():
+    """chosen − rejected implicit reward is the argument of each loss's logit (eval.pairs ranks by it), by hand."""
+    from openrlaif.algorithms.preference import implicit_rewards, log1mexp, simpo_loss
+    logps = torch.tensor([-6.0, -10.0], dtype=torch.float64)        # chosen, rejected: Σ log π
+    ref = torch.tensor([-7.0, -8.0], dtype=torch.float64)
+    lengths = torch.tensor([3.0, 5.0], dtype=torch.float64)
+    beta = 0.1
+
+    def margin(loss):
+        r = implicit_rewards(loss, logps, ref, lengths, beta)
+        return r[0] - r[1]
+
+    # DPO: β[(−6+7) − (−10+8)] = 0.1·3 = 0.3; the loss is ℓ(0.3)
+    assert float(margin("dpo")) == pytest.approx(0.3)
+    assert float(dpo_loss(logps[:1], logps[1:], ref[:1], ref[1:], beta)) == pytest.approx(-math.log(torch.sigmoid(
+        torch.tensor(0.3)).item()))
+    assert float(margin("robust_dpo")) == float(margin("cdpo")) == float(margin("dpo"))
+    # IPO: 1/3 − (−2/5) = 0.7333..., the loss (h − 1/2β)²
+    assert float(margin("ipo")) == pytest.approx(1 / 3 + 2 / 5)
+    assert float(ipo_loss(logps[:1], logps[1:], ref[:1], ref[1:], lengths[:1], lengths[1:], beta)) == pytest.approx(
+        (1 / 3 + 2 / 5 - 5.0) ** 2)
+    # SimPO: β(−2 − (−2)) = 0; its loss is ℓ(margin − γ)
+    assert float(margin("simpo")) == pytest.approx(0.0)
+    assert float(simpo_loss(logps[:1], logps[1:], lengths[:1], lengths[1:], beta=beta, gamma=0.5)) == pytest.approx(
+        -math.log(torch.sigmoid(torch.tensor(-0.5)).item()))
+    # ORPO: log odds of the mean token probability: m − log(1 − e^m), m = −2 for both here -> 0
+    assert float(margin("orpo")) == pytest.approx(0.0)
+    odds = implicit_rewards("orpo", torch.tensor([-1.0]), torch.zeros(1), torch.ones(1), beta)
+    assert float(odds) == pytest.approx(-1.0 - math.log(1 - math.exp(-1.0)))
+    assert float(log1mexp(torch.tensor(-1.0))) == pytest.approx(math.log(1 - math.exp(-1.0)))
+    with pytest.raises(ValueError, match="kto"):
+        implicit_rewards("kto", logps, ref, lengths, beta)
