@@ -172,3 +172,60 @@ def write(name: str, out: str, payload: dict, curves: dict[str, list[tuple[int, 
         render(curves, ["+".join(curves)], os.path.join(out, f"{name}.png"), title)
     print(f"[study] {path}")
     return path
+
+
+# ------------------------------------------------------------------ the offline studies (2 and 4): data and measures
+
+TRAIN_PROMPTS = os.path.join(ROOT, "studies", "data", "prompts.jsonl")      # 48 prompts
+EVAL_PROMPTS = os.path.join(ROOT, "studies", "data", "eval_prompts.jsonl")  # 24 others: the demo's 12 held-out + 12
+
+
+def start_model(quick: bool) -> str:
+    return "tiny-random-llama" if quick else "smollm2-135m-instruct"
+
+
+QUICK_PAIR = {"prompt": "Say hi.", "chosen": "Hi.", "rejected": "Hello there, how are you today, my friend"}
+
+
+def held_out_pairs(model: list[str], out_dir: str, keep: int = 48, quick: bool = False) -> tuple[str | None, int]:
+    """Gold-labelled held-out pairs (eval.pairs): the starting model's 4 answers to each held-out prompt, every pair
+    whose gold scores differ by more than 0.05 (pipeline=label with the gold rule as its feedback), at most `keep`
+    of them drawn at random (seed 0); `quick` (the tiny model's answers often tie) falls back on one fixed pair.
+    Returns (path or None when there are none, count)."""
+    import random
+    result = run_arm(model + ["pipeline=label", f"data.prompts={EVAL_PROMPTS}", "rollout.samples_per_prompt=4",
+                              "label.pairs=all", "label.min_gap=0.05", "data.prompts_per_step=8", "feedback=function",
+                              f"feedback.function={GOLD}", "seed=1"], out_dir)
+    rows = [json.loads(line) for line in open(result["result"]["metrics"]["pairs_path"])]
+    rows = random.Random(0).sample(rows, keep) if len(rows) > keep else rows or ([QUICK_PAIR] if quick else [])
+    path = os.path.join(out_dir, "held_out.jsonl")
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return (path if rows else None), len(rows)
+
+
+def greedy_answers(model: list[str], path: str, out_dir: str, remove: bool = False) -> list[dict]:
+    """A model's greedy answers to the held-out prompts (`openrlaif eval` on the HF engine), each with its gold
+    score; `remove` deletes the model folder afterwards (a trained checkpoint, ~0.5 GB)."""
+    import shutil
+
+    from openrlaif.feedback.rules import load_function
+    result = run_arm(model + ["pipeline=eval", f"model.path={path}", "rollout.engine=hf", f"eval.prompts={EVAL_PROMPTS}",
+                              "eval.feedback.source=function", f"eval.feedback.function={GOLD}"], out_dir)
+    rows = [json.loads(line) for line in open(os.path.join(result["result"]["out_dir"], "eval_samples.jsonl"))]
+    gold = load_function(GOLD, {})
+    for row, score in zip(rows, gold([r["prompt"] for r in rows], [r["response"] for r in rows])):
+        row["gold"] = float(score)
+    if remove:
+        shutil.rmtree(path)
+    return rows
+
+
+def gold_win_rate(policy: list[dict], start: list[dict]) -> dict:
+    """Per held-out prompt, the policy's answer against the starting model's by the gold score (ties 1/2), with
+    the Wilson 95% interval (openrlaif eval's win_rate)."""
+    from openrlaif.pipelines.evaluation import win_rate
+    if [r["prompt"] for r in policy] != [r["prompt"] for r in start]:
+        raise ValueError("the two sets of answers are not to the same prompts in the same order")
+    return win_rate([1.0 if a["gold"] > b["gold"] else 0.0 if a["gold"] < b["gold"] else 0.5
+                     for a, b in zip(policy, start)])

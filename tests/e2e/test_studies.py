@@ -9,7 +9,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIELDS = {"position_swap": {"arms", "summary", "welch_t", "reproduced", "seconds"},
           "remax_ppo_grpo": {"arms", "summary", "verdict", "welch_t_gain_remax_vs_ppo", "seconds"},
-          "overoptimisation": {"runs", "proxy_gain_mean", "gold_gain_mean", "proxy_outgrew_gold", "seconds"}}
+          "overoptimisation": {"runs", "proxy_gain_mean", "gold_gain_mean", "proxy_outgrew_gold", "seconds"},
+          "robust_dpo": {"runs", "summary", "training_pairs", "held_out_pairs", "start_gold_reward", "seconds"},
+          "repeat_ranking": {"runs", "labels", "summary", "held_out_pairs", "seconds"}}
 
 
 def test_every_study_runs_quick_and_writes_its_results(tmp_path, model_cache, tiny_model):
@@ -24,6 +26,15 @@ def test_every_study_runs_quick_and_writes_its_results(tmp_path, model_cache, ti
         arms = report.get("arms") or {"runs": report["runs"]}
         for items in arms.values():
             for item in items:
-                assert item["seconds"] > 0 and ("curve" in item or "points" in item)
+                assert item["seconds"] > 0 and {"curve", "points", "held_out_accuracy"} & item.keys()
     remax = json.load(open(tmp_path / "remax_ppo_grpo.json"))
     assert set(remax["summary"]["ppo"]["peak_gib_by_role"]) >= {"actor", "critic", "reference", "rollout"}
+    noisy = json.load(open(tmp_path / "robust_dpo.json"))
+    for item in noisy["runs"]:   # exactly round(ε·N) labels flipped; both gold measures present
+        assert item["flipped"] == round(item["eps"] * item["pairs"]) and 0 <= item["gold_win_rate"] <= 1
+        assert 0 <= item["held_out_accuracy"] <= 1
+    ranking = json.load(open(tmp_path / "repeat_ranking.json"))
+    assert {entry["subset"] for entry in ranking["labels"]} == {"all", "top50"}
+    assert all(item["nested"] for item in ranking["runs"])   # the top half is a subset of all, same rankings
+    top, every = ([e["pairs"] for e in ranking["labels"] if e["subset"] == name] for name in ("top50", "all"))
+    assert top[0] < every[0]
