@@ -28,6 +28,16 @@ class FeedbackResult:
     consistency: dict[int, float] = field(default_factory=dict)
     details: dict[str, str] = field(default_factory=dict)   # failure kind -> the first failure's detail, for the log
 
+    def mean(self) -> float:
+        """The mean reward over the samples that were scored; NaN when none was."""
+        rewards = self.rewards[self.valid]
+        return float(rewards.mean()) if len(rewards) else float("nan")
+
+    def sem(self) -> float:
+        """The standard error of that mean; NaN below two scored samples."""
+        rewards = self.rewards[self.valid]
+        return float(rewards.std() / math.sqrt(len(rewards))) if len(rewards) > 1 else float("nan")
+
     @staticmethod
     def from_scores(scores: list[float | None], failure_kinds: list[str | None] | None = None,
                     metrics: dict[str, float] | None = None, details: dict[str, str] | None = None) -> FeedbackResult:

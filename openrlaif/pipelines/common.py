@@ -180,6 +180,17 @@ def start_actor(cfg: Config, model_path: str, step_batch_size: int, temperature:
                          algo=cfg.algorithm, temperature=temperature, shared=shared)
 
 
+def start_rollout(cfg: Config, model_path: str, threads: int, sampling: Config | None = None,
+                  shared: SharedPlacement | None = None) -> WorkerGroup:
+    """The rollout engines (`rollout.resources` workers) serving `model_path`, sampling as `sampling.rollout` says
+    (default `cfg`'s own; `openrlaif eval` passes its greedy eval sampling)."""
+    from openrlaif.workers.rollout import RolloutWorker
+    rollout = (sampling or cfg).rollout
+    return WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
+        model_path=model_path, cfg=rollout, max_model_len=cfg.data.max_prompt_tokens + rollout.max_new_tokens,
+        threads=threads, seed=cfg.seed + rank, trust_remote_code=cfg.model.trust_remote_code), shared=shared)
+
+
 def start_trainer(cfg: Config, role: str, worker_class, train_cfg, step_batch_size: int,
                   shared: SharedPlacement | None = None, **kwargs) -> WorkerGroup:
     """A DeepSpeed-trained role (actor, critic, reward model) with its own torch.distributed rendezvous."""

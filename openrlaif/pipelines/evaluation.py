@@ -25,7 +25,6 @@ import torch
 from tqdm import tqdm
 
 from openrlaif.config import Config, ConfigError, RoleResources, cache_dir, judge_engine
-from openrlaif.feedback import FeedbackResult
 from openrlaif.models import resolve_model_path
 
 
@@ -122,16 +121,6 @@ def eval_sampling(cfg: Config) -> Config:
 EVAL_SEED_OFFSET = 7_777_777   # every evaluation of a run samples with the same seed: the steps are comparable
 
 
-def mean_valid(result: FeedbackResult) -> float:
-    rewards = result.rewards[result.valid]
-    return float(rewards.mean()) if len(rewards) else float("nan")
-
-
-def standard_error(result: FeedbackResult) -> float:
-    rewards = result.rewards[result.valid]
-    return float(rewards.std() / math.sqrt(len(rewards))) if len(rewards) > 1 else float("nan")
-
-
 class InLoopEval:
     """eval.* in an online loop: `due(step)` and `run(roles, step)` -> the eval/* metrics of that step."""
 
@@ -165,13 +154,13 @@ class InLoopEval:
         train = gold = None
         if self.train_scored:
             train = roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations)
-            out["eval/train_reward"] = mean_valid(train)
+            out["eval/train_reward"] = train.mean()
             out["eval/train_failure_rate"] = float((~train.valid).float().mean())
         measuring = roles.eval.feedback if roles.eval is not None else None
         if measuring is not None:
             gold = measuring.score(prompts, responses, group_ids=groups, conversations=conversations)
-            out[f"eval/{name}_reward"] = mean_valid(gold)
-            out[f"eval/{name}_reward_sem"] = standard_error(gold)   # of the mean over the eval answers
+            out[f"eval/{name}_reward"] = gold.mean()
+            out[f"eval/{name}_reward_sem"] = gold.sem()   # of the mean over the eval answers
             out[f"eval/{name}_failure_rate"] = float((~gold.valid).float().mean())
             if "eval/train_reward" in out:
                 out["eval/reward_gap"] = out["eval/train_reward"] - out[f"eval/{name}_reward"]
@@ -249,11 +238,10 @@ def outcome(p_policy: float | None, tie: float = 1e-9) -> float | None:
 def train(cfg: Config) -> dict:
     """pipeline=eval: sample the model's (and the baseline's) answers on eval.prompts, score them with
     eval.feedback, compare them. Writes <output.dir>/eval.json and eval_samples.jsonl."""
-    from openrlaif.pipelines.common import load_tokenizer, prepare_output_dir, release, threads_per_worker
+    from openrlaif.pipelines.common import (load_tokenizer, prepare_output_dir, release, start_rollout,
+                                            threads_per_worker)
     from openrlaif.pipelines.online_rl import Roles, generate, wait_until_ready
     from openrlaif.runtime import ray_session
-    from openrlaif.workers.group import WorkerGroup
-    from openrlaif.workers.rollout import RolloutWorker
 
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
     tokenizer = load_tokenizer(model_path, cfg)
@@ -262,16 +250,12 @@ def train(cfg: Config) -> dict:
     plan = {"rollout": cfg.rollout.resources} | eval_plan(cfg, inputs)
     cpus = sum(r.num_cpus * r.num_workers for r in plan.values())
     sampling = eval_sampling(cfg)
-    max_model_len = cfg.data.max_prompt_tokens + sampling.rollout.max_new_tokens
     answers = {}
     with ray_session(cfg.cluster, cpus):
         for who, path in (("policy", model_path), ("baseline", inputs.baseline_path)):
             if path is None:
                 continue
-            group = WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
-                model_path=path, cfg=sampling.rollout, max_model_len=max_model_len,
-                threads=threads_per_worker(cfg, cfg.rollout.resources.num_workers), seed=cfg.seed + rank,
-                trust_remote_code=cfg.model.trust_remote_code))
+            group = start_rollout(cfg, path, threads_per_worker(cfg, cfg.rollout.resources.num_workers), sampling)
             try:
                 wait_until_ready([group])
                 roles = Roles(None, None, group, None, None)
@@ -305,7 +289,7 @@ def score_answers(cfg: Config, evaluation: EvalRoles, answers: dict) -> dict[str
                                            conversations=batch.meta["conversation"])
         scored[who] = result
         prefix = "" if who == "policy" else "baseline_"
-        report[f"{prefix}{name}_reward"] = mean_valid(result)
+        report[f"{prefix}{name}_reward"] = result.mean()
         report[f"{prefix}failure_rate"] = float((~result.valid).float().mean())
     if "baseline" in answers:
         baseline = answers["baseline"].meta["response"]

@@ -26,7 +26,7 @@ from openrlaif.rollout.collate import completions_to_batch
 from openrlaif.rollout.types import SamplingSpec
 from openrlaif.pipelines.evaluation import InLoopEval
 from openrlaif.pipelines.common import (finish, load_tokenizer, prepare_output_dir, save_checkpoint,
-                                        start_actor, start_trainer, threads_per_worker)
+                                        start_actor, start_rollout, start_trainer, threads_per_worker)
 from openrlaif.runtime import ray_session
 from openrlaif.workers.group import SharedPlacement, WorkerGroup, check_cluster_fits, colocated_plan, reserved_cpus
 
@@ -60,7 +60,10 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles, step_fn=None) -> tuple
         tqdm.write("[openrlaif] reference rewards: " + ", ".join(f"{k}={v:.3g}" for k, v in reference_metrics.items()))
     try:
         if first_step == 1 and evaluation.due(0):   # the starting policy, as step 0
-            logger.log(0, evaluation.run_eval(0))
+            start_metrics: dict[str, float] = {}
+            with progress.step(0, start_metrics, phase="eval"):   # a dead worker is named, as in a step
+                start_metrics |= evaluation.run_eval(0)
+            logger.log(0, start_metrics)
         for step in tqdm(range(first_step, cfg.steps + 1), desc="openrlaif", unit="step", dynamic_ncols=True,
                          initial=first_step - 1, total=cfg.steps):
             metrics, step_start = {}, time.perf_counter()
@@ -68,7 +71,8 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles, step_fn=None) -> tuple
                 step_fn(cfg, run, roles, stream, step, metrics)
             metrics["time/step_s"] = time.perf_counter() - step_start
             if evaluation.due(step):   # after the step's update and weight sync: the policy it ends with
-                metrics |= evaluation.run_eval(step)
+                with progress.step(step, metrics, phase="eval"):
+                    metrics |= evaluation.run_eval(step)
             logger.log(step, metrics)
             tqdm.write(summary_line(step, metrics))
             if not math.isfinite(metrics.get("train/grad_norm", 0.0)):   # applied: these weights are lost
@@ -341,7 +345,6 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
     from openrlaif.feedback.rules import FunctionFeedback
     from openrlaif.workers.critic import CriticWorker
     from openrlaif.workers.reference import ReferenceWorker
-    from openrlaif.workers.rollout import RolloutWorker
 
     plan = run.plan
 
@@ -358,10 +361,7 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
     # Log-probs for a policy-gradient ratio use the sampling temperature; DPO's log-ratios use the model itself.
     temperature = cfg.rollout.temperature if cfg.pipeline == "online_rl" else 1.0
     actor = keep(start_actor(cfg, run.model_path, step_batch, temperature, shared)) if "actor" in plan else None
-    rollout = keep(WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
-        model_path=run.model_path, cfg=cfg.rollout,
-        max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-        threads=threads("rollout"), seed=cfg.seed + rank, trust_remote_code=trust), shared=shared))
+    rollout = keep(start_rollout(cfg, run.model_path, threads("rollout"), shared=shared))
     reference = None
     if "reference" in plan:
         reference = keep(WorkerGroup("reference", ReferenceWorker, cfg.reference.resources, lambda rank: dict(
@@ -704,7 +704,7 @@ def feedback_metrics(feedback: FeedbackResult, response_tokens: float, seconds: 
     """Rewards, failures by kind, and what the judge reported (flip rate, kept fraction, tokens, seconds)."""
     valid = feedback.valid
     rewards = feedback.rewards[valid]
-    out = {"reward/mean": float(rewards.mean()) if len(rewards) else float("nan"),
+    out = {"reward/mean": feedback.mean(),
            "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
            "feedback/failures": float((~valid).sum()),
            "feedback/failure_rate": float((~valid).float().mean())}

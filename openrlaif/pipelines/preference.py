@@ -113,9 +113,15 @@ def add_reference_logps(cfg: Config, model_path: str, examples: list, pad_id: in
         example.ref_logps = [next(values) for _ in example.responses]
 
 
+# Implicit rewards closer than this are a tie: the actor's and the reference's engines differ by ~1e-6 on the same
+# weights, which would otherwise decide the step-0 pairs (policy == reference) at random.
+TIE = 1e-5
+
+
 def held_out_accuracy(cfg: Config, actor: WorkerGroup, pairs: list, pad_id: int) -> dict[str, float]:
     """eval.pairs: how the loss's implicit reward (algorithms.preference.implicit_rewards) ranks held-out pairs.
-    eval/reward_accuracy counts a tie as 1/2 (DPO's implicit reward is 0 for every answer before the first step),
+    eval/reward_accuracy counts a tie (within TIE) as 1/2 (DPO's implicit reward is 0 for every answer before the
+    first step),
     eval/reward_margin is the mean chosen − rejected reward."""
     import torch
 
@@ -129,7 +135,8 @@ def held_out_accuracy(cfg: Config, actor: WorkerGroup, pairs: list, pad_id: int)
     rewards = implicit_rewards(cfg.algorithm.loss, token_logps.sum(-1).double(), ref.double(), lengths.double(),
                                cfg.algorithm.beta)
     chosen, rejected = rewards[:len(pairs)], rewards[len(pairs):]
-    wins = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
+    tie = (chosen - rejected).abs() <= TIE
+    wins = ((chosen > rejected) & ~tie).double() + 0.5 * tie.double()
     return {"eval/reward_accuracy": float(wins.mean()), "eval/reward_margin": float((chosen - rejected).mean()),
             "eval/pairs": float(len(pairs)), "time/eval_s": time.perf_counter() - start}
 
