@@ -71,7 +71,11 @@ class PeakMemory:
 
     def poll(self) -> None:
         import psutil
-        for proc in psutil.Process().children(recursive=True):   # this cluster's workers, no one else's
+        try:   # walking the tree raises when a process in it exits meanwhile: that poll is skipped, not the rest
+            children = psutil.Process().children(recursive=True)   # this cluster's workers, no one else's
+        except psutil.Error:
+            return
+        for proc in children:
             try:
                 title = " ".join(proc.cmdline() or [])
                 role = next((r for cls, r in self.ROLES.items() if title.startswith(f"ray::{cls}")), None)

@@ -11,7 +11,8 @@ FIELDS = {"position_swap": {"arms", "summary", "welch_t", "reproduced", "seconds
           "remax_ppo_grpo": {"arms", "summary", "verdict", "welch_t_gain_remax_vs_ppo", "seconds"},
           "overoptimisation": {"runs", "proxy_gain_mean", "gold_gain_mean", "proxy_outgrew_gold", "seconds"},
           "robust_dpo": {"runs", "summary", "training_pairs", "held_out_pairs", "start_gold_reward", "seconds"},
-          "repeat_ranking": {"runs", "labels", "summary", "held_out_pairs", "seconds"}}
+          "repeat_ranking": {"runs", "labels", "summary", "held_out_pairs", "seconds"},
+          "rlaif_variants": {"runs", "summary", "welch_t_direct_vs_canonical", "welch_t_sft_vs_direct", "seconds"}}
 
 
 def test_every_study_runs_quick_and_writes_its_results(tmp_path, model_cache, tiny_model):
@@ -26,7 +27,7 @@ def test_every_study_runs_quick_and_writes_its_results(tmp_path, model_cache, ti
         arms = report.get("arms") or {"runs": report["runs"]}
         for items in arms.values():
             for item in items:
-                assert item["seconds"] > 0 and {"curve", "points", "held_out_accuracy"} & item.keys()
+                assert item["seconds"] > 0 and {"curve", "points", "held_out_accuracy", "gold_win_rate"} & item.keys()
     remax = json.load(open(tmp_path / "remax_ppo_grpo.json"))
     assert set(remax["summary"]["ppo"]["peak_gib_by_role"]) >= {"actor", "critic", "reference", "rollout"}
     noisy = json.load(open(tmp_path / "robust_dpo.json"))
@@ -38,3 +39,7 @@ def test_every_study_runs_quick_and_writes_its_results(tmp_path, model_cache, ti
     assert all(item["nested"] for item in ranking["runs"])   # the top half is a subset of all, same rankings
     top, every = ([e["pairs"] for e in ranking["labels"] if e["subset"] == name] for name in ("top50", "all"))
     assert top[0] < every[0]
+    variants = json.load(open(tmp_path / "rlaif_variants.json"))
+    assert {item["arm"] for item in variants["runs"]} == {"d_rlaif", "canonical", "best_of_n_sft"}
+    tokens = [item["judge_tokens"] for item in variants["runs"]]
+    assert min(tokens) > 0 and max(tokens) < 1.1 * min(tokens)   # the same judge budget in every arm
