@@ -288,6 +288,7 @@ def score_answers(cfg: Config, evaluation: EvalRoles, answers: dict) -> dict[str
                                            group_ids=batch["group_ids"].tolist(),
                                            conversations=batch.meta["conversation"])
         scored[who] = result
+        batch.meta["measured"] = [float(r) if ok else None for r, ok in zip(result.rewards.tolist(), result.valid.tolist())]
         prefix = "" if who == "policy" else "baseline_"
         report[f"{prefix}{name}_reward"] = result.mean()
         report[f"{prefix}failure_rate"] = float((~result.valid).float().mean())
@@ -319,9 +320,11 @@ def write_report(out_dir: str, cfg: Config, answers: dict, report: dict) -> None
         json.dump({"model": cfg.model.path, "baseline": cfg.eval.baseline or None, **report}, handle, indent=2)
     with open(os.path.join(out_dir, "eval_samples.jsonl"), "w") as handle:
         for i, prompt in enumerate(answers["policy"].meta["prompt"]):
-            row = {"prompt": prompt, "response": answers["policy"].meta["response"][i]}
+            row = {"prompt": prompt, "response": answers["policy"].meta["response"][i],
+                   f"{cfg.eval.name}_reward": answers["policy"].meta["measured"][i]}   # None: not scored
             if "baseline" in answers:
                 row["baseline_response"] = answers["baseline"].meta["response"][i]
+                row[f"baseline_{cfg.eval.name}_reward"] = answers["baseline"].meta["measured"][i]
             handle.write(json.dumps(row) + "\n")
     name = cfg.eval.name
     print(f"[openrlaif] eval report: {os.path.join(out_dir, 'eval.json')}")

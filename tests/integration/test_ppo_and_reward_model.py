@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from openrlaif.config import (ActorConfig, AlgorithmConfig, ClusterConfig, Config, CriticConfig, DataConfig,
-                              FeedbackConfig, ModelConfig, OutputConfig, RewardModelConfig, RoleResources,
+                              EvalConfig, FeedbackConfig, ModelConfig, OutputConfig, RewardModelConfig, RoleResources,
                               RolloutConfig, validate)
 from openrlaif.pipelines import run
 
@@ -38,17 +38,40 @@ def test_reward_model_learns_and_is_accurate_on_held_out_pairs(reward_model, tin
     assert [row["step"] for row in evals] == [3, 6] and evals[0]["eval/pairs"] == 2
     assert evals[-1]["eval/accuracy"] == 1.0 and evals[-1]["eval/margin"] > 0
     # a plain transformers folder: scores chosen above rejected with transformers' own pooling
+    scores = transformers_scores(checkpoint, [("question 99", "the sun is a star"), ("question 99", "blue blue cat dog")])
+    assert scores[0] > scores[1]
+
+
+def transformers_scores(checkpoint: str, rows: list[tuple[str, str]]) -> list[float]:
+    """The reward model's score of each (prompt, answer), computed by transformers alone."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     scores = []
-    for answer in ("the sun is a star", "blue blue cat dog"):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "question 99"},
+    for prompt, answer in rows:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": answer}], tokenize=False)
         ids = tokenizer(text.rstrip("\n"), return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             scores.append(float(model(**ids).logits[0, 0]))
-    assert scores[0] > scores[1]
+    return scores
+
+
+def test_openrlaif_eval_measures_with_the_reward_model(reward_model, tiny_model, tmp_path):
+    """eval.feedback.source=reward_model: each held-out answer's measured reward is the reward model's own score."""
+    checkpoint, _ = reward_model
+    cfg = Config(pipeline="eval", seed=0, model=ModelConfig(path=tiny_model),
+                 rollout=RolloutConfig(engine="hf", max_new_tokens=6),
+                 eval=EvalConfig(prompts="demo", name="rm", feedback=FeedbackConfig(
+                     source="reward_model", reward_model=RewardModelConfig(path=checkpoint))),
+                 cluster=ClusterConfig(threads_per_worker=1), output=OutputConfig(dir=str(tmp_path)))
+    validate(cfg)
+    report = run(cfg)["metrics"]
+    answers = [json.loads(line) for line in open(tmp_path / "eval_samples.jsonl")]
+    expected = transformers_scores(checkpoint, [(a["prompt"], a["response"]) for a in answers])
+    assert len(answers) == 12 and [a["rm_reward"] for a in answers] == pytest.approx(expected, abs=1e-4)
+    assert report["rm_reward"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+    assert report["failure_rate"] == 0
 
 
 def test_ppo_with_the_reward_model_and_a_critic_started_from_it(reward_model, tiny_model, tmp_path):
