@@ -188,6 +188,12 @@ def start_model(quick: bool) -> str:
     return "tiny-random-llama" if quick else "smollm2-135m-instruct"
 
 
+def offline_model(quick: bool) -> list[str]:
+    """The model overrides every run of an offline study starts from (--quick: the tiny model on HF engines)."""
+    return ["model=tiny", "rollout.max_new_tokens=6", "cluster.threads_per_worker=1", "rollout.engine=hf"] if quick \
+        else ["model=smollm2", "rollout.max_new_tokens=32"]
+
+
 QUICK_PAIR = {"prompt": "Say hi.", "chosen": "Hi.", "rejected": "Hello there, how are you today, my friend"}
 
 
@@ -212,14 +218,11 @@ def greedy_answers(model: list[str], path: str, out_dir: str, remove: bool = Fal
     """A model's greedy answers to the held-out prompts (`openrlaif eval` on the HF engine), each with its gold
     score; `remove` deletes the model folder afterwards (a trained checkpoint, ~0.5 GB)."""
     import shutil
-
-    from openrlaif.feedback.rules import load_function
     result = run_arm(model + ["pipeline=eval", f"model.path={path}", "rollout.engine=hf", f"eval.prompts={EVAL_PROMPTS}",
                               "eval.feedback.source=function", f"eval.feedback.function={GOLD}"], out_dir)
     rows = [json.loads(line) for line in open(os.path.join(result["result"]["out_dir"], "eval_samples.jsonl"))]
-    gold = load_function(GOLD, {})
-    for row, score in zip(rows, gold([r["prompt"] for r in rows], [r["response"] for r in rows])):
-        row["gold"] = float(score)
+    for row in rows:   # the measured reward openrlaif eval wrote beside each answer (eval.name=gold)
+        row["gold"] = row["gold_reward"]
     if remove:
         shutil.rmtree(path)
     return rows

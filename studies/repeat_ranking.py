@@ -19,7 +19,7 @@ import os
 import time
 
 from common import (GOLD, TRAIN_PROMPTS, arguments, gold_win_rate, greedy_answers, held_out_pairs, labeller,
-                    mean_sd, run_arm, start_model, table, write)
+                    mean_sd, offline_model, run_arm, start_model, table, write)
 
 NAME = "repeat_ranking"
 LOSSES = ["dpo", "orpo"]
@@ -39,8 +39,7 @@ def label_accuracy(pairs: list[dict]) -> float:
 def main() -> None:
     args = arguments(__doc__.splitlines()[0], steps=6)
     start_time, quick = time.perf_counter(), args.quick
-    model = ["model=tiny", "rollout.max_new_tokens=6", "cluster.threads_per_worker=1", "rollout.engine=hf"] if quick \
-        else ["model=smollm2", "rollout.max_new_tokens=32"]
+    model = offline_model(quick)
     data_dir = os.path.join(args.out, "runs", f"{NAME}-data")
     held_out_path, held_out = held_out_pairs(model, os.path.join(data_dir, "label-held-out"), quick=quick)
     start_answers = greedy_answers(model, start_model(quick), os.path.join(data_dir, "eval-start"))

@@ -21,8 +21,8 @@ import random
 import shutil
 import time
 
-from common import (TRAIN_PROMPTS, arguments, gold_win_rate, greedy_answers, labeller, mean_sd, run_arm, start_model,
-                    table, welch_t, write)
+from common import (TRAIN_PROMPTS, arguments, gold_win_rate, greedy_answers, labeller, mean_sd, offline_model,
+                    run_arm, start_model, table, welch_t, write)
 
 NAME = "rlaif_variants"
 ARMS = ["d_rlaif", "canonical", "best_of_n_sft"]
@@ -37,8 +37,7 @@ def judge_tokens(rows: list[dict]) -> float:
 def main() -> None:
     args = arguments(__doc__.splitlines()[0], steps=PROMPTS // PER_STEP)
     start_time, quick = time.perf_counter(), args.quick
-    model = ["model=tiny", "rollout.max_new_tokens=6", "cluster.threads_per_worker=1", "rollout.engine=hf"] if quick \
-        else ["model=smollm2", "rollout.max_new_tokens=32"]
+    model = offline_model(quick)
     lr = 1e-3 if quick else 1e-5
     prompts = [json.loads(line) for line in open(TRAIN_PROMPTS)]
     data_dir = os.path.join(args.out, "runs", f"{NAME}-data")

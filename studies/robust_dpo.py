@@ -24,7 +24,7 @@ import random
 import time
 
 from common import (QUICK_PAIR, TRAIN_PROMPTS, arguments, gold_win_rate, greedy_answers, held_out_pairs, labeller,
-                    mean_sd, run_arm, start_model, table, write)
+                    mean_sd, offline_model, run_arm, start_model, table, write)
 
 NAME = "robust_dpo"
 LOSSES = ["dpo", "cdpo", "robust_dpo", "ipo"]
@@ -52,8 +52,7 @@ def flipped(pairs: list[dict], eps: float, seed: int) -> tuple[list[dict], int]:
 def main() -> None:
     args = arguments(__doc__.splitlines()[0], steps=8)
     start_time, quick = time.perf_counter(), args.quick
-    model = ["model=tiny", "rollout.max_new_tokens=6", "cluster.threads_per_worker=1", "rollout.engine=hf"] if quick \
-        else ["model=smollm2", "rollout.max_new_tokens=32"]
+    model = offline_model(quick)
     data_dir = os.path.join(args.out, "runs", f"{NAME}-data")
     with labeller(accuracy=1.0, seed=0) as server:   # 1. judge-labelled training pairs (noise-free)
         judge = ["feedback=judge_http", f"feedback.judge.base_url={server.base_url}", "feedback.judge.model=labeller",

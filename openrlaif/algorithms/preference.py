@@ -135,6 +135,14 @@ PREFERENCE_LOSSES = {
     "orpo": orpo_loss,
 }
 REFERENCE_FREE = {"simpo", "orpo"}
+# Unpaired (KTO, BCO) and listwise (LiPO-λ) losses take other inputs; they are registered by data shape.
+UNPAIRED_LOSSES = {"kto": kto_loss, "bco": bco_loss}
+LISTWISE_LOSSES = {"lipo": lipo_lambda_loss}
+
+
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | float = 0.0) -> Tensor:
+    """Bradley–Terry reward-model loss (Ouyang et al. 2022; margin as in Llama 2): −log σ(r_w − r_l − m)."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards - margin)
 
 
 def implicit_rewards(loss: str, logps: Tensor, ref_logps: Tensor, lengths: Tensor, beta: float) -> Tensor:
@@ -152,11 +160,3 @@ def implicit_rewards(loss: str, logps: Tensor, ref_logps: Tensor, lengths: Tenso
     if loss not in PREFERENCE_LOSSES:
         raise ValueError(f"no implicit reward for loss {loss!r}: one of {sorted(PREFERENCE_LOSSES)}")
     return beta * (logps - ref_logps)
-# Unpaired (KTO, BCO) and listwise (LiPO-λ) losses take other inputs; they are registered by data shape.
-UNPAIRED_LOSSES = {"kto": kto_loss, "bco": bco_loss}
-LISTWISE_LOSSES = {"lipo": lipo_lambda_loss}
-
-
-def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | float = 0.0) -> Tensor:
-    """Bradley–Terry reward-model loss (Ouyang et al. 2022; margin as in Llama 2): −log σ(r_w − r_l − m)."""
-    return -F.logsigmoid(chosen_rewards - rejected_rewards - margin)

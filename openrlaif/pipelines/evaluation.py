@@ -121,6 +121,12 @@ def eval_sampling(cfg: Config) -> Config:
 EVAL_SEED_OFFSET = 7_777_777   # every evaluation of a run samples with the same seed: the steps are comparable
 
 
+def eval_due(cfg: Config, step: int) -> bool:
+    """Whether eval.* measures after `step`: before the first (0), every `eval.every` steps, after the last."""
+    every = cfg.eval.every
+    return step == 0 or step == cfg.steps or (every > 0 and step % every == 0)
+
+
 class InLoopEval:
     """eval.* in an online loop: `due(step)` and `run(roles, step)` -> the eval/* metrics of that step."""
 
@@ -136,8 +142,7 @@ class InLoopEval:
                        "eval.greedy=false eval.samples_per_prompt=4 for it)")
 
     def due(self, step: int) -> bool:
-        every = self.cfg.eval.every
-        return self.on and (step == 0 or step == self.cfg.steps or (every > 0 and step % every == 0))
+        return self.on and eval_due(self.cfg, step)
 
     def run_eval(self, step: int) -> dict[str, float]:
         from openrlaif.batch import Batch
@@ -288,7 +293,8 @@ def score_answers(cfg: Config, evaluation: EvalRoles, answers: dict) -> dict[str
                                            group_ids=batch["group_ids"].tolist(),
                                            conversations=batch.meta["conversation"])
         scored[who] = result
-        batch.meta["measured"] = [float(r) if ok else None for r, ok in zip(result.rewards.tolist(), result.valid.tolist())]
+        batch.meta["measured"] = [float(r) if ok else None   # per answer, for eval_samples.jsonl
+                                  for r, ok in zip(result.rewards.tolist(), result.valid.tolist())]
         prefix = "" if who == "policy" else "baseline_"
         report[f"{prefix}{name}_reward"] = result.mean()
         report[f"{prefix}failure_rate"] = float((~result.valid).float().mean())

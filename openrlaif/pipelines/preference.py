@@ -22,6 +22,7 @@ from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
 from openrlaif.pipelines.common import (finish, load_tokenizer, prepare_output_dir, save_checkpoint,
                                         start_actor, threads_per_worker)
+from openrlaif.pipelines.evaluation import eval_due
 from openrlaif.runtime import ray_session
 from openrlaif.workers.group import WorkerGroup, check_cluster_fits
 
@@ -64,7 +65,7 @@ def train(cfg: Config) -> dict:
                         per_rank = ray.get(actor.map(lambda w, shard: w.listwise_step.remote(shard, list_size),
                                                      batch.split(len(actor))))
                 metrics |= (preference_metrics if pairwise else listwise_metrics)(per_rank, metrics["time/update_s"])
-                if held_out and (step == cfg.steps or (cfg.eval.every > 0 and step % cfg.eval.every == 0)):
+                if held_out and eval_due(cfg, step):
                     metrics |= held_out_accuracy(cfg, actor, held_out, tokenizer.pad_token_id)
                 logger.log(step, metrics)
                 tqdm.write(summary_line(step, metrics))
@@ -121,8 +122,7 @@ TIE = 1e-5
 def held_out_accuracy(cfg: Config, actor: WorkerGroup, pairs: list, pad_id: int) -> dict[str, float]:
     """eval.pairs: how the loss's implicit reward (algorithms.preference.implicit_rewards) ranks held-out pairs.
     eval/reward_accuracy counts a tie (within TIE) as 1/2 (DPO's implicit reward is 0 for every answer before the
-    first step),
-    eval/reward_margin is the mean chosen − rejected reward."""
+    first step); eval/reward_margin is the mean chosen − rejected reward."""
     import torch
 
     from openrlaif.algorithms.preference import implicit_rewards
