@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -62,9 +63,12 @@ def compose(overrides: list[str]):
 
 class PeakMemory:
     """The peak resident memory (VmHWM) of each role's worker processes while a run lasts, read from /proc (one
-    machine: the local cluster). Ray names a worker process after its class: ray::ActorWorker, ..."""
+    machine: the local cluster). Ray titles a worker process after its class (and, in a call, the actor's name)."""
     ROLES = {"ActorWorker": "actor", "ReferenceWorker": "reference", "RolloutWorker": "rollout",
              "CriticWorker": "critic", "JudgeWorker": "judge", "RewardModelWorker": "reward_model"}
+
+    # ray::ActorWorker while idle, ray::openrlaif-actor-0:ActorWorker.train_step (the actor's name first) in a call
+    TITLE = re.compile(r"ray::(?:[^\s:]+:)?(\w+)")
 
     def __init__(self, every_s: float = 1.0) -> None:
         self.every_s, self.peak, self.stop = every_s, {}, threading.Event()
@@ -77,8 +81,8 @@ class PeakMemory:
             return
         for proc in children:
             try:
-                title = " ".join(proc.cmdline() or [])
-                role = next((r for cls, r in self.ROLES.items() if title.startswith(f"ray::{cls}")), None)
+                match = self.TITLE.match(" ".join(proc.cmdline() or []))
+                role = self.ROLES.get(match.group(1)) if match else None
                 if role is None:
                     continue
                 with open(f"/proc/{proc.pid}/status") as handle:
