@@ -128,15 +128,20 @@ def test_one_run_per_folder_resume_needs_a_checkpoint_and_overwrite_starts_over(
 
 
 def test_ctrl_c_stops_with_the_way_on_not_a_traceback(cache_env, tmp_path):
-    args = ["train", "model=tiny", "feedback=function", "steps=50", "rollout.engine=hf", "rollout.max_new_tokens=8",
+    """Interrupted while step 2's feedback is held (its reward function waits for a file that never comes), after
+    step 1's checkpoint: the same point on any machine, however fast (polling for the checkpoint once missed it)."""
+    release = tmp_path / "release"
+    args = ["train", "model=tiny", "feedback=function", "feedback.function=tests.integration.rewards:hold_at_step",
+            "steps=50", "rollout.engine=hf", "rollout.max_new_tokens=8",
             "data.prompts_per_step=2", "rollout.samples_per_prompt=2", "actor.micro_batch_size=2",
-            "output.checkpoint_every=1", f"output.dir={tmp_path}"]
-    run = subprocess.Popen([sys.executable, "-m", "openrlaif", *args], cwd=ROOT, env=dict(os.environ, **cache_env),
+            "output.checkpoint_every=1", f"output.dir={tmp_path / 'run'}"]
+    run = subprocess.Popen([sys.executable, "-m", "openrlaif", *args], cwd=ROOT,
+                           env=dict(os.environ, **cache_env, OPENRLAIF_TEST_RELEASE=str(release)),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint = tmp_path / "checkpoints" / "step_000001" / "driver.json"
-    while not checkpoint.exists():
+    while not os.path.exists(str(release) + ".held"):
         assert run.poll() is None, run.communicate()[1][-3000:]
-        time.sleep(0.2)
+        time.sleep(0.1)
+    assert (tmp_path / "run" / "checkpoints" / "step_000001" / "driver.json").exists()
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=300)
     assert run.returncode in (1, 130), err[-3000:]

@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RUN = ["train", "model=tiny", "feedback=function", "+feedback.function_kwargs.target_words=3", "steps=3", "seed=5",
        "rollout.engine=hf", "rollout.max_new_tokens=8", "actor.lr=1e-3", "actor.resources.num_workers=2",
        "actor.micro_batch_size=4", "output.checkpoint_every=1", "output.keep_last=2", "cluster.num_cpus=5"]
+HOLD = "feedback.function=tests.integration.rewards:hold_at_step"   # the brevity rule, held where a test asks
 COMPARED = ["reward/mean", "train/loss", "train/kl", "train/grad_norm", "response/length_mean", "train/clip_fraction"]
 
 
@@ -54,11 +55,16 @@ def test_killed_after_step_2_resumes_to_the_same_step_3(env, tmp_path):
     assert code == 0, err[-3000:]
     expected = metrics(tmp_path / "straight")
 
-    killed = start(env, tmp_path / "killed")
-    wait_for(tmp_path / "killed" / "checkpoints" / "step_000002" / "driver.json", killed)
+    # Held in step 3's feedback, after step 2's checkpoint: killed there on any machine, however fast.
+    release = tmp_path / "release"
+    killed = start(dict(env, OPENRLAIF_TEST_RELEASE=str(release)), tmp_path / "killed", HOLD,
+                   "+feedback.function_kwargs.step=3")
+    wait_for(str(release) + ".held", killed)
+    assert os.path.isfile(tmp_path / "killed" / "checkpoints" / "step_000002" / "driver.json")
     os.killpg(killed.pid, signal.SIGKILL)     # the driver and everything in its session, no clean-up
     killed.wait()
-    resumed = start(env, tmp_path / "killed", "resume=true")
+    assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["step_000001", "step_000002"]
+    resumed = start(env, tmp_path / "killed", "resume=true", HOLD, "+feedback.function_kwargs.step=3")
     code, err = finish(resumed)
     assert code == 0, err[-3000:]
     got = metrics(tmp_path / "killed")
@@ -119,7 +125,7 @@ def test_a_dead_actor_worker_is_named_and_the_run_resumes(env, tmp_path):
     killed then, so the update that follows finds it dead: no race with the run's end, no other run touched."""
     release = tmp_path / "release"
     held = dict(env, OPENRLAIF_TEST_RELEASE=str(release))
-    run = start(held, tmp_path / "run", "feedback.function=tests.integration.rewards:hold_at_second_step")
+    run = start(held, tmp_path / "run", HOLD)
     wait_for(str(release) + ".held", run)
     workers = own_workers(run.pid, "ActorWorker")
     assert len(workers) == 2, workers

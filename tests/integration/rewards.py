@@ -24,17 +24,18 @@ def record_listeners(prompts, responses):
 _CALLS = {"count": 0}
 
 
-def hold_at_second_step(prompts, responses, target_words: int = 3):
-    """The brevity rule, except that its second call (step 2's feedback) waits until the file named by
-    $OPENRLAIF_TEST_RELEASE exists, after writing $OPENRLAIF_TEST_RELEASE.held: a test can act at a known point of
-    the run (kill a worker) with no race."""
+def hold_at_step(prompts, responses, target_words: int = 3, step: int = 2):
+    """The brevity rule, except that its `step`-th call (that step's feedback, after the previous step's
+    checkpoint) waits until the file named by $OPENRLAIF_TEST_RELEASE exists, after writing
+    $OPENRLAIF_TEST_RELEASE.held: a test can act at a known point of the run (kill a worker, kill or interrupt
+    the run) with no race, however fast the machine is. Without the variable it is the brevity rule."""
     import os
     import time
 
     from openrlaif.feedback.rules import brevity
     _CALLS["count"] += 1
     release = os.environ.get("OPENRLAIF_TEST_RELEASE")
-    if release and _CALLS["count"] == 2:
+    if release and _CALLS["count"] == step:
         open(release + ".held", "w").close()
         while not os.path.exists(release):
             time.sleep(0.1)
