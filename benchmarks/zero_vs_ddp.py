@@ -68,7 +68,7 @@ def run_zero(model_path: str, stage: int, batch, steps: int) -> list[float]:
     import ray
 
     from openrlaif.config import ActorConfig, AlgorithmConfig, Config, ModelConfig, RoleResources
-    from openrlaif.pipelines.common import start_actor
+    from openrlaif.roles import start_actor
 
     cfg = Config(model=ModelConfig(path=model_path),
                  actor=ActorConfig(zero_stage=stage, lr=1e-6, micro_batch_size=len(batch) // WORLD,

@@ -190,3 +190,27 @@ def role_died(dead: list[str], err: Exception, phase: str, step: int, checkpoint
     """The error a run stops with when a worker died: which role, when, and how to go on."""
     return RunError(f"{', '.join(dead)} died during the {phase} phase of step {step} "
                     f"({type(err).__name__}). {resume_hint(checkpointer)}")
+
+
+class FailedSteps:
+    """Counts consecutive steps in which every sample's feedback failed; at `limit` the run stops (RunError, exit 1,
+    no final checkpoint): it would exit 0 having learned nothing."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.run = limit, 0
+
+    def count(self, step: int, metrics: dict[str, float], checkpointer: Checkpointer | None = None) -> None:
+        kinds = {key for key in metrics if key.startswith("feedback/failures/")}
+        # a strict pairwise consistency filter that kept nothing is the user's setting working, not a failure
+        filtered = kinds == {"feedback/failures/no_kept_comparison"} and not any(
+            key.startswith("feedback/comparison_failures/") for key in metrics)
+        self.run = self.run + 1 if metrics.get("feedback/failure_rate") == 1.0 and not filtered else 0
+        if not self.limit or self.run < self.limit:
+            return
+        kinds = ", ".join(f"{key.rsplit('/', 1)[-1]} ×{int(value)}" for key, value in sorted(metrics.items())
+                          if key.startswith("feedback/failures/"))
+        raise RunError(f"step {step}: every sample's feedback failed in each of the last {self.run} steps ({kinds}; "
+                       "the lines above give each kind's cause), so the run learned nothing from them. It stopped "
+                       f"without writing a final checkpoint. {resume_hint(checkpointer)} Fix: what the failures "
+                       "name (the judge endpoint, the judge model, the reward function), or "
+                       "feedback.max_failed_steps=0 to go on regardless.")

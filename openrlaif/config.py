@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -391,19 +391,19 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
-def _choice(key: str, value: str, choices) -> None:
+def check_choice(key: str, value: str, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {sorted(choices)}. Fix: pass e.g. {key}={sorted(choices)[0]}")
 
 
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{key}={value} must be {bound}.")
 
 
 def _finite_numbers(node, path: str = "") -> None:
-    """Every number of the config must be finite: `_positive(nan)` is False, so NaN slipped through every range
+    """Every number of the config must be finite: `check_positive(nan)` is False, so NaN slipped through every range
     check (algorithm.kl_coef=inf trained to a checkpoint of NaN weights, exit 0)."""
     import dataclasses
     if dataclasses.is_dataclass(node):
@@ -420,31 +420,34 @@ def _finite_numbers(node, path: str = "") -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field and range checks. Model and data files are checked by their loaders (they name the file)."""
+    """Cross-field and range checks: the ones every pipeline shares here, then the pipeline's own (its module's
+    `validate`), then eval.*. Model and data files are checked by their loaders (they name the file)."""
+    import importlib
+
     from openrlaif.pipelines import PIPELINES
 
     _finite_numbers(cfg)
-    _choice("pipeline", cfg.pipeline, PIPELINES)
-    _choice("model.dtype", cfg.model.dtype, {"float32", "bfloat16"})
-    _choice("cluster.dist_backend", cfg.cluster.dist_backend, {"auto", "gloo", "nccl"})
+    check_choice("pipeline", cfg.pipeline, PIPELINES)
+    check_choice("model.dtype", cfg.model.dtype, {"float32", "bfloat16"})
+    check_choice("cluster.dist_backend", cfg.cluster.dist_backend, {"auto", "gloo", "nccl"})
     if cfg.actor.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"actor.zero_stage={cfg.actor.zero_stage} must be 0, 1, 2 or 3.")
     for key, value in (("steps", cfg.steps), ("data.prompts_per_step", cfg.data.prompts_per_step),
                        ("data.max_prompt_tokens", cfg.data.max_prompt_tokens), ("actor.lr", cfg.actor.lr),
                        ("actor.micro_batch_size", cfg.actor.micro_batch_size), ("actor.epochs", cfg.actor.epochs)):
-        _positive(key, value)
+        check_positive(key, value)
     for role, res in (("rollout", cfg.rollout.resources), ("actor", cfg.actor.resources),
                       ("critic", cfg.critic.resources), ("reference", cfg.reference.resources),
                       ("feedback.judge", cfg.feedback.judge.resources),
                       ("feedback.reward_model", cfg.feedback.reward_model.resources)):
-        _positive(f"{role}.resources.num_workers", res.num_workers)
-        _positive(f"{role}.resources.num_cpus", res.num_cpus, allow_zero=True)
-        _positive(f"{role}.resources.num_gpus", res.num_gpus, allow_zero=True)
+        check_positive(f"{role}.resources.num_workers", res.num_workers)
+        check_positive(f"{role}.resources.num_cpus", res.num_cpus, allow_zero=True)
+        check_positive(f"{role}.resources.num_gpus", res.num_gpus, allow_zero=True)
         if res.num_cpus == 0 and res.num_gpus == 0:
             raise ConfigError(f"{role}.resources reserves neither CPUs nor GPUs; a placement bundle needs one. "
                               f"Fix: {role}.resources.num_cpus=1 (or num_gpus=1).")
-    _positive("output.checkpoint_every", cfg.output.checkpoint_every, allow_zero=True)
-    _positive("output.keep_last", cfg.output.keep_last, allow_zero=True)
+    check_positive("output.checkpoint_every", cfg.output.checkpoint_every, allow_zero=True)
+    check_positive("output.keep_last", cfg.output.keep_last, allow_zero=True)
     if (cfg.resume or cfg.output.checkpoint_every) and cfg.pipeline not in ("online_rl", "online_dpo"):
         raise ConfigError(f"resume / output.checkpoint_every work for pipeline=online_rl and online_dpo; "
                           f"pipeline={cfg.pipeline} runs start over (the offline ones are short, and label and "
@@ -452,24 +455,13 @@ def validate(cfg: Config) -> None:
     _validate_loggers(cfg.output)
     _validate_colocation(cfg)
     if cfg.pipeline in SAMPLING_PIPELINES:
-        _validate_rollout(cfg)
-    if cfg.pipeline == "online_rl":
-        _validate_online(cfg)
-    elif cfg.pipeline == "online_dpo":
-        _validate_online_dpo(cfg)
-    elif cfg.pipeline == "label":
-        _validate_labelling(cfg)
-    elif cfg.pipeline == "constitutional":
-        _validate_constitution(cfg)
-    elif cfg.pipeline == "judge_eval":
-        _validate_judge(cfg.feedback.judge, cfg.pipeline, cfg.rollout.engine)
-    elif cfg.pipeline != "eval":
-        _validate_offline(cfg)
+        validate_rollout(cfg)
+    importlib.import_module(PIPELINES[cfg.pipeline]).validate(cfg)   # each pipeline's own checks, beside its loop
     from openrlaif.pipelines.evaluation import validate_eval
     validate_eval(cfg)
     if cfg.eval.feedback.source == "judge":   # the same checks, the keys named as they are under eval
         try:
-            _validate_judge(cfg.eval.feedback.judge, "eval", cfg.rollout.engine)
+            validate_judge(cfg.eval.feedback.judge, "eval", cfg.rollout.engine)
         except ConfigError as err:
             raise ConfigError(str(err).replace("feedback.judge.", "eval.feedback.judge.")) from None
 
@@ -494,7 +486,7 @@ def _validate_colocation(cfg: Config) -> None:
     if not colocate:
         return
     for role in colocate:
-        _choice("cluster.colocate", role, COLOCATABLE)
+        check_choice("cluster.colocate", role, COLOCATABLE)
     if len(set(colocate)) != len(colocate) or len(colocate) < 2:
         raise ConfigError(f"cluster.colocate={list(colocate)} must name two or more different roles. "
                           "Fix: e.g. cluster.colocate=[actor,reference,rollout], or cluster.colocate=[] for none.")
@@ -510,13 +502,13 @@ def _validate_loggers(output: OutputConfig) -> None:
     import importlib.util
 
     for name in output.loggers:
-        _choice("output.loggers", name, LOGGERS)
+        check_choice("output.loggers", name, LOGGERS)
         if importlib.util.find_spec(LOGGERS[name]) is None:
             raise ConfigError(f"output.loggers has {name!r} but {LOGGERS[name]} is not installed. "
                               f"Fix: pip install {LOGGERS[name]} (make install adds it), or drop {name} from output.loggers.")
     if "wandb" not in output.loggers:
         return
-    _choice("output.wandb.mode", output.wandb.mode, {"online", "offline"})
+    check_choice("output.wandb.mode", output.wandb.mode, {"online", "offline"})
     netrc = os.path.join(os.path.expanduser("~"), ".netrc")
     logged_in = os.environ.get("WANDB_API_KEY") or (os.path.exists(netrc) and "api.wandb.ai" in Path(netrc).read_text())
     if output.wandb.mode == "online" and not logged_in:
@@ -525,15 +517,15 @@ def _validate_loggers(output: OutputConfig) -> None:
                           "`wandb sync <output.dir>/wandb/offline-run-*` later.")
 
 
-def _validate_rollout(cfg: Config) -> None:
-    _choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
+def validate_rollout(cfg: Config) -> None:
+    check_choice("rollout.engine", cfg.rollout.engine, {"vllm", "hf"})
     if cfg.rollout.engine == "vllm":
         _needs_vllm("rollout.engine")
-    _choice("rollout.dtype", cfg.rollout.dtype, {"float32", "bfloat16"})
-    _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
-    _positive("rollout.temperature", cfg.rollout.temperature)
-    _positive("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt)
-    _positive("rollout.kv_cache_gib", cfg.rollout.kv_cache_gib)
+    check_choice("rollout.dtype", cfg.rollout.dtype, {"float32", "bfloat16"})
+    check_positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    check_positive("rollout.temperature", cfg.rollout.temperature)
+    check_positive("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt)
+    check_positive("rollout.kv_cache_gib", cfg.rollout.kv_cache_gib)
     if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
         raise ConfigError(f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} must be in (0, 1].")
     _validate_async(cfg)
@@ -541,13 +533,13 @@ def _validate_rollout(cfg: Config) -> None:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1].")
 
 
-def _validate_trained(role: str, train: ActorConfig, step_batch: int, what: str) -> None:
+def validate_trained(role: str, train: ActorConfig, step_batch: int, what: str) -> None:
     """A DeepSpeed-trained role: its optimizer step must split evenly into workers × micro-batches."""
-    _positive(f"{role}.micro_batch_size", train.micro_batch_size)
-    _positive(f"{role}.lr", train.lr)
-    _positive(f"{role}.grad_clip", train.grad_clip)
-    _positive(f"{role}.weight_decay", train.weight_decay, allow_zero=True)
-    _positive(f"{role}.epochs", train.epochs)
+    check_positive(f"{role}.micro_batch_size", train.micro_batch_size)
+    check_positive(f"{role}.lr", train.lr)
+    check_positive(f"{role}.grad_clip", train.grad_clip)
+    check_positive(f"{role}.weight_decay", train.weight_decay, allow_zero=True)
+    check_positive(f"{role}.epochs", train.epochs)
     if train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{role}.zero_stage={train.zero_stage} must be 0, 1, 2 or 3.")
     world = train.resources.num_workers
@@ -563,60 +555,16 @@ def _validate_trained(role: str, train: ActorConfig, step_batch: int, what: str)
             "data.prompts_per_step.")
 
 
-def _validate_feedback_source(cfg: Config) -> None:
+def validate_feedback_source(cfg: Config) -> None:
     """The feedback that scores sampled responses: a judge, a reward model or rule/user functions."""
     fb = cfg.feedback
-    _choice("feedback.source", fb.source, {"judge", "function", "reward_model"})
+    check_choice("feedback.source", fb.source, {"judge", "function", "reward_model"})
     if fb.source == "function" and ":" not in fb.function:
         raise ConfigError(f"feedback.function={fb.function!r} must name a callable as 'package.module:name' "
                           "when feedback.source=function. Fix: feedback.function=openrlaif.feedback.rules:brevity")
     if fb.source == "judge":
-        _validate_judge(fb.judge, cfg.pipeline, cfg.rollout.engine)
+        validate_judge(fb.judge, cfg.pipeline, cfg.rollout.engine)
     _validate_feedback(fb)
-
-
-def _validate_online(cfg: Config) -> None:
-    from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-    from openrlaif.algorithms.advantages import CRITIC, GROUP_BASELINES, TOKEN_LEVEL
-    from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
-
-    algo = cfg.algorithm
-    _choice("algorithm.advantage", algo.advantage, ADVANTAGE_ESTIMATORS)
-    _choice("algorithm.policy_loss", algo.policy_loss, POLICY_LOSSES)
-    _choice("algorithm.kl_estimator", algo.kl_estimator, KL_ESTIMATORS)
-    _choice("algorithm.loss_agg", algo.loss_agg, LOSS_AGGREGATIONS)
-    if algo.dual_clip is not None and algo.dual_clip <= 1:
-        raise ConfigError(f"algorithm.dual_clip={algo.dual_clip} must be > 1 (the paper uses 3), or null.")
-    if algo.kl_in_reward and algo.advantage not in TOKEN_LEVEL:
-        raise ConfigError(f"algorithm.kl_in_reward=true needs a token-level estimator ({', '.join(sorted(TOKEN_LEVEL))}"
-                          f"); algorithm.advantage={algo.advantage} uses one reward per sequence. Fix: "
-                          "algorithm.kl_in_reward=false (KL in the loss) or algorithm=reinforce_pp.")
-    if algo.kl_estimator == "k1" and algo.kl_coef > 0 and not algo.kl_in_reward:
-        # ∇(log π − log π_ref) = ∇log π, whose expectation under π is 0: k1 in the loss regularises nothing.
-        raise ConfigError("algorithm.kl_estimator=k1 in the loss has zero expected gradient (E[∇log π] = 0), so "
-                          "the run would have no KL regularisation at all. Fix: algorithm.kl_estimator=k3 (GRPO's) "
-                          "or k2 (its gradient is that of KL(π‖π_ref)) for the KL in the loss, or "
-                          "algorithm.kl_in_reward=true to use k1 as a per-token reward penalty (REINFORCE++, PPO).")
-    if algo.clip_eps_high is not None and algo.clip_eps_high < 0:
-        raise ConfigError(f"algorithm.clip_eps_high={algo.clip_eps_high} must be >= 0, or null.")
-    _positive("algorithm.entropy_coef", algo.entropy_coef, allow_zero=True)
-    _positive("algorithm.kl_coef", algo.kl_coef, allow_zero=True)
-    if not 0 < algo.clip_eps < 1:
-        raise ConfigError(f"algorithm.clip_eps={algo.clip_eps} must be in (0, 1): the ratio is clipped to "
-                          "[1 − ε, 1 + ε] (PPO's 0.2).")
-    if cfg.rollout.samples_per_prompt < 2 and algo.advantage in GROUP_BASELINES:
-        raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: "
-                          f"{algo.advantage} needs a group of at least 2 samples per prompt to form its "
-                          "baseline. Fix: rollout.samples_per_prompt=4")
-    what = "data.prompts_per_step × rollout.samples_per_prompt"
-    _validate_trained("actor", cfg.actor, step_batch_size(cfg), what)
-    if algo.advantage in CRITIC:
-        _validate_trained("critic", cfg.critic, step_batch_size(cfg), what)
-        if not (0 <= algo.gamma <= 1 and 0 <= algo.lam <= 1):
-            raise ConfigError(f"algorithm.gamma={algo.gamma} and algorithm.lam={algo.lam} must be in [0, 1].")
-        if cfg.critic.value_clip is not None and cfg.critic.value_clip <= 0:
-            raise ConfigError(f"critic.value_clip={cfg.critic.value_clip} must be > 0, or null to turn it off.")
-    _validate_feedback_source(cfg)
 
 
 def _validate_async(cfg: Config) -> None:
@@ -631,52 +579,7 @@ def _validate_async(cfg: Config) -> None:
         raise ConfigError("rollout.async_steps=1 weighs each token by π_old / π_behaviour with the engine's "
                           "log-probs, which are those of the untempered, untruncated model. Fix: "
                           "rollout.temperature=1.0 rollout.top_p=1.0, or rollout.async_steps=0.")
-    _positive("algorithm.is_cap", cfg.algorithm.is_cap)
-
-
-def _validate_labelling(cfg: Config) -> None:
-    """pipeline=label, and the pair-building half of online_dpo: a group per prompt, scored, best vs worst."""
-    _choice("label.pairs", cfg.label.pairs, {"best_worst", "all"})
-    _positive("label.min_gap", cfg.label.min_gap, allow_zero=True)
-    if not 0 < cfg.label.keep_top_fraction <= 1:
-        raise ConfigError(f"label.keep_top_fraction={cfg.label.keep_top_fraction} must be in (0, 1]: the share of "
-                          "prompts kept, most consistently ranked first (Repeat Ranking: 0.25, 0.5 or 0.75).")
-    listwise = cfg.feedback.source == "judge" and cfg.feedback.judge.mode == "listwise"
-    if cfg.label.keep_top_fraction < 1 and not listwise:
-        raise ConfigError("label.keep_top_fraction < 1 keeps the prompts whose repeated rankings agree most "
-                          "(Kendall's W), which only a listwise judge gives. Fix: feedback=judge_listwise, or "
-                          "label.keep_top_fraction=1.0 (for a pairwise judge, feedback.judge.consistency_threshold "
-                          "filters pairs instead).")
-    if cfg.rollout.samples_per_prompt < 2:
-        raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: a preference pair needs at "
-                          f"least 2 responses per prompt. Fix: rollout.samples_per_prompt=4")
-    _validate_feedback_source(cfg)
-
-
-def _validate_online_dpo(cfg: Config) -> None:
-    from openrlaif.algorithms.preference import PREFERENCE_LOSSES
-    _choice("algorithm.loss", cfg.algorithm.loss, PREFERENCE_LOSSES)
-    _validate_preference_loss(cfg.algorithm)
-    _validate_labelling(cfg)
-    if cfg.label.pairs != "best_worst":
-        raise ConfigError("pipeline=online_dpo trains on one pair per prompt: label.pairs=best_worst.")
-    _validate_trained("actor", cfg.actor, step_batch_size(cfg), "data.prompts_per_step, one pair per prompt")
-
-
-def _validate_constitution(cfg: Config) -> None:
-    con = cfg.constitution
-    if not con.principles:
-        raise ConfigError("constitution.principles is empty. Fix: give at least one {critique, revision} pair, or "
-                          "leave it unset for the built-in principles.")
-    for index, principle in enumerate(con.principles):
-        if not (principle.critique.strip() and principle.revision.strip()):
-            raise ConfigError(f"constitution.principles[{index}] needs a non-empty critique and revision request.")
-    _positive("constitution.revisions", con.revisions)
-    _positive("constitution.max_new_tokens", con.max_new_tokens)
-    _positive("constitution.temperature", con.temperature, allow_zero=True)
-    _validate_judge(cfg.feedback.judge, cfg.pipeline, cfg.rollout.engine)
-    if con.train:
-        _validate_offline(replace(cfg, pipeline="sft"))
+    check_positive("algorithm.is_cap", cfg.algorithm.is_cap)
 
 
 def judge_engine(judge: JudgeConfig, rollout_engine: str) -> str:
@@ -691,33 +594,33 @@ def _needs_vllm(key: str) -> None:
                           f"GPU), or {key}=hf.")
 
 
-def _validate_judge(judge: JudgeConfig, pipeline: str, rollout_engine: str = "vllm") -> None:
-    _choice("feedback.judge.mode", judge.mode, {"pointwise", "pairwise", "listwise"})
-    _choice("feedback.judge.readout", judge.readout, {"probs", "generate"})
-    _choice("feedback.judge.backend", judge.backend, {"local", "http"})
+def validate_judge(judge: JudgeConfig, pipeline: str, rollout_engine: str = "vllm") -> None:
+    check_choice("feedback.judge.mode", judge.mode, {"pointwise", "pairwise", "listwise"})
+    check_choice("feedback.judge.readout", judge.readout, {"probs", "generate"})
+    check_choice("feedback.judge.backend", judge.backend, {"local", "http"})
     if judge.score_min >= judge.score_max:
         raise ConfigError(f"feedback.judge.score_min={judge.score_min} must be below score_max={judge.score_max}.")
-    _choice("feedback.judge.engine", judge.engine, {"", "vllm", "hf"})
-    _choice("feedback.judge.pairwise_strategy", judge.pairwise_strategy, {"all", "anchor", "k_random", "adaptive"})
-    _choice("feedback.judge.pairwise_reward", judge.pairwise_reward, {"win_rate", "bradley_terry"})
-    _positive("feedback.judge.pairwise_k", judge.pairwise_k)
+    check_choice("feedback.judge.engine", judge.engine, {"", "vllm", "hf"})
+    check_choice("feedback.judge.pairwise_strategy", judge.pairwise_strategy, {"all", "anchor", "k_random", "adaptive"})
+    check_choice("feedback.judge.pairwise_reward", judge.pairwise_reward, {"win_rate", "bradley_terry"})
+    check_positive("feedback.judge.pairwise_k", judge.pairwise_k)
     for key in ("requests_per_minute", "tokens_per_minute", "price_per_mtok_prompt", "price_per_mtok_completion"):
-        _positive(f"feedback.judge.{key}", getattr(judge, key), allow_zero=True)
-    _positive("feedback.judge.max_rate_limit_waits", judge.max_rate_limit_waits, allow_zero=True)
+        check_positive(f"feedback.judge.{key}", getattr(judge, key), allow_zero=True)
+    check_positive("feedback.judge.max_rate_limit_waits", judge.max_rate_limit_waits, allow_zero=True)
     for key in ("tokens_per_step", "tokens_total", "cost_per_step", "cost_total"):
-        _positive(f"feedback.judge.budget.{key}", getattr(judge.budget, key), allow_zero=True)
+        check_positive(f"feedback.judge.budget.{key}", getattr(judge.budget, key), allow_zero=True)
     if (judge.budget.cost_per_step or judge.budget.cost_total) and not (judge.price_per_mtok_prompt
                                                                         or judge.price_per_mtok_completion):
         raise ConfigError("feedback.judge.budget.cost_per_step/cost_total limit money, but the judge's prices are "
                           "0. Fix: set feedback.judge.price_per_mtok_prompt and price_per_mtok_completion, or "
                           "limit tokens (budget.tokens_per_step / tokens_total).")
-    _positive("feedback.judge.bt_prior", judge.bt_prior)
+    check_positive("feedback.judge.bt_prior", judge.bt_prior)
     if judge.pairwise_budget < 2:
         raise ConfigError(f"feedback.judge.pairwise_budget={judge.pairwise_budget}: adaptive judging starts with a "
                           "cycle, two comparisons per response. Fix: pairwise_budget >= 2 (2.5 is the default).")
     if judge.backend == "local" and judge_engine(judge, rollout_engine) == "vllm":
         _needs_vllm("feedback.judge.engine" if judge.engine else "rollout.engine (which the judge follows)")
-    _positive("feedback.judge.kv_cache_gib", judge.kv_cache_gib)
+    check_positive("feedback.judge.kv_cache_gib", judge.kv_cache_gib)
     if not 0 < judge.gpu_memory_utilization < 1:
         raise ConfigError(f"feedback.judge.gpu_memory_utilization={judge.gpu_memory_utilization} must be in (0, 1).")
     labels = list(judge.pairwise_labels)
@@ -760,7 +663,7 @@ def _validate_judge(judge: JudgeConfig, pipeline: str, rollout_engine: str = "vl
         if judge.max_new_tokens < 16:
             raise ConfigError(f"feedback.judge.mode=listwise with max_new_tokens={judge.max_new_tokens}: a ranking "
                               "of the group needs room. Fix: feedback.judge.max_new_tokens=64.")
-        _positive("feedback.judge.rankings", judge.rankings)
+        check_positive("feedback.judge.rankings", judge.rankings)
         if pipeline in ("judge_eval", "constitutional"):
             raise ConfigError(f"feedback.judge.mode=listwise ranks a group of samples; pipeline={pipeline} judges "
                               "pairs or single responses. Fix: feedback.judge.mode=pairwise or pointwise.")
@@ -768,12 +671,12 @@ def _validate_judge(judge: JudgeConfig, pipeline: str, rollout_engine: str = "vl
         raise ConfigError("feedback.judge.follow_policy=true (self-rewarding) makes the judge the live policy: it "
                           "needs feedback.judge.backend=local and pipeline=online_rl or online_dpo, where weights "
                           f"are synced (got backend={judge.backend}, pipeline={pipeline}).")
-    _positive("feedback.judge.timeout_s", judge.timeout_s)
-    _positive("feedback.judge.concurrency", judge.concurrency)
-    _positive("feedback.judge.max_retries", judge.max_retries, allow_zero=True)
-    _positive("feedback.judge.backoff_s", judge.backoff_s, allow_zero=True)
-    _positive("feedback.judge.max_new_tokens", judge.max_new_tokens)
-    _positive("feedback.judge.temperature", judge.temperature, allow_zero=True)
+    check_positive("feedback.judge.timeout_s", judge.timeout_s)
+    check_positive("feedback.judge.concurrency", judge.concurrency)
+    check_positive("feedback.judge.max_retries", judge.max_retries, allow_zero=True)
+    check_positive("feedback.judge.backoff_s", judge.backoff_s, allow_zero=True)
+    check_positive("feedback.judge.max_new_tokens", judge.max_new_tokens)
+    check_positive("feedback.judge.temperature", judge.temperature, allow_zero=True)
     if judge.min_label_mass is not None and not 0 <= judge.min_label_mass < 1:
         raise ConfigError(f"feedback.judge.min_label_mass={judge.min_label_mass} must be in [0, 1), or null for "
                           "the judge model's default.")
@@ -786,7 +689,7 @@ def _validate_judge(judge: JudgeConfig, pipeline: str, rollout_engine: str = "vl
 
 def _validate_feedback(fb: FeedbackConfig) -> None:
     from openrlaif.algorithms.rewards import REWARD_TRANSFORMS
-    _choice("feedback.transform", fb.transform, REWARD_TRANSFORMS)
+    check_choice("feedback.transform", fb.transform, REWARD_TRANSFORMS)
     if fb.source == "reward_model" and not fb.reward_model.path:
         raise ConfigError("feedback.source=reward_model needs feedback.reward_model.path: a folder written by "
                           "pipeline=reward_model (its <output.dir>/checkpoint), or any one-label "
@@ -802,10 +705,10 @@ def _validate_feedback(fb: FeedbackConfig) -> None:
                           "objective, the source first, or [] for all 1.")
     if not 0 <= fb.reference_quantile <= 1:
         raise ConfigError(f"feedback.reference_quantile={fb.reference_quantile} must be in [0, 1].")
-    _positive("feedback.reference_samples", fb.reference_samples)
-    _positive("feedback.max_failed_steps", fb.max_failed_steps, allow_zero=True)
+    check_positive("feedback.reference_samples", fb.reference_samples)
+    check_positive("feedback.max_failed_steps", fb.max_failed_steps, allow_zero=True)
     cascade = fb.cascade
-    _choice("feedback.cascade.source", cascade.source, {"", "function", "reward_model"})
+    check_choice("feedback.cascade.source", cascade.source, {"", "function", "reward_model"})
     if cascade.source:
         if fb.source != "judge":
             raise ConfigError(f"feedback.cascade.source={cascade.source} escalates uncertain samples to the judge; "
@@ -824,27 +727,17 @@ def _validate_feedback(fb: FeedbackConfig) -> None:
             raise ConfigError(f"feedback.cascade.delta={cascade.delta} must be in (0, 0.5].")
 
 
-def _validate_offline(cfg: Config) -> None:
-    """pipeline=preference and pipeline=sft: one actor group, no rollout."""
-    from openrlaif.algorithms.preference import LISTWISE_LOSSES, PREFERENCE_LOSSES, UNPAIRED_LOSSES
-
-    algo = cfg.algorithm
-    if cfg.pipeline == "preference":
-        _choice("algorithm.loss", algo.loss, PREFERENCE_LOSSES.keys() | UNPAIRED_LOSSES.keys() | LISTWISE_LOSSES.keys())
-        _validate_preference_loss(algo)
-    if cfg.pipeline == "reward_model":
-        if not 0 <= cfg.data.eval_fraction < 1:
-            raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
-        _positive("data.eval_every", cfg.data.eval_every)
-    _positive("data.max_response_tokens", cfg.data.max_response_tokens)
-    _positive("data.pack_length", cfg.data.pack_length, allow_zero=True)
-    _validate_trained("actor", cfg.actor, cfg.data.prompts_per_step, "data.prompts_per_step")
+def validate_offline_training(cfg: Config) -> None:
+    """The offline pipelines (preference, sft, reward_model; constitutional's SFT): one actor group, no rollout."""
+    check_positive("data.max_response_tokens", cfg.data.max_response_tokens)
+    check_positive("data.pack_length", cfg.data.pack_length, allow_zero=True)
+    validate_trained("actor", cfg.actor, cfg.data.prompts_per_step, "data.prompts_per_step")
 
 
-def _validate_preference_loss(algo: AlgorithmConfig) -> None:
+def validate_preference_loss(algo: AlgorithmConfig) -> None:
     if not 0 <= algo.bco_delta_momentum < 1:
         raise ConfigError(f"algorithm.bco_delta_momentum={algo.bco_delta_momentum} must be in [0, 1).")
-    _positive("algorithm.beta", algo.beta)
+    check_positive("algorithm.beta", algo.beta)
     if algo.loss == "cdpo" and algo.label_smoothing <= 0:
         raise ConfigError("algorithm.loss=cdpo needs algorithm.label_smoothing > 0 (the assumed label-noise "
                           "rate). Fix: algorithm.label_smoothing=0.1")

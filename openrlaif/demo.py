@@ -10,7 +10,6 @@ rose and by how many standard errors. Any override is passed on (`openrlaif demo
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 

@@ -9,6 +9,10 @@ import os
 import time
 import uuid
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from openrlaif.feedback import FeedbackResult
 
 
 @contextmanager
@@ -106,3 +110,22 @@ def summary_line(step: int, metrics: dict[str, float]) -> str:
             ("throughput/rollout_tokens_per_s", "gen tok/s"), ("time/step_s", "step s")]
     parts = [f"{label} {metrics[key]:.4g}" for key, label in keys if key in metrics]
     return f"step {step}: " + " | ".join(parts)
+
+
+def feedback_metrics(feedback: FeedbackResult, response_tokens: float, seconds: float) -> dict[str, float]:
+    """Rewards, failures by kind, and what the judge reported (flip rate, kept fraction, tokens, seconds)."""
+    valid = feedback.valid
+    rewards = feedback.rewards[valid]
+    out = {"reward/mean": feedback.mean(),
+           "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+           "feedback/failures": float((~valid).sum()),
+           "feedback/failure_rate": float((~valid).float().mean())}
+    for kind, count in feedback.failures.items():
+        out[f"feedback/failures/{kind}"] = float(count)
+    for key, value in feedback.metrics.items():
+        out[f"feedback/{key}"] = value
+    if "judge_prompt_tokens" in feedback.metrics:
+        judge_tokens = feedback.metrics["judge_prompt_tokens"] + feedback.metrics["judge_generated_tokens"]
+        out["throughput/feedback_tokens_per_s"] = judge_tokens / max(seconds, 1e-9)
+        out["feedback/judge_tokens_per_policy_token"] = judge_tokens / max(response_tokens, 1.0)
+    return out

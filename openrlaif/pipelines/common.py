@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 import uuid
 from dataclasses import replace
@@ -13,7 +12,7 @@ from omegaconf import OmegaConf
 
 from openrlaif.checkpointing import Checkpointer
 from openrlaif.config import Config, ConfigError
-from openrlaif.workers.group import SharedPlacement, WorkerGroup
+from openrlaif.workers.group import WorkerGroup
 
 
 # Output folders this process has claimed: their open lock files, closed by release() when the run is done.
@@ -159,52 +158,6 @@ def load_tokenizer(model_path: str, cfg: Config):
         raise ConfigError(f"model.path={cfg.model.path!r}: the tokenizer has no chat template. Fix: use an instruct "
                           "model, or add a chat_template to its tokenizer_config.json.")
     return tokenizer
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def threads_per_worker(cfg: Config, num_workers: int) -> int:
-    """Roles run one after another, so each may use every core unless the config says otherwise."""
-    return cfg.cluster.threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
-
-
-def start_actor(cfg: Config, model_path: str, step_batch_size: int, temperature: float = 1.0,
-                shared: SharedPlacement | None = None) -> WorkerGroup:
-    """The DeepSpeed policy workers."""
-    from openrlaif.workers.actor import ActorWorker
-    return start_trainer(cfg, "actor", ActorWorker, cfg.actor, step_batch_size, model_path=model_path,
-                         algo=cfg.algorithm, temperature=temperature, shared=shared)
-
-
-def start_rollout(cfg: Config, model_path: str, threads: int, sampling: Config | None = None,
-                  shared: SharedPlacement | None = None) -> WorkerGroup:
-    """The rollout engines (`rollout.resources` workers) serving `model_path`, sampling as `sampling.rollout` says
-    (default `cfg`'s own; `openrlaif eval` passes its greedy eval sampling)."""
-    from openrlaif.workers.rollout import RolloutWorker
-    rollout = (sampling or cfg).rollout
-    return WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
-        model_path=model_path, cfg=rollout, max_model_len=cfg.data.max_prompt_tokens + rollout.max_new_tokens,
-        threads=threads, seed=cfg.seed + rank, trust_remote_code=cfg.model.trust_remote_code), shared=shared)
-
-
-def start_trainer(cfg: Config, role: str, worker_class, train_cfg, step_batch_size: int,
-                  shared: SharedPlacement | None = None, **kwargs) -> WorkerGroup:
-    """A DeepSpeed-trained role (actor, critic, reward model) with its own torch.distributed rendezvous."""
-    resources = train_cfg.resources
-    backend = cfg.cluster.dist_backend if cfg.cluster.dist_backend != "auto" else (
-        "nccl" if resources.num_gpus > 0 else "gloo")
-    master_addr, master_port = "127.0.0.1", free_port()
-    if cfg.cluster.address:   # multi-node: rank 0's node must be reachable by the others
-        master_addr = ray.util.get_node_ip_address()
-    return WorkerGroup(role, worker_class, resources, lambda rank: dict(
-        cfg=train_cfg, rank=rank, world_size=resources.num_workers, master_addr=master_addr,
-        master_port=master_port, backend=backend, dtype=cfg.model.dtype, step_batch_size=step_batch_size,
-        threads=threads_per_worker(cfg, resources.num_workers), seed=cfg.seed,
-        trust_remote_code=cfg.model.trust_remote_code, **kwargs), shared=shared)
 
 
 def save_checkpoint(actor: WorkerGroup, out_dir: str, tokenizer_path: str, name: str = "checkpoint") -> str:

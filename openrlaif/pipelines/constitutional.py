@@ -20,12 +20,13 @@ from dataclasses import replace
 from tqdm import tqdm
 
 from openrlaif.checkpointing import RunError
-from openrlaif.config import Config
+from openrlaif.config import Config, ConfigError, check_positive, validate_judge, validate_offline_training
 from openrlaif.feedback.base import JudgeFailure
 from openrlaif.feedback.judge_prompts import clean_revision, critique_messages, revision_messages
 from openrlaif.pipelines.common import release
 from openrlaif.pipelines.label import write_jsonl
-from openrlaif.pipelines.online_rl import Roles, RunInputs, generate, prepare_run, start_roles
+from openrlaif.roles import Roles, RunInputs, prepare_run, start_roles
+from openrlaif.rollout.launch import generate
 from openrlaif.runtime import ray_session
 
 
@@ -125,3 +126,23 @@ def revise_all(cfg: Config, run: RunInputs, roles: Roles) -> dict:
     with open(os.path.join(run.out_dir, "constitutional.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+def validate(cfg: Config) -> None:
+    """pipeline=constitutional's own checks: its principles, the judge that critiques and revises, and the SFT
+    run on the revisions (constitution.train)."""
+    con = cfg.constitution
+    if not con.principles:
+        raise ConfigError("constitution.principles is empty. Fix: give at least one {critique, revision} pair, or "
+                          "leave it unset for the built-in principles.")
+    for index, principle in enumerate(con.principles):
+        if not (principle.critique.strip() and principle.revision.strip()):
+            raise ConfigError(f"constitution.principles[{index}] needs a non-empty critique and revision request.")
+    check_positive("constitution.revisions", con.revisions)
+    check_positive("constitution.max_new_tokens", con.max_new_tokens)
+    check_positive("constitution.temperature", con.temperature, allow_zero=True)
+    validate_judge(cfg.feedback.judge, cfg.pipeline, cfg.rollout.engine)
+    if con.train:
+        validate_offline_training(cfg)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm import tqdm
 
-from openrlaif.config import Config, ConfigError, RoleResources, cache_dir, judge_engine
+from openrlaif.config import Config, ConfigError, RoleResources, cache_dir
 from openrlaif.models import resolve_model_path
 
 
@@ -60,7 +60,7 @@ def prepare_eval(cfg: Config, tokenizer) -> EvalInputs | None:
         inputs.judge_path = resolve_model_path(fb.judge.model or cfg.model.path, cache_dir(cfg.model),
                                                key="eval.feedback.judge.model")
     elif fb.source == "judge":
-        from openrlaif.pipelines.online_rl import http_backend
+        from openrlaif.roles import http_backend
         http_backend(fb.judge).probe()
     elif fb.source == "reward_model":
         inputs.reward_model_path = resolve_model_path(fb.reward_model.path, cache_dir(cfg.model),
@@ -93,7 +93,7 @@ def start_eval(cfg: Config, inputs: EvalInputs | None, out_dir: str, threads, sh
         from openrlaif.feedback.rules import FunctionFeedback
         return EvalRoles(FunctionFeedback(fb.function, fb.function_kwargs))
     if fb.source == "judge":
-        from openrlaif.pipelines.online_rl import start_judge
+        from openrlaif.roles import start_judge
         group, judge = start_judge(replace(cfg, feedback=fb), inputs.judge_path, out_dir,
                                    threads("eval_judge") if inputs.judge_path else 1, shared, name="eval_judge")
         return EvalRoles(judge, {"eval_judge": group} if group is not None else {}, judge)
@@ -146,7 +146,7 @@ class InLoopEval:
 
     def run_eval(self, step: int) -> dict[str, float]:
         from openrlaif.batch import Batch
-        from openrlaif.pipelines.online_rl import generate
+        from openrlaif.rollout.launch import generate
         cfg, roles, name = self.cfg, self.roles, self.cfg.eval.name
         start = time.perf_counter()
         batch = generate(roles, self.run.eval.prompts, eval_sampling(cfg), self.run.tokenizer,
@@ -207,7 +207,7 @@ def sequence_kl(roles, batch) -> float:
     return float(((policy - reference) * batch["response_mask"]).sum(-1).mean())
 
 
-# ------------------------------------------------------------------------------------------------ win rate
+# --------------------------------------------------------------------------------------------------------- win rate
 
 def wilson_interval(wins: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     """The Wilson score interval of a proportion `wins / n` (wins may hold halves for ties)."""
@@ -238,14 +238,14 @@ def outcome(p_policy: float | None, tie: float = 1e-9) -> float | None:
     return 0.5 if abs(p_policy - 0.5) <= tie else float(p_policy > 0.5)
 
 
-# ------------------------------------------------------------------------------------------------ openrlaif eval
+# --------------------------------------------------------------------------------------------------- openrlaif eval
 
 def train(cfg: Config) -> dict:
     """pipeline=eval: sample the model's (and the baseline's) answers on eval.prompts, score them with
     eval.feedback, compare them. Writes <output.dir>/eval.json and eval_samples.jsonl."""
-    from openrlaif.pipelines.common import (load_tokenizer, prepare_output_dir, release, start_rollout,
-                                            threads_per_worker)
-    from openrlaif.pipelines.online_rl import Roles, generate, wait_until_ready
+    from openrlaif.pipelines.common import load_tokenizer, prepare_output_dir, release
+    from openrlaif.roles import Roles, start_rollout, threads_per_worker, wait_until_ready
+    from openrlaif.rollout.launch import generate
     from openrlaif.runtime import ray_session
 
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
@@ -382,13 +382,7 @@ def validate_eval(cfg: Config) -> None:
                               f"(pipeline=preference with algorithm.loss in {sorted(PREFERENCE_LOSSES)}); here "
                               f"pipeline={cfg.pipeline}, algorithm.loss={cfg.algorithm.loss}. Fix: eval.pairs=\"\" "
                               "(for a reward model, data.eval_fraction holds pairs out).")
-    if cfg.pipeline == "eval":
-        if not ev.prompts:
-            raise ConfigError("openrlaif eval needs eval.prompts (a jsonl of {\"prompt\": ...} rows, or demo).")
-        if not fb.source:
-            raise ConfigError("openrlaif eval needs eval.feedback.source (function, judge or reward_model): what "
-                              "measures the answers. Fix: e.g. eval.feedback.source=function "
-                              "eval.feedback.function=openrlaif.feedback.gold:concise")
+    if cfg.pipeline == "eval":   # its own checks are `validate`'s
         return
     if ev.baseline:
         raise ConfigError("eval.baseline is for `openrlaif eval <model> eval.baseline=<model>` (pipeline=eval); in a "
@@ -399,3 +393,13 @@ def validate_eval(cfg: Config) -> None:
     if fb.source and not ev.prompts:
         raise ConfigError("eval.feedback is set but eval.prompts is empty: nothing would be evaluated. Fix: "
                           "eval.prompts=<held-out prompts jsonl> (or demo).")
+
+
+def validate(cfg: Config) -> None:
+    """pipeline=eval's own checks (`validate_eval` checks eval.* for every pipeline): prompts, and what measures."""
+    if not cfg.eval.prompts:
+        raise ConfigError("openrlaif eval needs eval.prompts (a jsonl of {\"prompt\": ...} rows, or demo).")
+    if not cfg.eval.feedback.source:
+        raise ConfigError("openrlaif eval needs eval.feedback.source (function, judge or reward_model): what "
+                          "measures the answers. Fix: e.g. eval.feedback.source=function "
+                          "eval.feedback.function=openrlaif.feedback.gold:concise")

@@ -7,11 +7,12 @@ import json
 import os
 
 from openrlaif.checkpointing import RunError
-from openrlaif.config import Config, ConfigError, cache_dir
+from openrlaif.config import Config, ConfigError, cache_dir, validate_judge
 from openrlaif.data.jsonl import read_jsonl
 from openrlaif.data.pairs import DEMO_PAIRS, split_conversation
 from openrlaif.models import resolve_model_path
-from openrlaif.pipelines.common import prepare_output_dir, release, threads_per_worker
+from openrlaif.pipelines.common import prepare_output_dir, release
+from openrlaif.roles import threads_per_worker
 from openrlaif.runtime import ray_session
 
 
@@ -45,7 +46,7 @@ def cell(value, width: int) -> str:
 
 
 def train(cfg: Config) -> dict:
-    from openrlaif.pipelines.online_rl import start_judge
+    from openrlaif.roles import start_judge
     pairs = load_labelled_pairs(cfg.data.pairs)
     judge_cfg = cfg.feedback.judge
     judge_path = None
@@ -53,7 +54,7 @@ def train(cfg: Config) -> dict:
         judge_path = resolve_model_path(judge_cfg.model or cfg.model.path, cache_dir(cfg.model),
                                         key="feedback.judge.model")
     if judge_cfg.backend == "http":
-        from openrlaif.pipelines.online_rl import http_backend
+        from openrlaif.roles import http_backend
         http_backend(judge_cfg).probe()
     out_dir = prepare_output_dir(cfg)
     cpus = judge_cfg.resources.num_cpus * judge_cfg.resources.num_workers if judge_path else 1
@@ -142,3 +143,10 @@ def pointwise_report(cfg: Config, judge, result, pairs: list, out_dir: str) -> d
           f"{cell(report['mean_score_chosen'], 7)} {cell(report['mean_score_rejected'], 9)} "
           f"{cell(report['score_std'], 7)} {report['failure_rate']:7.3f}")
     return {"checkpoint": None, "metrics": report, "out_dir": out_dir}
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+def validate(cfg: Config) -> None:
+    """pipeline=judge_eval's own checks: the judge it evaluates."""
+    validate_judge(cfg.feedback.judge, cfg.pipeline, cfg.rollout.engine)

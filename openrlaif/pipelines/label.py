@@ -20,12 +20,14 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from openrlaif.config import Config
+from openrlaif.checkpointing import FailedSteps
+from openrlaif.config import Config, ConfigError, check_choice, check_positive, validate_feedback_source
 from openrlaif.data.labelling import most_consistent, pair_row, select_pairs
-from openrlaif.metrics import MetricsLogger, timer
+from openrlaif.metrics import MetricsLogger, feedback_metrics, timer
 from openrlaif.pipelines.common import release
-from openrlaif.pipelines.online_rl import (FailedSteps, Roles, RunInputs, feedback_metrics, generate, prepare_run,
-                                          score, start_roles)
+from openrlaif.pipelines.online_rl import score
+from openrlaif.roles import Roles, RunInputs, prepare_run, start_roles
+from openrlaif.rollout.launch import generate
 from openrlaif.runtime import ray_session
 
 
@@ -128,3 +130,25 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
         handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     os.replace(staging, path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+def validate(cfg: Config) -> None:
+    """pipeline=label's own checks, and the pair-building half of online_dpo's: a group per prompt, scored, best
+    vs worst."""
+    check_choice("label.pairs", cfg.label.pairs, {"best_worst", "all"})
+    check_positive("label.min_gap", cfg.label.min_gap, allow_zero=True)
+    if not 0 < cfg.label.keep_top_fraction <= 1:
+        raise ConfigError(f"label.keep_top_fraction={cfg.label.keep_top_fraction} must be in (0, 1]: the share of "
+                          "prompts kept, most consistently ranked first (Repeat Ranking: 0.25, 0.5 or 0.75).")
+    listwise = cfg.feedback.source == "judge" and cfg.feedback.judge.mode == "listwise"
+    if cfg.label.keep_top_fraction < 1 and not listwise:
+        raise ConfigError("label.keep_top_fraction < 1 keeps the prompts whose repeated rankings agree most "
+                          "(Kendall's W), which only a listwise judge gives. Fix: feedback=judge_listwise, or "
+                          "label.keep_top_fraction=1.0 (for a pairwise judge, feedback.judge.consistency_threshold "
+                          "filters pairs instead).")
+    if cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: a preference pair needs at "
+                          f"least 2 responses per prompt. Fix: rollout.samples_per_prompt=4")
+    validate_feedback_source(cfg)

@@ -8,14 +8,16 @@ import ray
 import torch
 
 from openrlaif.batch import Batch
-from openrlaif.config import Config
+from openrlaif.config import Config, ConfigError, check_choice, step_batch_size, validate_preference_loss, validate_trained
 from openrlaif.data import PromptStream
 from openrlaif.data.labelling import most_consistent, select_pairs
 from openrlaif.data.pairs import both_sides
-from openrlaif.metrics import timer
-from openrlaif.pipelines import online_rl
-from openrlaif.pipelines.online_rl import Roles, RunInputs, feedback_metrics, generate, sync_weights
+from openrlaif.metrics import feedback_metrics, timer
+from openrlaif.pipelines import label, online_rl
 from openrlaif.pipelines.preference import preference_metrics
+from openrlaif.roles import Roles, RunInputs
+from openrlaif.rollout.launch import generate
+from openrlaif.rollout.weight_sync import sync_weights
 
 
 def train(cfg: Config) -> dict:
@@ -92,3 +94,16 @@ def add_reference_logps(roles: Roles, pair_batch: Batch) -> None:
     sequence_logps = torch.cat(ray.get(roles.reference.map(lambda w, shard: w.logprobs.remote(shard), shards))).sum(-1)
     size = len(pair_batch)
     pair_batch["ref_chosen_logps"], pair_batch["ref_rejected_logps"] = sequence_logps[:size], sequence_logps[size:]
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+def validate(cfg: Config) -> None:
+    """pipeline=online_dpo's own checks: a pairwise loss, pairs built as pipeline=label builds them."""
+    from openrlaif.algorithms.preference import PREFERENCE_LOSSES
+    check_choice("algorithm.loss", cfg.algorithm.loss, PREFERENCE_LOSSES)
+    validate_preference_loss(cfg.algorithm)
+    label.validate(cfg)
+    if cfg.label.pairs != "best_worst":
+        raise ConfigError("pipeline=online_dpo trains on one pair per prompt: label.pairs=best_worst.")
+    validate_trained("actor", cfg.actor, step_batch_size(cfg), "data.prompts_per_step, one pair per prompt")

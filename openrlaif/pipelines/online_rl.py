@@ -6,29 +6,28 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import ray
 import torch
 from tqdm import tqdm
 
-from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
-from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE
-from openrlaif.batch import Batch, split_evenly
-from openrlaif.checkpointing import (Checkpointer, RunError, dead_workers, non_finite_stop, resume_hint,
+from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
+from openrlaif.algorithms.advantages import CRITIC, GROUP_BASELINES, TOKEN_LEVEL
+from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
+from openrlaif.batch import Batch
+from openrlaif.checkpointing import (Checkpointer, FailedSteps, RunError, dead_workers, non_finite_stop, resume_hint,
                                      role_died, stop_on_non_finite, truncate_metrics)
-from openrlaif.config import Config, RoleResources, cache_dir, judge_engine, step_batch_size
-from openrlaif.data import PromptStream, load_prompts
-from openrlaif.feedback import Feedback, FeedbackResult
-from openrlaif.metrics import MetricsLogger, summary_line, timer
-from openrlaif.models import resolve_model_path
-from openrlaif.rollout.collate import completions_to_batch
-from openrlaif.rollout.types import SamplingSpec
+from openrlaif.config import Config, ConfigError, check_choice, check_positive, step_batch_size, validate_feedback_source, validate_trained
+from openrlaif.data import PromptStream
+from openrlaif.feedback import FeedbackResult
+from openrlaif.metrics import MetricsLogger, feedback_metrics, summary_line, timer
+from openrlaif.pipelines.common import finish, save_checkpoint
 from openrlaif.pipelines.evaluation import InLoopEval
-from openrlaif.pipelines.common import (finish, load_tokenizer, prepare_output_dir, save_checkpoint,
-                                        start_actor, start_rollout, start_trainer, threads_per_worker)
+from openrlaif.roles import Roles, RunInputs, prepare_run, start_roles
+from openrlaif.rollout.launch import generate, next_rollout
+from openrlaif.rollout.weight_sync import sync_weights
 from openrlaif.runtime import ray_session
-from openrlaif.workers.group import SharedPlacement, WorkerGroup, check_cluster_fits, colocated_plan, reserved_cpus
 
 
 def train(cfg: Config, step_fn=None) -> dict:
@@ -118,30 +117,6 @@ def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, st
     metrics |= step_metrics(batch, feedback, train_metrics, metrics)
 
 
-class FailedSteps:
-    """Counts consecutive steps in which every sample's feedback failed; at `limit` the run stops (RunError, exit 1,
-    no final checkpoint): it would exit 0 having learned nothing."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.run = limit, 0
-
-    def count(self, step: int, metrics: dict[str, float], checkpointer: Checkpointer | None = None) -> None:
-        kinds = {key for key in metrics if key.startswith("feedback/failures/")}
-        # a strict pairwise consistency filter that kept nothing is the user's setting working, not a failure
-        filtered = kinds == {"feedback/failures/no_kept_comparison"} and not any(
-            key.startswith("feedback/comparison_failures/") for key in metrics)
-        self.run = self.run + 1 if metrics.get("feedback/failure_rate") == 1.0 and not filtered else 0
-        if not self.limit or self.run < self.limit:
-            return
-        kinds = ", ".join(f"{key.rsplit('/', 1)[-1]} ×{int(value)}" for key, value in sorted(metrics.items())
-                          if key.startswith("feedback/failures/"))
-        raise RunError(f"step {step}: every sample's feedback failed in each of the last {self.run} steps ({kinds}; "
-                       "the lines above give each kind's cause), so the run learned nothing from them. It stopped "
-                       f"without writing a final checkpoint. {resume_hint(checkpointer)} Fix: what the failures "
-                       "name (the judge endpoint, the judge model, the reward function), or "
-                       "feedback.max_failed_steps=0 to go on regardless.")
-
-
 class Progress:
     """Resumable checkpoints (output.checkpoint_every, resume=true) and dead-worker reports of an online loop."""
 
@@ -207,269 +182,7 @@ class Progress:
             raise role_died(dead, err, phase or (phases[-1] if phases else "first"), step, self.checkpointer) from err
 
 
-# ---------------------------------------------------------------------------------------------------- set-up
-
-@dataclass
-class RunInputs:
-    out_dir: str
-    model_path: str
-    judge_path: str | None
-    critic_path: str | None
-    reward_model_path: str | None
-    tokenizer: object
-    prompts: list
-    plan: dict[str, RoleResources]
-    cpus_needed: float
-    eval: object | None = None         # evaluation.EvalInputs when eval.prompts is set
-
-
-@dataclass
-class Roles:
-    actor: WorkerGroup | None          # None where nothing trains (pipeline=label, constitutional)
-    reference: WorkerGroup | None
-    rollout: WorkerGroup
-    feedback: Feedback
-    judge: WorkerGroup | None
-    critic: WorkerGroup | None = None
-    reward_model: WorkerGroup | None = None
-    judge_client: object | None = None   # the Judge (every backend) when the feedback or pipeline uses one
-    shared: SharedPlacement | None = None  # the placement group of cluster.colocate's roles
-    pending_rollout: object | None = None  # rollout.async_steps=1: the next step's PendingRollout, in flight
-    eval: object | None = None             # evaluation.EvalRoles: the measuring feedback of eval.*
-
-    def groups(self) -> dict[str, WorkerGroup]:
-        named = {"actor": self.actor, "reference": self.reference, "rollout": self.rollout, "judge": self.judge,
-                 "critic": self.critic, "reward_model": self.reward_model}
-        named |= self.eval.groups if self.eval is not None else {}
-        return {name: group for name, group in named.items() if group is not None}
-
-    def shutdown(self) -> None:
-        for group in self.groups().values():
-            group.shutdown()
-        if self.shared is not None:
-            self.shared.shutdown()
-
-
-def prepare_run(cfg: Config) -> RunInputs:
-    model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
-    judge_path = critic_path = reward_model_path = None
-    uses_judge = cfg.feedback.source == "judge" or cfg.pipeline == "constitutional"
-    if uses_judge and cfg.feedback.judge.follow_policy:
-        judge_path = model_path
-    elif uses_judge and cfg.feedback.judge.backend == "local":
-        judge_path = resolve_model_path(cfg.feedback.judge.model or cfg.model.path, cache_dir(cfg.model),
-                                        key="feedback.judge.model")
-    if (cfg.feedback.source == "reward_model" or cfg.feedback.cascade.source == "reward_model") and \
-            cfg.pipeline != "constitutional":
-        reward_model_path = resolve_model_path(cfg.feedback.reward_model.path, cache_dir(cfg.model),
-                                               key="feedback.reward_model.path")
-    from openrlaif.feedback.rules import load_function
-    if cfg.pipeline != "constitutional":   # fail now on a bad name or signature, not after the models are loaded
-        if cfg.feedback.source == "function":
-            load_function(cfg.feedback.function, cfg.feedback.function_kwargs)
-        if cfg.feedback.cascade.source == "function":
-            load_function(cfg.feedback.cascade.function, cfg.feedback.cascade.function_kwargs)
-        for spec in cfg.feedback.extra_functions:
-            load_function(spec)
-    if cfg.pipeline == "online_rl" and cfg.algorithm.advantage in CRITIC:
-        critic_path = resolve_model_path(cfg.critic.model or cfg.model.path, cache_dir(cfg.model), key="critic.model")
-    if uses_judge and cfg.feedback.judge.backend == "http":
-        http_backend(cfg.feedback.judge).probe()
-    from openrlaif.models.registry import check_context
-    for path, key in ((model_path, "model.path"), (reward_model_path, "feedback.reward_model.path")):
-        if path:   # the policy's engines and trainers, and a reward model, see whole prompt + response sequences
-            check_context(path, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, key,
-                          "data.max_prompt_tokens + rollout.max_new_tokens")
-    tokenizer = load_tokenizer(model_path, cfg)
-    prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
-    from openrlaif.pipelines.evaluation import eval_plan, prepare_eval
-    evaluation = prepare_eval(cfg, tokenizer)
-    out_dir = prepare_output_dir(cfg)
-    plan = role_plan(cfg, judge_path) | eval_plan(cfg, evaluation)
-    colocated_plan(plan, cfg.cluster.colocate)   # unequal worker counts fail here, before Ray starts
-    cpus = reserved_cpus(plan, cfg.cluster.colocate)
-    return RunInputs(out_dir, model_path, judge_path, critic_path, reward_model_path, tokenizer, prompts, plan, cpus,
-                     evaluation)
-
-
-def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
-    """The roles this run starts and what each reserves: an actor only where the policy trains, a reference only
-    where the loss uses it, no judge for rules, a critic only for estimators that need values. A judge that follows
-    the policy is the policy's weights in a group of its own."""
-    plan = {"rollout": cfg.rollout.resources}
-    if cfg.pipeline in ("online_rl", "online_dpo"):
-        plan["actor"] = cfg.actor.resources
-    if needs_reference(cfg):
-        plan["reference"] = cfg.reference.resources
-    if judge_path:   # a local judge model; an HTTP judge reserves nothing
-        plan["judge"] = cfg.feedback.judge.resources
-    if "reward_model" in (cfg.feedback.source, cfg.feedback.cascade.source) and cfg.pipeline != "constitutional":
-        plan["reward_model"] = cfg.feedback.reward_model.resources
-    if cfg.pipeline == "online_rl" and cfg.algorithm.advantage in CRITIC:
-        plan["critic"] = cfg.critic.resources
-    return plan
-
-
-def needs_reference(cfg: Config) -> bool:
-    from openrlaif.algorithms.preference import REFERENCE_FREE
-    if cfg.pipeline == "online_rl":
-        return cfg.algorithm.kl_coef > 0
-    return cfg.pipeline == "online_dpo" and cfg.algorithm.loss not in REFERENCE_FREE
-
-
-def start_roles(cfg: Config, run: RunInputs) -> Roles:
-    """Each role in its own placement group (cluster.colocate's roles in one shared group); all models load in
-    parallel, then we wait once. If any role fails to start, the roles already started and their placement groups
-    are freed before the error is raised, so a cluster that outlives the run (a notebook, `ray job submit` against
-    a long-lived head) is left as it was."""
-    plan = run.plan
-    check_cluster_fits(plan, cfg.cluster.colocate)
-    started: list[WorkerGroup] = []
-    shared = None
-    try:
-        if "colocated" in colocated_plan(plan, cfg.cluster.colocate):
-            shared = SharedPlacement(plan, cfg.cluster.colocate)
-        return launch_roles(cfg, run, shared, started)
-    except BaseException:
-        for group in started:
-            group.shutdown()
-        if shared is not None:
-            shared.shutdown()
-        raise
-
-
-def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, started: list[WorkerGroup]) -> Roles:
-    """start_roles' work; every group is appended to `started` as soon as it exists."""
-    from openrlaif.feedback.combine import CombinedFeedback
-    from openrlaif.feedback.reward_model import RewardModelFeedback, RewardModelWorker
-    from openrlaif.feedback.rules import FunctionFeedback
-    from openrlaif.workers.critic import CriticWorker
-    from openrlaif.workers.reference import ReferenceWorker
-
-    plan = run.plan
-
-    def keep(group: WorkerGroup | None) -> WorkerGroup | None:
-        if group is not None:
-            started.append(group)
-        return group
-
-    def threads(role: str) -> int:
-        return threads_per_worker(cfg, plan[role].num_workers)
-
-    step_batch = step_batch_size(cfg)
-    trust = cfg.model.trust_remote_code
-    # Log-probs for a policy-gradient ratio use the sampling temperature; DPO's log-ratios use the model itself.
-    temperature = cfg.rollout.temperature if cfg.pipeline == "online_rl" else 1.0
-    actor = keep(start_actor(cfg, run.model_path, step_batch, temperature, shared)) if "actor" in plan else None
-    rollout = keep(start_rollout(cfg, run.model_path, threads("rollout"), shared=shared))
-    reference = None
-    if "reference" in plan:
-        reference = keep(WorkerGroup("reference", ReferenceWorker, cfg.reference.resources, lambda rank: dict(
-            model_path=run.model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.reference.micro_batch_size,
-            temperature=temperature, threads=threads("reference"), seed=cfg.seed, trust_remote_code=trust),
-            shared=shared))
-    judge = reward_model = critic = judge_client = None
-    objectives = {}
-    if "reward_model" in plan:
-        rm = cfg.feedback.reward_model
-        reward_model = keep(WorkerGroup("reward_model", RewardModelWorker, rm.resources, lambda rank: dict(
-            model_path=run.reward_model_path, micro_batch_size=rm.micro_batch_size,
-            max_tokens=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, dtype=cfg.model.dtype,
-            threads=threads("reward_model"), seed=cfg.seed, trust_remote_code=trust), shared=shared))
-    if cfg.feedback.source == "judge" or cfg.pipeline == "constitutional":
-        judge, judge_client = start_judge(cfg, run.judge_path, run.out_dir,
-                                          threads("judge") if "judge" in plan else 1, shared)
-        objectives["judge"] = judge_client
-        keep(judge)
-        cascade = cfg.feedback.cascade
-        if cascade.source and cfg.pipeline != "constitutional":   # 2b. a cheap source first, the judge where unsure
-            from openrlaif.feedback.cascade import CascadeFeedback
-            cheap = (RewardModelFeedback(reward_model) if cascade.source == "reward_model"
-                     else FunctionFeedback(cascade.function, cascade.function_kwargs))
-            objectives["judge"] = CascadeFeedback(cheap, objectives["judge"], cfg.feedback.judge.mode,
-                                                  list(cascade.band), cascade.delta)
-    elif reward_model is not None:
-        objectives["reward_model"] = RewardModelFeedback(reward_model)
-    else:
-        objectives[function_name(cfg.feedback.function)] = FunctionFeedback(cfg.feedback.function,
-                                                                            cfg.feedback.function_kwargs)
-    for spec in cfg.feedback.extra_functions if cfg.pipeline != "constitutional" else []:
-        objectives[function_name(spec)] = FunctionFeedback(spec, {})
-    feedback = next(iter(objectives.values()))
-    if len(objectives) > 1 or cfg.feedback.transform != "none":
-        feedback = CombinedFeedback(objectives, cfg.feedback.weights, cfg.feedback.transform,
-                                    cfg.feedback.reference_quantile)
-    if "critic" in plan:
-        critic = keep(start_trainer(cfg, "critic", CriticWorker, cfg.critic, step_batch, model_path=run.critic_path,
-                                    pad_token_id=run.tokenizer.pad_token_id, shared=shared))
-    from openrlaif.pipelines.evaluation import start_eval
-    evaluation = start_eval(cfg, run.eval, run.out_dir, threads, shared)   # eval.feedback: measures, never trains
-    for group in evaluation.groups.values() if evaluation is not None else []:
-        keep(group)
-    wait_until_ready(started)
-    return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, judge_client, shared,
-                 eval=evaluation)
-
-
-def wait_until_ready(groups: list[WorkerGroup]) -> None:
-    """Wait for every worker's constructor (model loads run in parallel). A worker that fails to start is
-    reported by role and rank with its own error, e.g. a model folder whose weights cannot be read."""
-    pending = {ref: (group.name, rank) for group in groups
-               for rank, ref in enumerate(group.call(lambda w: w.ready.remote()))}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        name, rank = pending.pop(done[0])
-        try:
-            ray.get(done[0])
-        except ray.exceptions.RayError as err:
-            raise RunError(f"role {name!r} (worker {rank}) failed to start: {startup_error(err)}\n"
-                           "Nothing was trained and no checkpoint was touched. Fix: correct what the error names "
-                           "(often the role's model path or its resources) and run again.") from err
-
-
-def startup_error(err: Exception) -> str:
-    """The loader's own exception, `Type: message` and up to two lines of its detail, out of a worker's traceback
-    (its last line may be no more than a documentation URL, as pydantic's are)."""
-    import re
-    lines = str(getattr(err, "cause", None) or err).strip().splitlines()
-    heads = [i for i, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*", line.strip())]
-    if not heads:
-        return lines[-1].strip() if lines else type(err).__name__
-    head = heads[-1]
-    return " ".join(line.strip() for line in lines[head:head + 3] if line.strip())[:600]
-
-
-def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,
-                shared: SharedPlacement | None = None, name: str = "judge"):
-    """(worker group or None, Judge): a local judge model in its own group, or an HTTP endpoint client. `name`:
-    the group's role name and its verdict cache's (<out_dir>/<name>_cache.jsonl)."""
-    from openrlaif.feedback.backends import LocalBackend
-    from openrlaif.feedback.judge import Judge, JudgeWorker
-    jc = cfg.feedback.judge
-    cache_path = os.path.join(out_dir, f"{name}_cache.jsonl")
-    if jc.backend == "http":
-        return None, Judge(http_backend(jc), jc, cache_path, model_name=jc.model)
-    engine = judge_engine(jc, cfg.rollout.engine)
-    group = WorkerGroup(name, JudgeWorker, jc.resources, lambda rank: dict(
-        model_path=judge_path, dtype=cfg.model.dtype, threads=threads, seed=cfg.seed,
-        max_prompt_tokens=jc.max_prompt_tokens, micro_batch_size=jc.micro_batch_size,
-        trust_remote_code=cfg.model.trust_remote_code, engine=engine, max_new_tokens=jc.max_new_tokens,
-        kv_cache_gib=jc.kv_cache_gib, gpu_memory_utilization=jc.gpu_memory_utilization), shared=shared)
-    backend = LocalBackend(group, judge_path, cfg.model.dtype, jc.max_prompt_tokens, engine)
-    return group, Judge(backend, jc, cache_path, model_name=jc.model or cfg.model.path)
-
-
-def http_backend(jc):
-    from openrlaif.feedback.backends import HTTPBackend
-    return HTTPBackend(jc.base_url, jc.model, jc.api_key_env, jc.timeout_s, jc.max_retries, jc.backoff_s,
-                       jc.concurrency, jc.top_logprobs, jc.requests_per_minute, jc.tokens_per_minute,
-                       jc.max_rate_limit_waits)
-
-
-def function_name(spec: str) -> str:
-    """The objective's name in metrics: the callable's name ("openrlaif.feedback.rules:brevity" -> "brevity")."""
-    return spec.partition(":")[2] or spec
-
+# ----------------------------------------------------------------------------------------------------------- set-up
 
 def calibrate_references(roles: Roles, run: RunInputs, cfg: Config) -> dict[str, float]:
     """Before the first update: `feedback.reference_samples` responses per prompt from the starting policy,
@@ -480,72 +193,7 @@ def calibrate_references(roles: Roles, run: RunInputs, cfg: Config) -> dict[str,
                                     conversations=batch.meta["conversation"])
 
 
-# ---------------------------------------------------------------------------------------------------- phases
-
-def generate(roles: Roles, prompts: list, cfg: Config, tokenizer, seed: int) -> Batch:
-    """Spread the prompts over the engines; every engine samples `samples_per_prompt` responses per prompt.
-    Estimators with a greedy baseline (ReMax) also get one greedy response per prompt, launched alongside, in
-    batch.meta["baseline_response"] (one per sample, repeated within its group)."""
-    return collect_rollout(launch_rollout(roles, prompts, cfg, seed), tokenizer)
-
-
-@dataclass
-class PendingRollout:
-    """Sampling requests in flight on the engines (ray refs), and what is needed to collate their answers."""
-    prompts: list
-    spans: list
-    sample_refs: list
-    greedy_refs: list
-
-
-def launch_rollout(roles: Roles, prompts: list, cfg: Config, seed: int) -> PendingRollout:
-    spec = SamplingSpec(n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
-                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
-    spans = split_evenly(len(prompts), len(roles.rollout))
-
-    def launch(sampling: SamplingSpec) -> list:
-        return roles.rollout.map(lambda worker, span: worker.generate.remote(
-            [p.token_ids for p in prompts[span]], replace(sampling, seed=seed + span.start)), spans)
-
-    wants_greedy = cfg.pipeline == "online_rl" and cfg.algorithm.advantage in GREEDY_BASELINE
-    return PendingRollout(prompts, spans, launch(spec), launch(replace(spec, n=1, temperature=0.0)) if wants_greedy else [])
-
-
-def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
-    prompts, spans = pending.prompts, pending.spans
-    shards = ray.get(pending.sample_refs + pending.greedy_refs)
-    completions, greedy = [], {}
-    for span, shard in zip(spans, shards[:len(spans)]):
-        for completion in shard:
-            completion.prompt_index += span.start
-            completions.append(completion)
-    for span, shard in zip(spans, shards[len(spans):]):
-        for completion in shard:
-            greedy[completion.prompt_index + span.start] = completion.token_ids
-    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
-    batch = completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,
-                                 tokenizer.pad_token_id)
-    batch.meta["conversation"] = [prompts[c.prompt_index].messages for c in completions]   # what a judge is shown
-    if greedy:
-        greedy_texts = tokenizer.batch_decode([greedy[i] for i in range(len(prompts))], skip_special_tokens=True)
-        batch.meta["baseline_response"] = [greedy_texts[c.prompt_index] for c in completions]
-    return batch
-
-
-def next_rollout(roles: Roles, stream: PromptStream, cfg: Config, tokenizer, step: int,
-                 metrics: dict[str, float]) -> Batch:
-    """This step's samples. One-step-off (rollout.async_steps=1): take the batch launched during the previous step
-    and launch the next one before this one trains, so the engines sample while the actor updates. That batch
-    comes from the weights before this step's update (one update stale); the actor corrects for it with
-    truncated importance weights against the engine's log-probs (algorithm.is_cap)."""
-    pending, roles.pending_rollout = roles.pending_rollout, None
-    metrics["rollout/staleness"] = float(pending is not None)
-    if pending is None:
-        pending = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step)
-    if cfg.rollout.async_steps and step < cfg.steps:
-        roles.pending_rollout = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step + 1)
-    return collect_rollout(pending, tokenizer)
-
+# ----------------------------------------------------------------------------------------------------------- phases
 
 def score(roles: Roles, batch: Batch) -> FeedbackResult:
     """Rewards for the samples, with their rollout groups (a pairwise or listwise judge compares within a group,
@@ -652,20 +300,6 @@ def update_actor(roles: Roles, batch: Batch, cfg: Config) -> dict[str, float]:
     return total
 
 
-def sync_weights(roles: Roles, cfg: Config, step: int) -> float:
-    """Rank 0 gathers full weights (a collective under ZeRO-3), the engines load them from the object store. A
-    judge that follows the policy (self-rewarding) loads them too, and its verdicts are cached per policy version."""
-    state_refs = roles.actor.call(lambda w: w.packed_weights.remote(cfg.rollout.dtype))
-    targets = [roles.rollout]
-    if cfg.feedback.judge.follow_policy and roles.judge is not None:
-        targets.append(roles.judge)
-    load_refs = [ref for group in targets for ref in group.call(lambda w: w.update_weights.remote(state_refs[0]))]
-    results = ray.get(state_refs[1:] + load_refs)   # ranks > 0 return None; engines return their load time
-    if len(targets) > 1:
-        roles.judge_client.set_policy_version(step)
-    return max(results[len(state_refs) - 1:])
-
-
 def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[str, float]) -> dict[str, float]:
     response_tokens = float(batch["response_mask"].sum())
     all_tokens = float(batch["attention_mask"].sum())
@@ -700,20 +334,44 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
     return out | feedback_metrics(feedback, response_tokens, times["time/feedback_s"])
 
 
-def feedback_metrics(feedback: FeedbackResult, response_tokens: float, seconds: float) -> dict[str, float]:
-    """Rewards, failures by kind, and what the judge reported (flip rate, kept fraction, tokens, seconds)."""
-    valid = feedback.valid
-    rewards = feedback.rewards[valid]
-    out = {"reward/mean": feedback.mean(),
-           "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-           "feedback/failures": float((~valid).sum()),
-           "feedback/failure_rate": float((~valid).float().mean())}
-    for kind, count in feedback.failures.items():
-        out[f"feedback/failures/{kind}"] = float(count)
-    for key, value in feedback.metrics.items():
-        out[f"feedback/{key}"] = value
-    if "judge_prompt_tokens" in feedback.metrics:
-        judge_tokens = feedback.metrics["judge_prompt_tokens"] + feedback.metrics["judge_generated_tokens"]
-        out["throughput/feedback_tokens_per_s"] = judge_tokens / max(seconds, 1e-9)
-        out["feedback/judge_tokens_per_policy_token"] = judge_tokens / max(response_tokens, 1.0)
-    return out
+# ----------------------------------------------------------------------------------------------------------- checks
+
+def validate(cfg: Config) -> None:
+    """pipeline=online_rl's own checks (config.validate runs them after the shared ones)."""
+    algo = cfg.algorithm
+    check_choice("algorithm.advantage", algo.advantage, ADVANTAGE_ESTIMATORS)
+    check_choice("algorithm.policy_loss", algo.policy_loss, POLICY_LOSSES)
+    check_choice("algorithm.kl_estimator", algo.kl_estimator, KL_ESTIMATORS)
+    check_choice("algorithm.loss_agg", algo.loss_agg, LOSS_AGGREGATIONS)
+    if algo.dual_clip is not None and algo.dual_clip <= 1:
+        raise ConfigError(f"algorithm.dual_clip={algo.dual_clip} must be > 1 (the paper uses 3), or null.")
+    if algo.kl_in_reward and algo.advantage not in TOKEN_LEVEL:
+        raise ConfigError(f"algorithm.kl_in_reward=true needs a token-level estimator ({', '.join(sorted(TOKEN_LEVEL))}"
+                          f"); algorithm.advantage={algo.advantage} uses one reward per sequence. Fix: "
+                          "algorithm.kl_in_reward=false (KL in the loss) or algorithm=reinforce_pp.")
+    if algo.kl_estimator == "k1" and algo.kl_coef > 0 and not algo.kl_in_reward:
+        # ∇(log π − log π_ref) = ∇log π, whose expectation under π is 0: k1 in the loss regularises nothing.
+        raise ConfigError("algorithm.kl_estimator=k1 in the loss has zero expected gradient (E[∇log π] = 0), so "
+                          "the run would have no KL regularisation at all. Fix: algorithm.kl_estimator=k3 (GRPO's) "
+                          "or k2 (its gradient is that of KL(π‖π_ref)) for the KL in the loss, or "
+                          "algorithm.kl_in_reward=true to use k1 as a per-token reward penalty (REINFORCE++, PPO).")
+    if algo.clip_eps_high is not None and algo.clip_eps_high < 0:
+        raise ConfigError(f"algorithm.clip_eps_high={algo.clip_eps_high} must be >= 0, or null.")
+    check_positive("algorithm.entropy_coef", algo.entropy_coef, allow_zero=True)
+    check_positive("algorithm.kl_coef", algo.kl_coef, allow_zero=True)
+    if not 0 < algo.clip_eps < 1:
+        raise ConfigError(f"algorithm.clip_eps={algo.clip_eps} must be in (0, 1): the ratio is clipped to "
+                          "[1 − ε, 1 + ε] (PPO's 0.2).")
+    if cfg.rollout.samples_per_prompt < 2 and algo.advantage in GROUP_BASELINES:
+        raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: "
+                          f"{algo.advantage} needs a group of at least 2 samples per prompt to form its "
+                          "baseline. Fix: rollout.samples_per_prompt=4")
+    what = "data.prompts_per_step × rollout.samples_per_prompt"
+    validate_trained("actor", cfg.actor, step_batch_size(cfg), what)
+    if algo.advantage in CRITIC:
+        validate_trained("critic", cfg.critic, step_batch_size(cfg), what)
+        if not (0 <= algo.gamma <= 1 and 0 <= algo.lam <= 1):
+            raise ConfigError(f"algorithm.gamma={algo.gamma} and algorithm.lam={algo.lam} must be in [0, 1].")
+        if cfg.critic.value_clip is not None and cfg.critic.value_clip <= 0:
+            raise ConfigError(f"critic.value_clip={cfg.critic.value_clip} must be > 0, or null to turn it off.")
+    validate_feedback_source(cfg)

@@ -12,16 +12,16 @@ import time
 import ray
 from tqdm import tqdm
 
-from openrlaif.algorithms.preference import LISTWISE_LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES
+from openrlaif.algorithms.preference import LISTWISE_LOSSES, PREFERENCE_LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES
 from openrlaif.checkpointing import stop_on_non_finite
-from openrlaif.config import Config, cache_dir
+from openrlaif.config import Config, cache_dir, check_choice, validate_offline_training, validate_preference_loss
 from openrlaif.data import PromptStream
 from openrlaif.data.lists import ListExample, lists_to_batch, load_ranked, load_unpaired
 from openrlaif.data.pairs import both_sides, load_pairs, pairs_to_batch
 from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
-from openrlaif.pipelines.common import (finish, load_tokenizer, prepare_output_dir, save_checkpoint,
-                                        start_actor, threads_per_worker)
+from openrlaif.pipelines.common import finish, load_tokenizer, prepare_output_dir, save_checkpoint
+from openrlaif.roles import start_actor, threads_per_worker
 from openrlaif.pipelines.evaluation import eval_due
 from openrlaif.runtime import ray_session
 from openrlaif.workers.group import WorkerGroup, check_cluster_fits
@@ -173,3 +173,13 @@ def listwise_metrics(per_rank: list[dict], update_seconds: float) -> dict[str, f
     if "accuracy" in total:
         out["train/ranking_accuracy"] = total["accuracy"] / total["examples"]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+def validate(cfg: Config) -> None:
+    """pipeline=preference's own checks: a loss of the DPO family (paired, unpaired or listwise) and its settings."""
+    check_choice("algorithm.loss", cfg.algorithm.loss,
+                 PREFERENCE_LOSSES.keys() | UNPAIRED_LOSSES.keys() | LISTWISE_LOSSES.keys())
+    validate_preference_loss(cfg.algorithm)
+    validate_offline_training(cfg)

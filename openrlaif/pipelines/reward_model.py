@@ -11,12 +11,13 @@ from tqdm import tqdm
 
 from openrlaif.algorithms.preference import bradley_terry_loss
 from openrlaif.checkpointing import stop_on_non_finite
-from openrlaif.config import Config, cache_dir
+from openrlaif.config import Config, ConfigError, cache_dir, check_positive, validate_offline_training
 from openrlaif.data import PromptStream
 from openrlaif.data.pairs import Pair, load_pairs, pairs_to_batch
 from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
-from openrlaif.pipelines.common import finish, load_tokenizer, prepare_output_dir, save_checkpoint, start_trainer
+from openrlaif.pipelines.common import finish, load_tokenizer, prepare_output_dir, save_checkpoint
+from openrlaif.roles import start_trainer
 from openrlaif.runtime import ray_session
 from openrlaif.workers.group import WorkerGroup, check_cluster_fits
 
@@ -92,3 +93,13 @@ def evaluate(trainer: WorkerGroup, pairs: list[Pair], pad_id: int) -> dict[str, 
     margins = scores[:, 0] - scores[:, 1]
     return {"eval/accuracy": float((margins > 0).float().mean()), "eval/margin": float(margins.mean()),
             "eval/loss": float(bradley_terry_loss(scores[:, 0], scores[:, 1]).mean()), "eval/pairs": float(len(pairs))}
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+def validate(cfg: Config) -> None:
+    """pipeline=reward_model's own checks: the held-out share of pairs and how often it is measured."""
+    if not 0 <= cfg.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in [0, 1).")
+    check_positive("data.eval_every", cfg.data.eval_every)
+    validate_offline_training(cfg)

@@ -6,12 +6,13 @@ from tqdm import tqdm
 
 from openrlaif.batch import Batch
 from openrlaif.checkpointing import stop_on_non_finite
-from openrlaif.config import Config, cache_dir
+from openrlaif.config import Config, cache_dir, validate_offline_training
 from openrlaif.data import PromptStream
 from openrlaif.data.sft import load_sft
 from openrlaif.metrics import MetricsLogger, summary_line, timer
 from openrlaif.models import resolve_model_path
-from openrlaif.pipelines.common import finish, load_tokenizer, prepare_output_dir, save_checkpoint, start_actor
+from openrlaif.pipelines.common import finish, load_tokenizer, prepare_output_dir, save_checkpoint
+from openrlaif.roles import start_actor
 from openrlaif.runtime import ray_session
 from openrlaif.workers.group import check_cluster_fits
 
@@ -52,3 +53,10 @@ def train(cfg: Config, continuing: bool = False) -> dict:
         finally:
             actor.shutdown()
     return finish(checkpoint, logger.path, metrics, out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------- checks
+
+def validate(cfg: Config) -> None:
+    """pipeline=sft's own checks: those of every offline pipeline."""
+    validate_offline_training(cfg)

@@ -148,7 +148,7 @@ def test_self_rewarding_online_dpo_the_judge_follows_the_policy(ray_cluster, tin
     """Pairwise self-judging on a vLLM judge: after the run the judge group answers exactly like a fresh judge
     loaded from the final checkpoint, so every weight sync reached it."""
     from openrlaif.pipelines.online_dpo import train_loop
-    from openrlaif.pipelines.online_rl import prepare_run, start_roles
+    from openrlaif.roles import prepare_run, start_roles
     feedback = FeedbackConfig(source="judge", judge=JudgeConfig(mode="pairwise", min_label_mass=0.0,
                                                                 follow_policy=True, kv_cache_gib=0.05))
     cfg = sampling_config(tiny_model, tmp_path, "online_dpo", feedback,

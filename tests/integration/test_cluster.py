@@ -20,7 +20,7 @@ def test_a_role_that_fails_to_start_is_named_and_the_started_roles_are_freed(ray
     from openrlaif.checkpointing import RunError
     from openrlaif.config import (ActorConfig, ClusterConfig, Config, DataConfig, FeedbackConfig, JudgeConfig,
                                   ModelConfig, OutputConfig, RolloutConfig, validate)
-    from openrlaif.pipelines.online_rl import prepare_run, start_roles
+    from openrlaif.roles import prepare_run, start_roles
 
     broken = tmp_path / "broken-judge"
     shutil.copytree(tiny_model, broken)

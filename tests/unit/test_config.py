@@ -283,7 +283,7 @@ def test_a_key_added_with_plus_must_exist_in_the_schema():
 
 def test_every_step_failing_stops_the_run_after_the_limit():
     from openrlaif.checkpointing import RunError
-    from openrlaif.pipelines.online_rl import FailedSteps
+    from openrlaif.checkpointing import FailedSteps
     counter = FailedSteps(2)
     all_failed = {"feedback/failure_rate": 1.0, "feedback/failures/endpoint_error": 16.0}
     counter.count(1, all_failed)

@@ -107,7 +107,7 @@ def test_the_context_check_names_the_keys_and_the_model_limit(tiny_model):
 
 
 def test_a_start_up_error_is_the_exception_not_a_trailing_url():
-    from openrlaif.pipelines.online_rl import startup_error
+    from openrlaif.roles import startup_error
     traceback = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    g()\n"
                  "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
                  "  Value error, max_model_len 100048 > max_position_embeddings 1024\n"

@@ -1,0 +1,84 @@
+"""The driver's side of rollout: spread prompts over the engines and launch sampling (`launch_rollout`), collate
+the answers into one Batch (`collect_rollout`), both at once (`generate`), or one-step-off with the next batch in
+flight while this one trains (`next_rollout`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import ray
+
+from openrlaif.algorithms.advantages import GREEDY_BASELINE
+from openrlaif.batch import Batch, split_evenly
+from openrlaif.config import Config
+from openrlaif.data import PromptStream
+from openrlaif.rollout.collate import completions_to_batch
+from openrlaif.rollout.types import SamplingSpec
+
+if TYPE_CHECKING:
+    from openrlaif.roles import Roles
+
+
+def generate(roles: Roles, prompts: list, cfg: Config, tokenizer, seed: int) -> Batch:
+    """Spread the prompts over the engines; every engine samples `samples_per_prompt` responses per prompt.
+    Estimators with a greedy baseline (ReMax) also get one greedy response per prompt, launched alongside, in
+    batch.meta["baseline_response"] (one per sample, repeated within its group)."""
+    return collect_rollout(launch_rollout(roles, prompts, cfg, seed), tokenizer)
+
+
+@dataclass
+class PendingRollout:
+    """Sampling requests in flight on the engines (ray refs), and what is needed to collate their answers."""
+    prompts: list
+    spans: list
+    sample_refs: list
+    greedy_refs: list
+
+
+def launch_rollout(roles: Roles, prompts: list, cfg: Config, seed: int) -> PendingRollout:
+    spec = SamplingSpec(n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
+                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
+    spans = split_evenly(len(prompts), len(roles.rollout))
+
+    def launch(sampling: SamplingSpec) -> list:
+        return roles.rollout.map(lambda worker, span: worker.generate.remote(
+            [p.token_ids for p in prompts[span]], replace(sampling, seed=seed + span.start)), spans)
+
+    wants_greedy = cfg.pipeline == "online_rl" and cfg.algorithm.advantage in GREEDY_BASELINE
+    return PendingRollout(prompts, spans, launch(spec), launch(replace(spec, n=1, temperature=0.0)) if wants_greedy else [])
+
+
+def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
+    prompts, spans = pending.prompts, pending.spans
+    shards = ray.get(pending.sample_refs + pending.greedy_refs)
+    completions, greedy = [], {}
+    for span, shard in zip(spans, shards[:len(spans)]):
+        for completion in shard:
+            completion.prompt_index += span.start
+            completions.append(completion)
+    for span, shard in zip(spans, shards[len(spans):]):
+        for completion in shard:
+            greedy[completion.prompt_index + span.start] = completion.token_ids
+    texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+    batch = completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,
+                                 tokenizer.pad_token_id)
+    batch.meta["conversation"] = [prompts[c.prompt_index].messages for c in completions]   # what a judge is shown
+    if greedy:
+        greedy_texts = tokenizer.batch_decode([greedy[i] for i in range(len(prompts))], skip_special_tokens=True)
+        batch.meta["baseline_response"] = [greedy_texts[c.prompt_index] for c in completions]
+    return batch
+
+
+def next_rollout(roles: Roles, stream: PromptStream, cfg: Config, tokenizer, step: int,
+                 metrics: dict[str, float]) -> Batch:
+    """This step's samples. One-step-off (rollout.async_steps=1): take the batch launched during the previous step
+    and launch the next one before this one trains, so the engines sample while the actor updates. That batch
+    comes from the weights before this step's update (one update stale); the actor corrects for it with
+    truncated importance weights against the engine's log-probs (algorithm.is_cap)."""
+    pending, roles.pending_rollout = roles.pending_rollout, None
+    metrics["rollout/staleness"] = float(pending is not None)
+    if pending is None:
+        pending = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step)
+    if cfg.rollout.async_steps and step < cfg.steps:
+        roles.pending_rollout = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step + 1)
+    return collect_rollout(pending, tokenizer)
