@@ -305,6 +305,16 @@ class ConstitutionConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn episodes (pipeline=online_rl): an environment answers each assistant turn (a tool's result, a
+    user's reply) until it ends the episode or a budget does. name "" keeps single-turn rollouts."""
+    name: str = ""                 # tool_use | single_turn | package.module:Class
+    max_turns: int = 4             # assistant turns per episode
+    max_total_tokens: int = 256    # response tokens per episode, every turn and observation together
+    kwargs: dict[str, Any] = field(default_factory=dict)   # the environment's own settings (env.kwargs.timeout_s=2)
+
+
+@dataclass
 class ClusterConfig:
     address: str = ""                     # "" = start a local Ray on 127.0.0.1; "auto" or host:port = join a cluster
     num_cpus: int = 0                     # local cluster only; 0 = what the roles reserve
@@ -353,6 +363,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     constitution: ConstitutionConfig = field(default_factory=ConstitutionConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -454,6 +465,12 @@ def validate(cfg: Config) -> None:
                           "constitutional reuse the judge's verdict cache).")
     _validate_loggers(cfg.output)
     _validate_colocation(cfg)
+    if cfg.env.name and cfg.pipeline != "online_rl":
+        raise ConfigError(f"env.name={cfg.env.name!r}: multi-turn episodes run in pipeline=online_rl; pipeline="
+                          f"{cfg.pipeline} samples single turns. Fix: env.name='' (or pipeline=online_rl).")
+    if cfg.feedback.source == "env" and not cfg.env.name:
+        raise ConfigError("feedback.source=env takes each episode's reward from its environment, but env.name is "
+                          "unset. Fix: env=tool_use (or env.name=<package.module:Class>), or another feedback.")
     if cfg.pipeline in SAMPLING_PIPELINES:
         validate_rollout(cfg)
     importlib.import_module(PIPELINES[cfg.pipeline]).validate(cfg)   # each pipeline's own checks, beside its loop
@@ -468,6 +485,11 @@ def validate(cfg: Config) -> None:
 
 # Pipelines that sample from the policy with the rollout engines.
 SAMPLING_PIPELINES = {"online_rl", "online_dpo", "label", "constitutional", "eval"}
+
+
+def response_budget(cfg: Config) -> int:
+    """Tokens after the prompt in one row: one turn, or a whole episode's turns and observations (env.*)."""
+    return cfg.env.max_total_tokens if cfg.env.name else cfg.rollout.max_new_tokens
 
 
 def step_batch_size(cfg: Config) -> int:
@@ -558,7 +580,7 @@ def validate_trained(role: str, train: ActorConfig, step_batch: int, what: str) 
 def validate_feedback_source(cfg: Config) -> None:
     """The feedback that scores sampled responses: a judge, a reward model or rule/user functions."""
     fb = cfg.feedback
-    check_choice("feedback.source", fb.source, {"judge", "function", "reward_model"})
+    check_choice("feedback.source", fb.source, {"judge", "function", "reward_model", "env"})
     if fb.source == "function" and ":" not in fb.function:
         raise ConfigError(f"feedback.function={fb.function!r} must name a callable as 'package.module:name' "
                           "when feedback.source=function. Fix: feedback.function=openrlaif.feedback.rules:brevity")

@@ -12,7 +12,7 @@ import ray
 
 from openrlaif.algorithms.advantages import CRITIC
 from openrlaif.checkpointing import RunError
-from openrlaif.config import Config, RoleResources, cache_dir, judge_engine, step_batch_size
+from openrlaif.config import Config, RoleResources, cache_dir, judge_engine, response_budget, step_batch_size
 from openrlaif.data import load_prompts
 from openrlaif.feedback import Feedback
 from openrlaif.models import resolve_model_path
@@ -89,10 +89,19 @@ def prepare_run(cfg: Config) -> RunInputs:
     from openrlaif.models.registry import check_context
     for path, key in ((model_path, "model.path"), (reward_model_path, "feedback.reward_model.path")):
         if path:   # the policy's engines and trainers, and a reward model, see whole prompt + response sequences
-            check_context(path, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, key,
-                          "data.max_prompt_tokens + rollout.max_new_tokens")
+            check_context(path, cfg.data.max_prompt_tokens + response_budget(cfg), key,
+                          "data.max_prompt_tokens + " + ("env.max_total_tokens" if cfg.env.name
+                                                         else "rollout.max_new_tokens"))
     tokenizer = load_tokenizer(model_path, cfg)
-    prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt)
+    from openrlaif.envs import env_factory
+    env = env_factory(cfg.env)   # its reset(row) gives each prompt's conversation
+    if env is not None:
+        from openrlaif.rollout.multi_turn import TurnTemplate
+        probe = getattr(env(), "probe", None)
+        if probe is not None:   # an environment behind an endpoint (simulated_user): is it up?
+            probe()
+        TurnTemplate(tokenizer)   # a template that cannot frame observations fails now
+    prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt, env=env)
     from openrlaif.pipelines.evaluation import eval_plan, prepare_eval
     evaluation = prepare_eval(cfg, tokenizer)
     out_dir = prepare_output_dir(cfg)
@@ -185,7 +194,7 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
         rm = cfg.feedback.reward_model
         reward_model = keep(WorkerGroup("reward_model", RewardModelWorker, rm.resources, lambda rank: dict(
             model_path=run.reward_model_path, micro_batch_size=rm.micro_batch_size,
-            max_tokens=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, dtype=cfg.model.dtype,
+            max_tokens=cfg.data.max_prompt_tokens + response_budget(cfg), dtype=cfg.model.dtype,
             threads=threads("reward_model"), seed=cfg.seed, trust_remote_code=trust), shared=shared))
     if cfg.feedback.source == "judge" or cfg.pipeline == "constitutional":
         judge, judge_client = start_judge(cfg, run.judge_path, run.out_dir,
@@ -201,6 +210,9 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
                                                   list(cascade.band), cascade.delta)
     elif reward_model is not None:
         objectives["reward_model"] = RewardModelFeedback(reward_model)
+    elif cfg.feedback.source == "env":
+        from openrlaif.envs import EnvReward
+        objectives["env"] = EnvReward()
     else:
         objectives[function_name(cfg.feedback.function)] = FunctionFeedback(cfg.feedback.function,
                                                                             cfg.feedback.function_kwargs)
@@ -309,7 +321,8 @@ def start_rollout(cfg: Config, model_path: str, threads: int, sampling: Config |
     from openrlaif.workers.rollout import RolloutWorker
     rollout = (sampling or cfg).rollout
     return WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
-        model_path=model_path, cfg=rollout, max_model_len=cfg.data.max_prompt_tokens + rollout.max_new_tokens,
+        model_path=model_path, cfg=rollout,
+        max_model_len=cfg.data.max_prompt_tokens + (response_budget(cfg) if sampling is None else rollout.max_new_tokens),
         threads=threads, seed=cfg.seed + rank, trust_remote_code=cfg.model.trust_remote_code), shared=shared)
 
 

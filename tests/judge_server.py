@@ -48,6 +48,7 @@ class JudgeServer(ThreadingHTTPServer):
         self.faults: Counter = Counter()      # injected, by kind
         self.requests = 0
         self.seen: set[str] = set()
+        self.contents: list[str] = []         # every request's last message, as the judge was asked
         self.limited: Counter = Counter()     # ratelimit: 429s sent per request body
 
     @property
@@ -113,6 +114,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(401, b'{"error": "bad key"}')
         body = json.loads(raw)
         content = body["messages"][-1]["content"]
+        with server.lock:
+            server.contents.append(content)
         match = FAULT.search(content)
         kind = match.group(1) if match else None
         with server.lock:

@@ -93,16 +93,20 @@ def shaped_token_rewards(rewards: Tensor, mask: Tensor, kl: Tensor | None, kl_co
 def gae_advantages(token_rewards: Tensor, values: Tensor, token_mask: Tensor, gamma: float = 1.0,
                    lam: float = 0.95, **_) -> tuple[Tensor, Tensor]:
     """GAE (Schulman et al. 2016, eq. 16): δ_t = r_t + γV_{t+1} − V_t, A_t = Σ_l (γλ)^l δ_{t+l}; returns = A + V.
-    Shapes (B, T); positions past a response's end have mask 0 and contribute nothing."""
+    Shapes (B, T). Only positions with mask 1 are steps: t+1 is the next such position, so the masked tokens
+    inside a row (a multi-turn episode's observations: tool results, user turns) are skipped, carrying no reward
+    and no value target, and positions past a response's end contribute nothing."""
     mask = token_mask.to(values.dtype)
     values = values * mask
     advantages = torch.zeros_like(values)
     running = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(running)
     for t in reversed(range(values.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        step = mask[:, t] > 0
         delta = token_rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
-        advantages[:, t] = running
+        running = torch.where(step, delta + gamma * lam * running, running)
+        next_value = torch.where(step, values[:, t], next_value)
+        advantages[:, t] = running * mask[:, t]
     return advantages, advantages + values
 
 

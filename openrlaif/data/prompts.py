@@ -11,6 +11,7 @@ from openrlaif.data.jsonl import check_prompt_length, read_jsonl
 
 DEMO_PROMPTS = os.path.join(os.path.dirname(__file__), "demo_prompts.jsonl")
 DEMO_EVAL_PROMPTS = os.path.join(os.path.dirname(__file__), "demo_eval_prompts.jsonl")   # held out: eval.prompts=demo
+DEMO_CALCULATOR = os.path.join(os.path.dirname(__file__), "demo_calculator.jsonl")   # data.prompts=calculator
 
 
 @dataclass
@@ -18,6 +19,7 @@ class Prompt:
     text: str              # the last user message, as the judge shows it
     token_ids: list[int]   # the chat-templated prompt, ending with the assistant generation prompt
     messages: list[dict] | None = None   # the whole conversation (system prompt included), for writing datasets
+    row: dict | None = None              # the jsonl row itself (an environment reads e.g. its "answer")
 
 
 def _messages(row, where: str, system_prompt: str) -> list[dict]:
@@ -42,16 +44,21 @@ def _messages(row, where: str, system_prompt: str) -> list[dict]:
 
 
 def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: str = "",
-                 key: str = "data.prompts") -> list[Prompt]:
-    demo = DEMO_EVAL_PROMPTS if key == "eval.prompts" else DEMO_PROMPTS
-    path = demo if path == "demo" else path
+                 key: str = "data.prompts", env=None) -> list[Prompt]:
+    """`env`: a callable returning a new environment, whose reset(row) gives the conversation to answer (a tool
+    environment adds its system prompt); without one, the row's own conversation."""
+    shipped = {"demo": DEMO_EVAL_PROMPTS if key == "eval.prompts" else DEMO_PROMPTS, "calculator": DEMO_CALCULATOR}
+    path = shipped.get(path, path)
     prompts = []
     for where, row in read_jsonl(path, key, '{"prompt": ...} or {"messages": [...]}'):
         messages = _messages(row, where, system_prompt)
+        row = {**row, "messages": messages}
+        if env is not None:
+            messages = env().reset(row)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         check_prompt_length(where, len(ids), max_prompt_tokens)
-        prompts.append(Prompt(messages[-1]["content"], ids, messages))
+        prompts.append(Prompt(messages[-1]["content"], ids, messages, row))
     if not prompts:
         raise ConfigError(f"{key}={path!r} holds no prompts. Fix: add {{\"prompt\": ...}} rows, one per line.")
     return prompts

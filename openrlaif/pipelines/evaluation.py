@@ -49,8 +49,9 @@ def prepare_eval(cfg: Config, tokenizer) -> EvalInputs | None:
     if not ev.prompts:
         return None
     from openrlaif.data import load_prompts
+    from openrlaif.envs import env_factory
     prompts = load_prompts(ev.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt,
-                           key="eval.prompts")
+                           key="eval.prompts", env=env_factory(cfg.env))   # env.*: held-out episodes
     inputs = EvalInputs(prompts)
     fb = ev.feedback
     if fb.source == "function":
@@ -158,7 +159,9 @@ class InLoopEval:
                "eval/finished_fraction": float(batch["finished"].float().mean())}
         train = gold = None
         if self.train_scored:
-            train = roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations)
+            from openrlaif.envs import EnvReward
+            own = {"env_rewards": batch.meta["env_reward"]} if isinstance(roles.feedback, EnvReward) else {}
+            train = roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations, **own)
             out["eval/train_reward"] = train.mean()
             out["eval/train_failure_rate"] = float((~train.valid).float().mean())
         measuring = roles.eval.feedback if roles.eval is not None else None

@@ -13,13 +13,14 @@ import torch
 from tqdm import tqdm
 
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-from openrlaif.algorithms.advantages import CRITIC, GROUP_BASELINES, TOKEN_LEVEL
+from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE, GROUP_BASELINES, TOKEN_LEVEL
 from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
 from openrlaif.batch import Batch
 from openrlaif.checkpointing import (Checkpointer, FailedSteps, RunError, dead_workers, non_finite_stop, resume_hint,
                                      role_died, stop_on_non_finite, truncate_metrics)
 from openrlaif.config import Config, ConfigError, check_choice, check_positive, step_batch_size, validate_feedback_source, validate_trained
 from openrlaif.data import PromptStream
+from openrlaif.envs import EnvReward
 from openrlaif.feedback import FeedbackResult
 from openrlaif.metrics import MetricsLogger, feedback_metrics, summary_line, timer
 from openrlaif.pipelines.common import finish, save_checkpoint
@@ -202,6 +203,8 @@ def score(roles: Roles, batch: Batch) -> FeedbackResult:
     verdict failed is masked too: its advantage would be undefined."""
     prompts, responses = batch.meta["prompt"], batch.meta["response"]
     groups, conversations = batch["group_ids"].tolist(), batch.meta.get("conversation")
+    if isinstance(roles.feedback, EnvReward):   # feedback.source=env: each episode's own reward
+        return report_failures(roles.feedback.score(prompts, responses, env_rewards=batch.meta["env_reward"]))
     if "baseline_response" not in batch.meta:
         return report_failures(roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations))
     first = {group: row for row, group in reversed(list(enumerate(groups)))}   # one baseline per prompt
@@ -375,3 +378,27 @@ def validate(cfg: Config) -> None:
         if cfg.critic.value_clip is not None and cfg.critic.value_clip <= 0:
             raise ConfigError(f"critic.value_clip={cfg.critic.value_clip} must be > 0, or null to turn it off.")
     validate_feedback_source(cfg)
+    if cfg.env.name:
+        validate_env(cfg)
+
+
+def validate_env(cfg: Config) -> None:
+    """env.*: the environment loads and takes its kwargs; budgets are positive; what multi-turn does not do yet."""
+    from openrlaif.envs import make_env
+    make_env(cfg.env.name, cfg.env.kwargs)
+    check_positive("env.max_turns", cfg.env.max_turns)
+    check_positive("env.max_total_tokens", cfg.env.max_total_tokens)
+    if cfg.algorithm.advantage in GREEDY_BASELINE:
+        raise ConfigError(f"algorithm.advantage={cfg.algorithm.advantage} needs a greedy baseline response per "
+                          "prompt, which for episodes would be a greedy episode of its own: not built yet. Fix: "
+                          "algorithm=grpo, rloo, dr_grpo, reinforce_pp or ppo.")
+    if cfg.rollout.async_steps:
+        raise ConfigError("env.* with rollout.async_steps=1: one-step-off episodes are not built yet (an "
+                          "episode's later turns would be sampled by newer weights than its first). Fix: "
+                          "rollout.async_steps=0.")
+    fb = cfg.feedback
+    if fb.source == "env" and (fb.extra_functions or fb.transform != "none" or fb.cascade.source):
+        raise ConfigError("feedback.source=env is the episodes' own reward; feedback.extra_functions, "
+                          "feedback.transform and feedback.cascade combine other sources and do not take it yet. "
+                          "Fix: leave them unset.")
+

@@ -33,6 +33,7 @@ class PendingRollout:
     spans: list
     sample_refs: list
     greedy_refs: list
+    episodes: tuple | None = None   # env.*: (roles, cfg, seed) to play each first turn out as an episode
 
 
 def launch_rollout(roles: Roles, prompts: list, cfg: Config, seed: int) -> PendingRollout:
@@ -45,7 +46,8 @@ def launch_rollout(roles: Roles, prompts: list, cfg: Config, seed: int) -> Pendi
             [p.token_ids for p in prompts[span]], replace(sampling, seed=seed + span.start)), spans)
 
     wants_greedy = cfg.pipeline == "online_rl" and cfg.algorithm.advantage in GREEDY_BASELINE
-    return PendingRollout(prompts, spans, launch(spec), launch(replace(spec, n=1, temperature=0.0)) if wants_greedy else [])
+    return PendingRollout(prompts, spans, launch(spec), launch(replace(spec, n=1, temperature=0.0)) if wants_greedy else [],
+                          (roles, cfg, seed) if cfg.env.name else None)
 
 
 def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
@@ -59,6 +61,10 @@ def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
     for span, shard in zip(spans, shards[len(spans):]):
         for completion in shard:
             greedy[completion.prompt_index + span.start] = completion.token_ids
+    if pending.episodes is not None:   # env.*: the first turns go on as episodes
+        from openrlaif.rollout.multi_turn import run_episodes
+        roles, cfg, seed = pending.episodes
+        return run_episodes(roles, prompts, completions, cfg, tokenizer, seed)
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
     batch = completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,
                                  tokenizer.pad_token_id)
@@ -81,4 +87,8 @@ def next_rollout(roles: Roles, stream: PromptStream, cfg: Config, tokenizer, ste
         pending = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step)
     if cfg.rollout.async_steps and step < cfg.steps:
         roles.pending_rollout = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step + 1)
-    return collect_rollout(pending, tokenizer)
+    batch = collect_rollout(pending, tokenizer)
+    if "env_turns" in batch.meta:
+        from openrlaif.rollout.multi_turn import env_metrics
+        metrics |= env_metrics(batch)
+    return batch

@@ -173,6 +173,12 @@ class DeepSpeedWorker:
             raise NonFiniteUpdate(f"the loss of a micro-batch is {float(loss.detach()):g} (rank {self.rank}, or "
                                   "another rank's); the update was not applied")
         self.engine.backward(loss * self.accumulation * self.world_size)
+        if self.engine.is_gradient_accumulation_boundary() and self.engine.get_global_grad_norm() is None:
+            # DeepSpeed without ZeRO (one worker runs stage 0) in fp32 clips but never records the norm: measure it
+            # here, before clipping, so train/grad_norm and its non-finite stop see the real gradient.
+            norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in self.engine.module.parameters()
+                     if p.grad is not None]
+            self.unrecorded_grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         self.engine.step()
 
     def weights_finite(self) -> bool:
@@ -191,7 +197,7 @@ class DeepSpeedWorker:
 
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        return float(norm) if norm is not None else getattr(self, "unrecorded_grad_norm", 0.0)
 
     def pair_micro_batches(self, batch):
         """(micro-batch of pairs, its chosen-then-rejected rows trimmed and on the device, pairs in the global

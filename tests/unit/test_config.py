@@ -24,7 +24,9 @@ def test_default_config_is_valid():
 def shipped_groups() -> list[list[str]]:
     """Every config file of every group under configs/, as the overrides that select it (and what it needs)."""
     needs = {"feedback=reward_model": ["feedback.reward_model.path=/some/rm"],
-             "feedback=judge_http": ["feedback.judge.base_url=http://127.0.0.1:8000/v1"]}
+             "feedback=judge_http": ["feedback.judge.base_url=http://127.0.0.1:8000/v1"],
+             "feedback=env": ["env=tool_use"],
+             "env=simulated_user": ["env.kwargs.base_url=http://127.0.0.1:8000/v1"]}
     offline = {"dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo", "kto", "bco", "lipo"}
     cases = []
     for group in sorted(os.listdir(CONFIG_DIR)):
@@ -53,7 +55,7 @@ def test_every_shipped_group_composes_and_validates(overrides):
 def test_shipped_groups_cover_every_config_file():
     """The list above is built from the folders, so a new config file is composed without editing the test."""
     groups = {case[0].partition("=")[0] for case in shipped_groups()}
-    assert groups == {"algorithm", "feedback", "model"} and len(shipped_groups()) >= 28
+    assert groups == {"algorithm", "env", "feedback", "model"} and len(shipped_groups()) >= 31
 
 
 @pytest.mark.parametrize("override,key", [

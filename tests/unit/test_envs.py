@@ -1,0 +1,127 @@
+"""Environments: the sandbox's limits, tool-call parsing and the calculator, the tool environment's turns,
+errors and exact-answer reward, the chat template's framing of observations, and the env.* checks."""
+import pytest
+
+from openrlaif.config import ConfigError, validate
+from openrlaif.envs import ToolUse, env_class, make_env
+from openrlaif.envs.sandbox import run_python
+from openrlaif.envs.tools import calculate, parse_call
+
+from tests.unit.test_config import composed
+
+
+def test_sandbox_runs_code_in_an_empty_temp_dir_with_a_scrubbed_environment():
+    result = run_python("import os; print(6 * 7); print(os.listdir('.'), sorted(os.environ))")
+    assert result.error is None and result.output.startswith("42\n[]")
+    assert "OPENRLAIF" not in result.output and "'HOME'" in result.output
+
+
+def test_sandbox_has_no_network():
+    result = run_python("import socket\ns = socket.socket(); s.settimeout(2); s.connect(('1.1.1.1', 80))")
+    assert result.error == "error"
+    assert result.isolation in ("netns", "python_guard")
+    assert "unreachable" in result.output.lower() or "disabled" in result.output
+
+
+@pytest.mark.parametrize("code, kind, needle, kwargs", [
+    ("import time; time.sleep(30)", "timeout", "timed out after 1 s", {"timeout_s": 1.0}),
+    ("while True: pass", "cpu", "CPU time limit (1 s)", {"cpu_s": 1, "timeout_s": 20.0}),
+    ("x = bytearray(1 << 31)", "memory", "memory limit (256 MiB)", {"memory_mb": 256}),
+    ("raise ValueError('bad input')", "error", "ValueError: bad input", {}),
+])
+def test_sandbox_limits_end_the_call_with_a_kind(code, kind, needle, kwargs):
+    result = run_python(code, **kwargs)
+    assert result.error == kind and needle in result.output, result
+
+
+def test_sandbox_kills_the_codes_children_on_timeout(tmp_path):
+    marker = tmp_path / "child-alive"
+    run_python(f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3); "
+               f"open({str(marker)!r}, \"w\")'])\nimport time; time.sleep(30)", timeout_s=1.0)
+    import time
+    time.sleep(4)
+    assert not marker.exists()   # the grandchild was killed with its process group
+
+
+def test_calculator_evaluates_arithmetic_only():
+    assert calculate("(80 + 24) * 7") == 728 and calculate("7 / 2") == 3.5 and calculate("-2 ** 3") == -8
+    for bad in ("__import__('os')", "x + 1", "2 ** 1000", "1 / 0", "(1, 2)", "True + 1"):
+        with pytest.raises(ValueError):
+            calculate(bad)
+
+
+def test_tool_calls_in_both_formats_and_malformed_ones():
+    assert parse_call('sure <tool_call>{"name": "python", "arguments": {"code": "print(1)"}}</tool_call>') == \
+        ("python", "print(1)")
+    assert parse_call('<tool_call>{"name": "calculator", "arguments": "{\\"expression\\": \\"2+2\\"}"}</tool_call>') \
+        == ("calculator", "2+2")
+    assert parse_call("Let me compute <calculator>53*31</calculator>.") == ("calculator", "53*31")
+    assert parse_call("The answer is 42.") is None
+    assert parse_call("<tool_call>{not json}</tool_call>")[0] is None
+    assert parse_call('<tool_call>{"name": "python", "arguments": {}}</tool_call>')[0] is None
+    assert parse_call("<python>print(1)")[0] is None   # opened, never closed
+
+
+def test_tool_use_turns_errors_and_exact_answer_reward():
+    env = ToolUse()
+    messages = env.reset({"messages": [{"role": "user", "content": "What is 53 * 31?"}], "answer": 1643})
+    assert messages[0]["role"] == "system" and "<calculator>" in messages[0]["content"]
+    step = env.step(messages, "I will compute <calculator>53*31</calculator>")
+    assert step.observation == [{"role": "tool", "content": "1643"}] and step.reward is None
+    assert step.counts == {"tool_calls": 1}
+    step = env.step(messages, "<python>print(53*31)</python>")
+    assert step.observation[0]["content"] == "1643"
+    for turn, kind in (("<calculator>53*x</calculator>", "error"), ("<search>cats</search> <tool_call>{\"name\": "
+                       "\"search\", \"arguments\": {\"code\": \"x\"}}</tool_call>", "unknown_tool"),
+                       ("<tool_call>oops</tool_call>", "malformed"), ("<python>1/0</python>", "error")):
+        step = env.step(messages, turn)
+        assert step.observation[0]["content"].startswith("Error") and step.counts[f"tool_errors/{kind}"] == 1, turn
+    assert env.step(messages, "So it is 1,643.").reward == 1.0
+    done = env.step(messages, "It is 1642.")
+    assert done.observation is None and done.reward == 0.0
+    assert ToolUse().reset({"messages": [{"role": "user", "content": "hi"}]}) and ToolUse().reward("1") is None
+
+
+def test_observations_are_framed_by_the_chat_template(tiny_tokenizer):
+    from openrlaif.rollout.multi_turn import TurnTemplate
+    template = TurnTemplate(tiny_tokenizer)
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    observation = [{"role": "tool", "content": "1643"}]
+    ended = template.observation_ids(observation, [5, 6, end])      # the turn ended with the template's end token
+    assert tiny_tokenizer.decode(ended) == "\n<|im_start|>tool\n1643<|im_end|>\n<|im_start|>assistant\n"
+    cut = template.observation_ids(observation, [5, 6, 7])           # cut at max_new_tokens: the turn is closed
+    assert cut == [end] + ended
+
+
+def test_the_gae_of_an_episode_skips_its_observation_tokens():
+    """GAE over policy tokens only: a row with observation tokens inside equals the same row with them removed."""
+    import torch
+
+    from openrlaif.algorithms import gae_advantages
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0]], dtype=torch.float32)           # turn, observation, turn, padding
+    values = torch.tensor([[0.3, 0.5, 9.0, 9.0, 0.2, 0.7, 9.0]])
+    rewards = torch.tensor([[0.0, 0.1, 0.0, 0.0, 0.0, 1.0, 0.0]])
+    adv, returns = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    keep = mask[0] > 0
+    compact_adv, compact_returns = gae_advantages(rewards[:, keep], values[:, keep], mask[:, keep], gamma=0.9, lam=0.8)
+    assert torch.allclose(adv[:, keep], compact_adv) and torch.allclose(returns[:, keep], compact_returns)
+    assert torch.equal(adv[:, ~keep], torch.zeros(1, 3)) and float(compact_adv[0, 0]) != 0.0
+
+
+def test_env_settings_are_checked_at_start_up():
+    validate(composed("env=tool_use", "feedback=env", "data.prompts=calculator"))
+    for overrides, needle in (
+            (["feedback=env"], "env.name is unset"),
+            (["env=tool_use", "pipeline=online_dpo"], "multi-turn episodes run in pipeline=online_rl"),
+            (["env=tool_use", "algorithm=remax"], "greedy baseline"),
+            (["env=tool_use", "rollout.async_steps=1", "rollout.temperature=1.0"], "one-step-off episodes"),
+            (["env=tool_use", "env.max_turns=0"], "env.max_turns"),
+            (["env.name=no_such_env"], "env.name='no_such_env' is not one of"),
+            (["env.name=json:JSONDecoder"], "has no reset"),
+            (["env=tool_use", "+env.kwargs.colour=red"], "env.kwargs"),
+            (["env=simulated_user"], "needs env.kwargs.base_url"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            validate(composed(*overrides))
+    assert env_class("tool_use") is ToolUse and isinstance(make_env("single_turn", {}).reset(
+        {"messages": [{"role": "user", "content": "x"}]}), list)
