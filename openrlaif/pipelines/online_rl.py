@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE, GROUP_BASELINES, TOKEN_LEVEL
+from openrlaif.algorithms.advantages import CRITIC, GROUP_BASELINES, TOKEN_LEVEL
 from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
 from openrlaif.batch import Batch
 from openrlaif.checkpointing import (Checkpointer, FailedSteps, RunError, dead_workers, non_finite_stop, resume_hint,
@@ -203,17 +203,20 @@ def score(roles: Roles, batch: Batch) -> FeedbackResult:
     verdict failed is masked too: its advantage would be undefined."""
     prompts, responses = batch.meta["prompt"], batch.meta["response"]
     groups, conversations = batch["group_ids"].tolist(), batch.meta.get("conversation")
-    if isinstance(roles.feedback, EnvReward):   # feedback.source=env: each episode's own reward
-        return report_failures(roles.feedback.score(prompts, responses, env_rewards=batch.meta["env_reward"]))
+    own = isinstance(roles.feedback, EnvReward)   # feedback.source=env: each episode's own reward
     if "baseline_response" not in batch.meta:
-        return report_failures(roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations))
+        extra = {"env_rewards": batch.meta["env_reward"]} if own else {}
+        return report_failures(roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations,
+                                                    **extra))
     first = {group: row for row, group in reversed(list(enumerate(groups)))}   # one baseline per prompt
     rows = sorted(first.values())
+    extra = {"env_rewards": batch.meta["env_reward"] + [batch.meta["baseline_env_reward"][r] for r in rows]} if own \
+        else {}
     result = roles.feedback.score(prompts + [prompts[r] for r in rows],
                                   responses + [batch.meta["baseline_response"][r] for r in rows],
                                   group_ids=groups + [groups[r] for r in rows],
                                   conversations=conversations + [conversations[r] for r in rows] if conversations
-                                  else None)
+                                  else None, **extra)
     size = len(batch)
     baseline_of = {groups[r]: size + k for k, r in enumerate(rows)}
     index = torch.tensor([baseline_of[g] for g in groups])
@@ -388,14 +391,6 @@ def validate_env(cfg: Config) -> None:
     make_env(cfg.env.name, cfg.env.kwargs)
     check_positive("env.max_turns", cfg.env.max_turns)
     check_positive("env.max_total_tokens", cfg.env.max_total_tokens)
-    if cfg.algorithm.advantage in GREEDY_BASELINE:
-        raise ConfigError(f"algorithm.advantage={cfg.algorithm.advantage} needs a greedy baseline response per "
-                          "prompt, which for episodes would be a greedy episode of its own: not built yet. Fix: "
-                          "algorithm=grpo, rloo, dr_grpo, reinforce_pp or ppo.")
-    if cfg.rollout.async_steps:
-        raise ConfigError("env.* with rollout.async_steps=1: one-step-off episodes are not built yet (an "
-                          "episode's later turns would be sampled by newer weights than its first). Fix: "
-                          "rollout.async_steps=0.")
     fb = cfg.feedback
     if fb.source == "env" and (fb.extra_functions or fb.transform != "none" or fb.cascade.source):
         raise ConfigError("feedback.source=env is the episodes' own reward; feedback.extra_functions, "

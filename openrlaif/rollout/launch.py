@@ -60,17 +60,23 @@ def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
             completions.append(completion)
     for span, shard in zip(spans, shards[len(spans):]):
         for completion in shard:
-            greedy[completion.prompt_index + span.start] = completion.token_ids
+            completion.prompt_index += span.start
+            greedy[completion.prompt_index] = completion
     if pending.episodes is not None:   # env.*: the first turns go on as episodes
-        from openrlaif.rollout.multi_turn import run_episodes
+        from openrlaif.rollout.multi_turn import engine_sampler, greedy_baselines, run_episodes
         roles, cfg, seed = pending.episodes
-        return run_episodes(roles, prompts, completions, cfg, tokenizer, seed)
+        batch = run_episodes(engine_sampler(roles), prompts, completions, cfg, tokenizer, seed)
+        if greedy:   # ReMax: each prompt's greedy episode, played out greedily, is its baseline
+            greedy_baselines(engine_sampler(roles), prompts, [greedy[i] for i in range(len(prompts))], cfg,
+                             tokenizer, seed, batch)
+        return batch
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
     batch = completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,
                                  tokenizer.pad_token_id)
     batch.meta["conversation"] = [prompts[c.prompt_index].messages for c in completions]   # what a judge is shown
     if greedy:
-        greedy_texts = tokenizer.batch_decode([greedy[i] for i in range(len(prompts))], skip_special_tokens=True)
+        greedy_texts = tokenizer.batch_decode([greedy[i].token_ids for i in range(len(prompts))],
+                                              skip_special_tokens=True)
         batch.meta["baseline_response"] = [greedy_texts[c.prompt_index] for c in completions]
     return batch
 
@@ -80,7 +86,9 @@ def next_rollout(roles: Roles, stream: PromptStream, cfg: Config, tokenizer, ste
     """This step's samples. One-step-off (rollout.async_steps=1): take the batch launched during the previous step
     and launch the next one before this one trains, so the engines sample while the actor updates. That batch
     comes from the weights before this step's update (one update stale); the actor corrects for it with
-    truncated importance weights against the engine's log-probs (algorithm.is_cap)."""
+    truncated importance weights against the engine's log-probs (algorithm.is_cap). Episodes (env.*): their first
+    turns are what is launched ahead; the later turns are sampled when the batch is collected, by the weights of
+    then, and every token's importance weight uses its own behaviour log-prob."""
     pending, roles.pending_rollout = roles.pending_rollout, None
     metrics["rollout/staleness"] = float(pending is not None)
     if pending is None:

@@ -82,9 +82,9 @@ class TurnTemplate:
         return close + self.encode(full[len(self.base):])
 
 
-def run_episodes(roles: Roles, prompts: list, first_turns: list[Completion], cfg: Config, tokenizer,
-                 seed: int) -> Batch:
-    """Play every first-turn sample out as an episode; the rows, masks and per-episode env results as a Batch."""
+def run_episodes(sample, prompts: list, first_turns: list[Completion], cfg: Config, tokenizer, seed: int) -> Batch:
+    """Play every first-turn sample out as an episode; the rows, masks and per-episode env results as a Batch.
+    `sample(contexts, spec)` answers each context once, in order (the engines: `engine_sampler(roles)`)."""
     from openrlaif.envs import make_env
     template = TurnTemplate(tokenizer)
     episodes = []
@@ -101,12 +101,24 @@ def run_episodes(roles: Roles, prompts: list, first_turns: list[Completion], cfg
             active = [e for e in episodes if not e.done]
             if not active or turn + 1 == cfg.env.max_turns:
                 break
-            turns = sample_turns(roles, [prompts[e.prompt_index].token_ids + e.ids for e in active],
-                                 replace(spec, seed=seed + 7_919 * (turn + 1)))
+            turns = sample([prompts[e.prompt_index].token_ids + e.ids for e in active],
+                           replace(spec, seed=seed + 7_919 * (turn + 1)))
     for episode in episodes:
         if not episode.done:   # out of turns with an observation pending: it ends where it is
             episode.done = episode.truncated = True
     return episodes_to_batch(prompts, episodes, tokenizer)
+
+
+def greedy_baselines(sample, prompts: list, greedy_first_turns: list[Completion], cfg: Config, tokenizer, seed: int,
+                     batch: Batch) -> None:
+    """ReMax over episodes: each prompt's greedy first turn played out as an episode at temperature 0; its rendering
+    and environment reward become every sample's `baseline_response` / `baseline_env_reward` (by prompt)."""
+    greedy_cfg = replace(cfg, rollout=replace(cfg.rollout, temperature=0.0, top_p=1.0))
+    baselines = run_episodes(sample, prompts, greedy_first_turns, greedy_cfg, tokenizer, seed)
+    by_prompt = {int(group): row for row, group in enumerate(baselines["group_ids"].tolist())}
+    rows = [by_prompt[int(group)] for group in batch["group_ids"].tolist()]
+    batch.meta["baseline_response"] = [baselines.meta["response"][r] for r in rows]
+    batch.meta["baseline_env_reward"] = [baselines.meta["env_reward"][r] for r in rows]
 
 
 def take_turn(episode: Episode, completion: Completion, template: TurnTemplate, cfg: Config) -> None:
@@ -144,17 +156,20 @@ def take_turn(episode: Episode, completion: Completion, template: TurnTemplate, 
     episode.logprobs += [0.0] * len(observation)
 
 
-def sample_turns(roles: Roles, contexts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
-    """One sample per context, spread over the engines; in context order."""
-    spans = split_evenly(len(contexts), len(roles.rollout))
-    refs = roles.rollout.map(lambda worker, span: worker.generate.remote(
-        contexts[span], replace(spec, seed=spec.seed + span.start)), spans)
-    out = []
-    for span, shard in zip(spans, ray.get(refs)):
-        for completion in shard:
-            completion.prompt_index += span.start
-            out.append(completion)
-    return sorted(out, key=lambda c: c.prompt_index)
+def engine_sampler(roles: Roles):
+    """`sample(contexts, spec)` over the rollout engines: one sample per context, spread over the engines, in
+    context order."""
+    def sample(contexts: list[list[int]], spec: SamplingSpec) -> list[Completion]:
+        spans = split_evenly(len(contexts), len(roles.rollout))
+        refs = roles.rollout.map(lambda worker, span: worker.generate.remote(
+            contexts[span], replace(spec, seed=spec.seed + span.start)), spans)
+        out = []
+        for span, shard in zip(spans, ray.get(refs)):
+            for completion in shard:
+                completion.prompt_index += span.start
+                out.append(completion)
+        return sorted(out, key=lambda c: c.prompt_index)
+    return sample
 
 
 def episodes_to_batch(prompts: list, episodes: list[Episode], tokenizer) -> Batch:
@@ -201,6 +216,8 @@ def env_metrics(batch: Batch) -> dict[str, float]:
            "env/truncated_fraction": sum(batch.meta["env_truncated"]) / size,
            "env/ended_by_env_fraction": sum(batch.meta["env_ended"]) / size,
            "env/policy_token_fraction": policy_tokens / max(response_tokens, 1.0),
+           "env/policy_tokens_mean": policy_tokens / size,                      # tokens by source, per episode
+           "env/env_tokens_mean": (response_tokens - policy_tokens) / size,
            "env/reward_missing": float(sum(r is None for r in batch.meta["env_reward"]))}
     for key, value in sorted(totals.items()):
         out[f"env/{key}"] = float(value)

@@ -77,3 +77,14 @@ def test_judge_cost(bench):
         hf, vllm = rows[f"{mode} (probs), HF judge"], rows[f"{mode} (probs), vLLM judge"]
         assert hf["policy_tokens"] == vllm["policy_tokens"] and hf["judge_requests"] == vllm["judge_requests"]
         assert hf["cached_prompt_fraction"] == 0
+
+
+def test_multi_turn(bench):
+    report = bench("multi_turn.py", "--model", "tiny-random-llama", "--prompts", "2", "--turns", "3",
+                   "--observation-words", "8", "--max-new-tokens", "8", "--repeats", "1")
+    rows = {row["setting"]: row for row in report["rows"]}
+    assert list(rows) == ["vllm+prefix_cache", "vllm", "hf"]
+    for row in rows.values():   # every setting played the same scripted episodes out: 3 turns, 2 observations
+        assert row["episodes"] == 4 and row["turns_mean"] == 3.0 and row["env_tokens"] > 0
+        assert 0 < row["policy_tokens"] <= 4 * 3 * 8 and row["policy_tokens_per_s"] > 0
+    assert rows["vllm"]["vs_no_prefix_cache"] == 1.0

@@ -262,3 +262,35 @@ def test_serve_labeller_answers_an_openai_request_and_eval_needs_a_model():
     out = cli("eval", "eval.prompts=demo")
     assert out.returncode == 2 and "usage: openrlaif eval MODEL" in out.stderr
     assert cli("serve-labeller", "--accuracy", "0.2").returncode == 2
+
+
+def test_each_built_in_environment_from_the_cli(cache_env, tiny_model, tmp_path):
+    """env=tool_use on the shipped calculator rows with exact-answer rewards, env=simulated_user against a real
+    endpoint with a pairwise trajectory judge, env.name=single_turn: each trains a step and logs its episodes."""
+    from tests.judge_server import JudgeServer
+    common = ["train", "model=tiny", "steps=1", "rollout.engine=hf", "rollout.max_new_tokens=8",
+              "data.prompts_per_step=2", "rollout.samples_per_prompt=2", "actor.micro_batch_size=2"]
+    server = JudgeServer(tiny_model, prefer="shorter").start()
+    try:
+        runs = {
+            "tool_use": ["env=tool_use", "feedback=env", "data.prompts=calculator"],
+            "simulated_user": ["env=simulated_user", f"env.kwargs.base_url={server.base_url}", "env.kwargs.max_tokens=4",
+                               "feedback=judge_trajectory", "feedback.judge.backend=http", "feedback.judge.mode=pairwise",
+                               f"feedback.judge.base_url={server.base_url}", "feedback.judge.model=tiny"],
+            "single_turn": ["env.name=single_turn", "feedback=function"],
+        }
+        for name, overrides in runs.items():
+            out = cli(*common, *overrides, f"output.dir={tmp_path / name}", env_extra=cache_env | {"OPENAI_API_KEY": "x"},
+                      timeout=600)
+            assert out.returncode == 0, (name, out.stderr[-3000:])
+            row = json.loads(open(tmp_path / name / "metrics.jsonl").readline())
+            assert row["env/turns_mean"] >= 1 and "env/policy_tokens_mean" in row, (name, row)
+            if name == "tool_use":   # the random policy calls no tool: its first turn is its answer, scored exactly
+                assert row["env/ended_by_env_fraction"] == 1.0 and row["feedback/failures"] == 0, row
+                assert row["reward/mean"] in (0.0, 0.25, 0.5, 0.75, 1.0), row
+            if name == "simulated_user":
+                assert row["env/user_turns"] >= 1 and row["feedback/failures"] == 0, row
+            if name == "single_turn":
+                assert row["env/turns_mean"] == 1.0 and row["env/env_tokens_mean"] == 0.0, row
+    finally:
+        server.shutdown()

@@ -88,12 +88,14 @@ def test_episode_rows_are_token_exact(ray_cluster, tiny_model, tiny_tokenizer, e
     assert retokenised_differs >= 1   # the rows would have been wrong had the episode been re-tokenised
 
 
-@pytest.mark.parametrize("advantage", ["grpo", "gae"])
-def test_grpo_and_ppo_train_on_episodes(ray_cluster, tiny_model, tmp_path, advantage):
+@pytest.mark.parametrize("case", ["grpo", "gae", "remax", "grpo-one-step-off"])
+def test_grpo_and_ppo_train_on_episodes(ray_cluster, tiny_model, tmp_path, case):
     from openrlaif.pipelines.online_rl import train
+    advantage = case.split("-")[0]
     algorithm = AlgorithmConfig(advantage=advantage, kl_coef=0.05,
                                 **({"kl_estimator": "k1", "kl_in_reward": True} if advantage == "gae" else {}))
     cfg = episode_config(tiny_model, "hf", tmp_path, algorithm, steps=2)
+    cfg.rollout.async_steps = int(case.endswith("one-step-off"))   # first turns sampled a step ahead
     cfg.eval = EvalConfig(prompts="demo", every=1, feedback=FeedbackConfig(
         source="function", function="openrlaif.feedback.rules:brevity"))   # held-out episodes, measured
     validate(cfg)
@@ -108,6 +110,9 @@ def test_grpo_and_ppo_train_on_episodes(ray_cluster, tiny_model, tmp_path, advan
         assert 0.0 < row["env/policy_token_fraction"] < 1.0 and math.isfinite(row["train/loss"])
         assert 0.0 < row["reward/mean"] <= 1.0
     assert rows[1]["train/grad_norm"] > 0 and result["checkpoint"]
+    assert rows[1]["rollout/staleness"] == float(cfg.rollout.async_steps)
+    if cfg.rollout.async_steps:   # importance weights over the policy tokens of the stale first turns
+        assert math.isfinite(rows[1]["train/is_weight_mean"]) and rows[1]["train/behaviour_kl"] >= 0
 
 
 def test_single_turn_is_the_trivial_environment(ray_cluster, tiny_model, tiny_tokenizer):

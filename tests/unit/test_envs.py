@@ -113,8 +113,6 @@ def test_env_settings_are_checked_at_start_up():
     for overrides, needle in (
             (["feedback=env"], "env.name is unset"),
             (["env=tool_use", "pipeline=online_dpo"], "multi-turn episodes run in pipeline=online_rl"),
-            (["env=tool_use", "algorithm=remax"], "greedy baseline"),
-            (["env=tool_use", "rollout.async_steps=1", "rollout.temperature=1.0"], "one-step-off episodes"),
             (["env=tool_use", "env.max_turns=0"], "env.max_turns"),
             (["env.name=no_such_env"], "env.name='no_such_env' is not one of"),
             (["env.name=json:JSONDecoder"], "has no reset"),
@@ -125,3 +123,20 @@ def test_env_settings_are_checked_at_start_up():
             validate(composed(*overrides))
     assert env_class("tool_use") is ToolUse and isinstance(make_env("single_turn", {}).reset(
         {"messages": [{"role": "user", "content": "x"}]}), list)
+
+
+def test_remax_over_episodes_takes_the_greedy_episodes_env_rewards_as_baselines():
+    import torch
+
+    from openrlaif.batch import Batch
+    from openrlaif.envs import EnvReward
+    from openrlaif.pipelines.online_rl import score
+    from types import SimpleNamespace
+    batch = Batch({"group_ids": torch.tensor([0, 0, 1, 1])},
+                  {"prompt": ["p0"] * 2 + ["p1"] * 2, "response": ["a", "b", "c", "d"],
+                   "env_reward": [1.0, 0.0, None, 1.0], "baseline_response": ["g0", "g0", "g1", "g1"],
+                   "baseline_env_reward": [0.5, 0.5, 1.0, 1.0]})
+    result = score(SimpleNamespace(feedback=EnvReward()), batch)
+    assert batch["baseline_rewards"].tolist() == [0.5, 0.5, 1.0, 1.0]
+    assert result.rewards.tolist() == [1.0, 0.0, 0.0, 1.0] and result.valid.tolist() == [True, True, False, True]
+    assert result.failures == {"no_env_reward": 1}
