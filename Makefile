@@ -32,6 +32,7 @@ bench: install
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/zero_vs_ddp.py
 	$(PY) benchmarks/judge_cost.py
+	$(PY) benchmarks/multi_turn.py
 	$(PY) benchmarks/vs_trl.py
 
 clean:

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import print_table, write_report  # noqa: E402
 
-OBSERVATION_WORDS = 48
+OBSERVATION_WORDS = 24
 
 
 class Scripted:
@@ -99,11 +99,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--settings", nargs="+", default=["vllm+prefix_cache", "vllm", "hf"])
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--n", type=int, default=2)
-    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--observation-words", type=int, default=OBSERVATION_WORDS)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--worker", metavar="SETTING", help=argparse.SUPPRESS)
     args = parser.parse_args()

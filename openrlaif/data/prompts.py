@@ -54,7 +54,11 @@ def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: st
         messages = _messages(row, where, system_prompt)
         row = {**row, "messages": messages}
         if env is not None:
-            messages = env().reset(row)
+            try:
+                messages = env().reset(row)
+            except Exception as err:
+                raise ConfigError(f"{where}: the environment's reset(row) raised {type(err).__name__}: {err}. Fix: "
+                                  "the row (the fields its environment reads) or the environment (env.name).") from None
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         check_prompt_length(where, len(ids), max_prompt_tokens)

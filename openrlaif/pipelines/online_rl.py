@@ -206,8 +206,8 @@ def score(roles: Roles, batch: Batch) -> FeedbackResult:
     own = isinstance(roles.feedback, EnvReward)   # feedback.source=env: each episode's own reward
     if "baseline_response" not in batch.meta:
         extra = {"env_rewards": batch.meta["env_reward"]} if own else {}
-        return report_failures(roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations,
-                                                    **extra))
+        return report_failures(mask_env_errors(batch, roles.feedback.score(
+            prompts, responses, group_ids=groups, conversations=conversations, **extra)))
     first = {group: row for row, group in reversed(list(enumerate(groups)))}   # one baseline per prompt
     rows = sorted(first.values())
     extra = {"env_rewards": batch.meta["env_reward"] + [batch.meta["baseline_env_reward"][r] for r in rows]} if own \
@@ -221,8 +221,22 @@ def score(roles: Roles, batch: Batch) -> FeedbackResult:
     baseline_of = {groups[r]: size + k for k, r in enumerate(rows)}
     index = torch.tensor([baseline_of[g] for g in groups])
     batch["baseline_rewards"] = result.rewards[index]
-    return report_failures(FeedbackResult(result.rewards[:size], result.valid[:size] & result.valid[index],
-                                          result.failures, result.metrics, result.consistency, result.details))
+    return report_failures(mask_env_errors(batch, FeedbackResult(
+        result.rewards[:size], result.valid[:size] & result.valid[index], result.failures, result.metrics,
+        result.consistency, result.details)))
+
+
+def mask_env_errors(batch: Batch, result: FeedbackResult) -> FeedbackResult:
+    """Episodes whose environment raised are masked whatever their score, counted as `env_error` with the first
+    one's words."""
+    errors = batch.meta.get("env_error") or []
+    failed = torch.tensor([bool(error) for error in errors], dtype=torch.bool)
+    if not failed.any():
+        return result
+    result.valid = result.valid & ~failed
+    result.failures["env_error"] += int(failed.sum())
+    result.details.setdefault("env_error", next(error for error in errors if error))
+    return result
 
 
 def report_failures(result: FeedbackResult) -> FeedbackResult:

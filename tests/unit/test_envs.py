@@ -140,3 +140,68 @@ def test_remax_over_episodes_takes_the_greedy_episodes_env_rewards_as_baselines(
     assert batch["baseline_rewards"].tolist() == [0.5, 0.5, 1.0, 1.0]
     assert result.rewards.tolist() == [1.0, 0.0, 0.0, 1.0] and result.valid.tolist() == [True, True, False, True]
     assert result.failures == {"no_env_reward": 1}
+
+
+class Boom:
+    """Answers the first turn, raises on the second."""
+
+    def reset(self, row):
+        return list(row["messages"])
+
+    def step(self, messages, turn):
+        from openrlaif.envs import EnvStep
+        if len(messages) > 2:
+            raise RuntimeError("the agent's tool crashed")
+        return EnvStep([{"role": "tool", "content": "ok"}])
+
+
+def scripted_episodes(tiny_tokenizer, env_name: str, max_total_tokens: int = 200, turns: int = 4):
+    """Episodes from a scripted sampler (every turn: three tokens and the end-of-turn token), no engine."""
+    from openrlaif.config import Config, EnvConfig, RolloutConfig
+    from openrlaif.data import load_prompts
+    from openrlaif.envs import env_factory
+    from openrlaif.rollout.multi_turn import run_episodes
+    from openrlaif.rollout.types import Completion
+    cfg = Config(rollout=RolloutConfig(max_new_tokens=4),
+                 env=EnvConfig(name=env_name, max_turns=turns, max_total_tokens=max_total_tokens))
+    prompts = load_prompts("demo", tiny_tokenizer, 256, env=env_factory(cfg.env))[:2]
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def turn(index: int) -> Completion:
+        return Completion(index, [40, 41, 42, end], [-0.5, -0.25, -0.125, -1.0], True)
+    sent = []
+
+    def sample(contexts, spec):
+        sent.append(contexts)
+        return [turn(i) for i in range(len(contexts))]
+    return run_episodes(sample, prompts, [turn(0), turn(1)], cfg, tiny_tokenizer, seed=0), sent
+
+
+def test_an_environment_that_raises_masks_its_episode_and_the_run_goes_on(tiny_tokenizer):
+    import torch
+
+    from openrlaif.envs import EnvReward
+    from openrlaif.feedback.rules import FunctionFeedback
+    from openrlaif.pipelines.online_rl import score
+    from types import SimpleNamespace
+    batch, _ = scripted_episodes(tiny_tokenizer, "tests.unit.test_envs:Boom")
+    assert batch.meta["env_turns"] == [2, 2]
+    assert all("env.step raised RuntimeError: the agent's tool crashed" in e for e in batch.meta["env_error"])
+    assert [c["env_errors/RuntimeError"] for c in batch.meta["env_counts"]] == [1, 1]
+    for feedback in (EnvReward(), FunctionFeedback("openrlaif.feedback.rules:brevity", {})):
+        result = score(SimpleNamespace(feedback=feedback), batch)   # a judge's or rule's score is masked too
+        assert result.valid.tolist() == [False, False] and result.failures["env_error"] == 2
+        assert "tool crashed" in result.details["env_error"]
+    assert torch.equal(batch["response_mask"].sum(-1), torch.tensor([8.0, 8.0]))   # the two turns, 4 tokens each
+
+
+def test_a_budget_cuts_the_episode_and_each_turn_continues_the_exact_ids(tiny_tokenizer):
+    batch, sent = scripted_episodes(tiny_tokenizer, "tests.unit.test_envs:Boom", max_total_tokens=10, turns=4)
+    assert batch.meta["env_truncated"] == [True, True] and batch.meta["env_turns"] == [1, 1]
+    assert int(batch["attention_mask"][0, -batch["response_mask"].shape[1]:].sum()) <= 10
+    batch, sent = scripted_episodes(tiny_tokenizer, "single_turn")
+    assert sent == [] and batch.meta["env_turns"] == [1, 1]
+    batch, sent = scripted_episodes(tiny_tokenizer, "tests.unit.test_envs:Boom", turns=2)
+    row = batch["input_ids"][0][batch["attention_mask"][0] > 0].tolist()
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert len(sent) == 1 and row == sent[0][0] + [40, 41, 42, end]   # the row: what turn 2 continued, then turn 2
