@@ -308,10 +308,11 @@ class ConstitutionConfig:
 class EnvConfig:
     """Multi-turn episodes (pipeline=online_rl): an environment answers each assistant turn (a tool's result, a
     user's reply) until it ends the episode or a budget does. name "" keeps single-turn rollouts."""
-    name: str = ""                 # tool_use | single_turn | package.module:Class
+    name: str = ""                 # tool_use | simulated_user | single_turn | agent | package.module:Class
     max_turns: int = 4             # assistant turns per episode
     max_total_tokens: int = 256    # response tokens per episode, every turn and observation together
     kwargs: dict[str, Any] = field(default_factory=dict)   # the environment's own settings (env.kwargs.timeout_s=2)
+    agent: str = ""                # name=agent: package.module:agent_fn, called as agent_fn(client, row) -> reward
 
 
 @dataclass

@@ -95,9 +95,9 @@ def prepare_run(cfg: Config) -> RunInputs:
     tokenizer = load_tokenizer(model_path, cfg)
     from openrlaif.envs import env_factory
     env = env_factory(cfg.env)   # its reset(row) gives each prompt's conversation
-    if env is not None:
+    if cfg.env.name:
         from openrlaif.rollout.multi_turn import TurnTemplate
-        probe = getattr(env(), "probe", None)
+        probe = getattr(env(), "probe", None) if env is not None else None
         if probe is not None:   # an environment behind an endpoint (simulated_user): is it up?
             probe()
         TurnTemplate(tokenizer)   # a template that cannot frame observations fails now

@@ -45,7 +45,7 @@ def make_env(name: str, kwargs: dict) -> Environment:
 
 def env_factory(env_cfg):
     """A callable making a new episode's environment for `env.*`, or None when there is none (single-turn)."""
-    if not env_cfg.name:
+    if not env_cfg.name or env_cfg.name == "agent":   # none, or a black-box agent (rollout/agents.py)
         return None
     return lambda: make_env(env_cfg.name, env_cfg.kwargs)
 

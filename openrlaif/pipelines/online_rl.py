@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-from openrlaif.algorithms.advantages import CRITIC, GROUP_BASELINES, TOKEN_LEVEL
+from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE, GROUP_BASELINES, TOKEN_LEVEL
 from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
 from openrlaif.batch import Batch
 from openrlaif.checkpointing import (Checkpointer, FailedSteps, RunError, dead_workers, non_finite_stop, resume_hint,
@@ -400,9 +400,16 @@ def validate(cfg: Config) -> None:
 
 
 def validate_env(cfg: Config) -> None:
-    """env.*: the environment loads and takes its kwargs; budgets are positive; what multi-turn does not do yet."""
+    """env.*: the environment (or agent function) loads and takes its kwargs; budgets are positive; what multi-turn
+    does not do yet."""
     from openrlaif.envs import make_env
-    make_env(cfg.env.name, cfg.env.kwargs)
+    if cfg.env.name == "agent":
+        validate_agent(cfg)
+    else:
+        make_env(cfg.env.name, cfg.env.kwargs)
+        if cfg.env.agent:
+            raise ConfigError(f"env.agent={cfg.env.agent!r} is called only with env.name=agent (here env.name="
+                              f"{cfg.env.name!r}). Fix: env=agent, or env.agent=''.")
     check_positive("env.max_turns", cfg.env.max_turns)
     check_positive("env.max_total_tokens", cfg.env.max_total_tokens)
     fb = cfg.feedback
@@ -410,4 +417,20 @@ def validate_env(cfg: Config) -> None:
         raise ConfigError("feedback.source=env is the episodes' own reward; feedback.extra_functions, "
                           "feedback.transform and feedback.cascade combine other sources and do not take it yet. "
                           "Fix: leave them unset.")
+
+
+def validate_agent(cfg: Config) -> None:
+    """env=agent: a callable agent_fn(client, row); sampling stays the rollout's own, step by step."""
+    from openrlaif.feedback.rules import load_function
+    if ":" not in cfg.env.agent:
+        raise ConfigError(f"env.name=agent needs env.agent='package.module:function' (got {cfg.env.agent!r}), a "
+                          "function agent_fn(client, row) -> reward or None. Fix: env.agent=my_pkg.agents:solve")
+    try:
+        load_function(cfg.env.agent)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("feedback.function", "env.agent")) from None
+    if cfg.algorithm.advantage in GREEDY_BASELINE or cfg.rollout.async_steps:
+        raise ConfigError("env.name=agent: an agent makes its own requests when its batch is collected, so there "
+                          "is no greedy baseline episode (ReMax) and nothing to sample a step ahead (rollout."
+                          "async_steps=1). Fix: algorithm=grpo (or rloo, reinforce_pp, ppo), rollout.async_steps=0.")
 

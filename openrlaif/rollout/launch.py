@@ -40,6 +40,8 @@ def launch_rollout(roles: Roles, prompts: list, cfg: Config, seed: int) -> Pendi
     spec = SamplingSpec(n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
     spans = split_evenly(len(prompts), len(roles.rollout))
+    if cfg.env.name == "agent":   # black-box agents make every request themselves, when collected
+        return PendingRollout(prompts, spans, [], [], (roles, cfg, seed))
 
     def launch(sampling: SamplingSpec) -> list:
         return roles.rollout.map(lambda worker, span: worker.generate.remote(
@@ -65,6 +67,9 @@ def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
     if pending.episodes is not None:   # env.*: the first turns go on as episodes
         from openrlaif.rollout.multi_turn import engine_sampler, greedy_baselines, run_episodes
         roles, cfg, seed = pending.episodes
+        if cfg.env.name == "agent":
+            from openrlaif.rollout.agents import run_agents
+            return run_agents(engine_sampler(roles), prompts, cfg, tokenizer, seed)
         batch = run_episodes(engine_sampler(roles), prompts, completions, cfg, tokenizer, seed)
         if greedy:   # ReMax: each prompt's greedy episode, played out greedily, is its baseline
             greedy_baselines(engine_sampler(roles), prompts, [greedy[i] for i in range(len(prompts))], cfg,

@@ -47,6 +47,8 @@ class Episode:
     truncated: bool = False
     reward: float | None = None
     error: str = ""                       # the environment raised: the episode is masked (feedback/failures/env_error)
+    prompt_ids: list[int] | None = None   # a black-box agent's own first request (else the dataset prompt's)
+    prompt_messages: list[dict] | None = None
     counts: Counter = field(default_factory=Counter)
 
 
@@ -193,7 +195,12 @@ def engine_sampler(roles: Roles):
 
 
 def episodes_to_batch(prompts: list, episodes: list[Episode], tokenizer) -> Batch:
-    layout = prompt_response_layout([prompts[e.prompt_index].token_ids for e in episodes], [e.ids for e in episodes],
+    def prompt_ids(e: Episode) -> list[int]:
+        return e.prompt_ids if e.prompt_ids is not None else prompts[e.prompt_index].token_ids
+
+    def prompt_messages(e: Episode) -> list[dict]:
+        return e.prompt_messages if e.prompt_messages is not None else prompts[e.prompt_index].messages
+    layout = prompt_response_layout([prompt_ids(e) for e in episodes], [e.ids for e in episodes],
                                     tokenizer.pad_token_id)
     width = layout["response_mask"].shape[1]
 
@@ -205,8 +212,8 @@ def episodes_to_batch(prompts: list, episodes: list[Episode], tokenizer) -> Batc
          "group_ids": torch.tensor([e.prompt_index for e in episodes], dtype=torch.long),
          "finished": torch.tensor([e.finished for e in episodes], dtype=torch.bool)},
         {"prompt": [prompts[e.prompt_index].text for e in episodes],
-         "response": [render_episode(e.messages[len(prompts[e.prompt_index].messages):]) for e in episodes],
-         "conversation": [prompts[e.prompt_index].messages for e in episodes],
+         "response": [render_episode(e.messages[len(prompt_messages(e)):]) for e in episodes],
+         "conversation": [prompt_messages(e) for e in episodes],
          "trajectory": [e.messages for e in episodes],
          "env_reward": [e.reward for e in episodes],
          "env_turns": [e.turns for e in episodes],

@@ -266,7 +266,8 @@ def test_serve_labeller_answers_an_openai_request_and_eval_needs_a_model():
 
 def test_each_built_in_environment_from_the_cli(cache_env, tiny_model, tmp_path):
     """env=tool_use on the shipped calculator rows with exact-answer rewards, env=simulated_user against a real
-    endpoint with a pairwise trajectory judge, env.name=single_turn: each trains a step and logs its episodes."""
+    endpoint with a pairwise trajectory judge, env.name=single_turn, env=agent with an openai-client agent: each
+    trains a step and logs its episodes."""
     from tests.judge_server import JudgeServer
     common = ["train", "model=tiny", "steps=1", "rollout.engine=hf", "rollout.max_new_tokens=8",
               "data.prompts_per_step=2", "rollout.samples_per_prompt=2", "actor.micro_batch_size=2"]
@@ -278,6 +279,7 @@ def test_each_built_in_environment_from_the_cli(cache_env, tiny_model, tmp_path)
                                "feedback=judge_trajectory", "feedback.judge.backend=http", "feedback.judge.mode=pairwise",
                                f"feedback.judge.base_url={server.base_url}", "feedback.judge.model=tiny"],
             "single_turn": ["env.name=single_turn", "feedback=function"],
+            "agent": ["env=agent", "env.agent=tests.integration.agents:openai_agent", "feedback=env"],
         }
         for name, overrides in runs.items():
             out = cli(*common, *overrides, f"output.dir={tmp_path / name}", env_extra=cache_env | {"OPENAI_API_KEY": "x"},
@@ -290,6 +292,8 @@ def test_each_built_in_environment_from_the_cli(cache_env, tiny_model, tmp_path)
                 assert row["reward/mean"] in (0.0, 0.25, 0.5, 0.75, 1.0), row
             if name == "simulated_user":
                 assert row["env/user_turns"] >= 1 and row["feedback/failures"] == 0, row
+            if name == "agent":   # two calls per session, the second after the agent's own user message
+                assert row["env/agent_requests"] == 8.0 and row["env/turns_mean"] == 2.0, row
             if name == "single_turn":
                 assert row["env/turns_mean"] == 1.0 and row["env/env_tokens_mean"] == 0.0, row
     finally:

@@ -223,3 +223,70 @@ def test_vllm_samples_many_long_seeded_contexts(ray_cluster, tiny_model):
     finally:
         group.shutdown()
     assert len(completions) == 12 and all(1 <= len(c.token_ids) <= 4 for c in completions)
+
+
+def test_black_box_agents_give_token_exact_rows(ray_cluster, tiny_model, tiny_tokenizer):
+    """env=agent: agent code written against the openai client, and against raw HTTP, calls openrlaif's endpoint
+    twice; each session's row is its exact ids (teacher-forced log-probs equal the engine's on the mask); an agent
+    that raises, and one that rewrites the history (HTTP 400), are masked and counted."""
+    from transformers import AutoModelForCausalLM
+
+    from openrlaif.data import load_prompts
+    from openrlaif.envs import EnvReward
+    from openrlaif.pipelines.online_rl import score
+    from openrlaif.roles import start_rollout, wait_until_ready
+    from openrlaif.rollout.launch import collect_rollout, launch_rollout
+    cfg = episode_config(tiny_model, "vllm")
+    cfg.env = EnvConfig(name="agent", max_total_tokens=160)
+    group = start_rollout(cfg, tiny_model, threads=1)
+    batches = {}
+    try:
+        wait_until_ready([group])
+        prompts = load_prompts("demo", tiny_tokenizer, 256)[:2]
+        for agent in ("openai_agent", "raw_http_agent", "crashing_agent", "rewriting_agent"):
+            cfg.env.agent = f"tests.integration.agents:{agent}"
+            validate(cfg)
+            batches[agent] = collect_rollout(launch_rollout(SimpleNamespace(rollout=group), prompts, cfg, seed=2),
+                                             tiny_tokenizer)
+    finally:
+        group.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    for agent in ("openai_agent", "raw_http_agent"):
+        batch = batches[agent]
+        assert len(batch) == 4 and not any(batch.meta["env_error"]), batch.meta["env_error"]
+        assert [c["agent_requests"] for c in batch.meta["env_counts"]] == [2] * 4
+        assert all(r is not None and r >= 0 for r in batch.meta["env_reward"])
+        width = batch["response_mask"].shape[1]
+        for row in range(4):
+            length = int(batch["attention_mask"][row, -width:].sum())
+            ids = batch["input_ids"][row][batch["attention_mask"][row] > 0].tolist()
+            prompt, response = ids[:len(ids) - length], ids[len(ids) - length:]
+            assert tiny_tokenizer.decode(prompt).startswith("<|im_start|>system\nYou are a terse assistant.")
+            mask = batch["response_mask"][row, :length].tolist()
+            assert [value for _, _, value in runs(mask)] == [1.0, 0.0, 1.0]
+            start, end, _ = runs(mask)[1]
+            assert "<|im_start|>user\nCheck it.<|im_end|>\n<|im_start|>assistant\n" in tiny_tokenizer.decode(
+                response[start:end])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, len(prompt) - 1:-1].float(), -1)
+            forced = logprobs.gather(-1, torch.tensor(response)[:, None])[:, 0]
+            policy = torch.tensor(mask) > 0
+            assert torch.allclose(forced[policy], batch["rollout_logprobs"][row, :length][policy], atol=1e-4)
+        assert score(SimpleNamespace(feedback=EnvReward()), batch).valid.all()
+    for agent, needle in (("crashing_agent", "RuntimeError: the agent's own bug"),
+                          ("rewriting_agent", "message 1 differs from this session's conversation")):
+        batch = batches[agent]
+        assert all(needle in error for error in batch.meta["env_error"]), batch.meta["env_error"]
+        result = score(SimpleNamespace(feedback=EnvReward()), batch)
+        assert not result.valid.any() and result.failures["env_error"] == 4
+
+
+def test_grpo_trains_through_a_black_box_agent(ray_cluster, tiny_model, tmp_path):
+    from openrlaif.pipelines.online_rl import train
+    cfg = episode_config(tiny_model, "hf", tmp_path)
+    cfg.env = EnvConfig(name="agent", agent="tests.integration.agents:openai_agent", max_total_tokens=160)
+    validate(cfg)
+    train(cfg)
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert row["env/agent_requests"] == 8.0 and row["feedback/failures"] == 0 and row["env/turns_mean"] == 2.0
+    assert math.isfinite(row["train/loss"]) and 0 < row["env/policy_token_fraction"] < 1

@@ -26,7 +26,8 @@ def shipped_groups() -> list[list[str]]:
     needs = {"feedback=reward_model": ["feedback.reward_model.path=/some/rm"],
              "feedback=judge_http": ["feedback.judge.base_url=http://127.0.0.1:8000/v1"],
              "feedback=env": ["env=tool_use"],
-             "env=simulated_user": ["env.kwargs.base_url=http://127.0.0.1:8000/v1"]}
+             "env=simulated_user": ["env.kwargs.base_url=http://127.0.0.1:8000/v1"],
+             "env=agent": ["env.agent=tests.integration.agents:openai_agent"]}
     offline = {"dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo", "kto", "bco", "lipo"}
     cases = []
     for group in sorted(os.listdir(CONFIG_DIR)):
@@ -55,7 +56,7 @@ def test_every_shipped_group_composes_and_validates(overrides):
 def test_shipped_groups_cover_every_config_file():
     """The list above is built from the folders, so a new config file is composed without editing the test."""
     groups = {case[0].partition("=")[0] for case in shipped_groups()}
-    assert groups == {"algorithm", "env", "feedback", "model"} and len(shipped_groups()) >= 31
+    assert groups == {"algorithm", "env", "feedback", "model"} and len(shipped_groups()) >= 32
 
 
 @pytest.mark.parametrize("override,key", [

@@ -118,6 +118,10 @@ def test_env_settings_are_checked_at_start_up():
             (["env.name=json:JSONDecoder"], "has no reset"),
             (["env=tool_use", "+env.kwargs.colour=red"], "env.kwargs"),
             (["env=simulated_user"], "needs env.kwargs.base_url"),
+            (["env=agent"], "env.name=agent needs env.agent='package.module:function'"),
+            (["env=agent", "env.agent=tests.integration.agents:nope"], "env.agent=.*has no callable"),
+            (["env=agent", "env.agent=tests.integration.agents:openai_agent", "algorithm=remax"], "no greedy"),
+            (["env=tool_use", "env.agent=tests.integration.agents:openai_agent"], "only with env.name=agent"),
     ):
         with pytest.raises(ConfigError, match=needle):
             validate(composed(*overrides))
