@@ -63,7 +63,11 @@ class AgentServer(ThreadingHTTPServer):
             return 400, error("messages must be a non-empty list of {role, content} objects with string content")
         if episode.prompt_ids is None:   # the session's first request: its prompt, rendered once
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            episode.prompt_ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            if len(ids) > cfg.data.max_prompt_tokens:
+                return 400, error(f"the first request's conversation is {len(ids)} tokens, over "
+                                  f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+            episode.prompt_ids = ids
             episode.prompt_messages = [dict(m) for m in messages]
             episode.messages = [dict(m) for m in messages]
         else:
@@ -134,7 +138,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return self._send(400, error("the body is not JSON"))
         with session.lock:   # one session's calls are sequential: its ids grow in order
-            code, payload = server.complete(session, body if isinstance(body, dict) else {})
+            try:
+                code, payload = server.complete(session, body if isinstance(body, dict) else {})
+            except Exception as err:   # an engine error: the agent gets an answer it can raise on, not a reset
+                code, payload = 500, error(f"{type(err).__name__}: {err}"[:500])
         self._send(code, payload)
 
     def _send(self, code: int, payload: dict) -> None:
@@ -176,7 +183,7 @@ def run_agents(sample, prompts: list, cfg: Config, tokenizer, seed: int) -> Batc
                 session.episode.ended_by_env = True
             except Exception as err:   # the agent's own bug: its episode is masked and counted
                 fail(session.episode, err, "agent")
-            if session.episode.prompt_ids is None:
+            if session.episode.prompt_ids is None and not session.episode.error:
                 fail(session.episode, RuntimeError("the agent made no request"), "agent")
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(play, keys))

@@ -43,3 +43,10 @@ def rewriting_agent(client, row):
     client.chat.completions.create(model="policy", messages=messages + [
         {"role": "assistant", "content": "something else"}, {"role": "user", "content": "more"}], max_tokens=4)
     return 1.0
+
+
+def long_prompt_agent(client, row):
+    """A first request over data.max_prompt_tokens: HTTP 400."""
+    client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "word " * 2000}],
+                                   max_tokens=4)
+    return 1.0

@@ -228,7 +228,7 @@ def test_vllm_samples_many_long_seeded_contexts(ray_cluster, tiny_model):
 def test_black_box_agents_give_token_exact_rows(ray_cluster, tiny_model, tiny_tokenizer):
     """env=agent: agent code written against the openai client, and against raw HTTP, calls openrlaif's endpoint
     twice; each session's row is its exact ids (teacher-forced log-probs equal the engine's on the mask); an agent
-    that raises, and one that rewrites the history (HTTP 400), are masked and counted."""
+    that raises, one that rewrites the history and one whose prompt is too long (HTTP 400) are masked and counted."""
     from transformers import AutoModelForCausalLM
 
     from openrlaif.data import load_prompts
@@ -243,7 +243,7 @@ def test_black_box_agents_give_token_exact_rows(ray_cluster, tiny_model, tiny_to
     try:
         wait_until_ready([group])
         prompts = load_prompts("demo", tiny_tokenizer, 256)[:2]
-        for agent in ("openai_agent", "raw_http_agent", "crashing_agent", "rewriting_agent"):
+        for agent in ("openai_agent", "raw_http_agent", "crashing_agent", "rewriting_agent", "long_prompt_agent"):
             cfg.env.agent = f"tests.integration.agents:{agent}"
             validate(cfg)
             batches[agent] = collect_rollout(launch_rollout(SimpleNamespace(rollout=group), prompts, cfg, seed=2),
@@ -274,7 +274,8 @@ def test_black_box_agents_give_token_exact_rows(ray_cluster, tiny_model, tiny_to
             assert torch.allclose(forced[policy], batch["rollout_logprobs"][row, :length][policy], atol=1e-4)
         assert score(SimpleNamespace(feedback=EnvReward()), batch).valid.all()
     for agent, needle in (("crashing_agent", "RuntimeError: the agent's own bug"),
-                          ("rewriting_agent", "message 1 differs from this session's conversation")):
+                          ("rewriting_agent", "message 1 differs from this session's conversation"),
+                          ("long_prompt_agent", "over data.max_prompt_tokens=")):
         batch = batches[agent]
         assert all(needle in error for error in batch.meta["env_error"]), batch.meta["env_error"]
         result = score(SimpleNamespace(feedback=EnvReward()), batch)
