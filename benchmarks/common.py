@@ -1,11 +1,13 @@
 """What every benchmark script shares: the machine and versions block, building a config from Hydra overrides,
-printing a table and writing benchmarks/results/<name>.json."""
+one measurement in a fresh process, printing a table and writing benchmarks/results/<name>.json."""
 from __future__ import annotations
 
 import importlib.metadata as md
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,3 +75,17 @@ def write_report(name: str, report: dict) -> str:
     os.replace(path + ".tmp", path)
     print(f"\nwrote {path}")
     return path
+
+
+def fresh_process(cmd: list[str], label: str) -> dict | None:
+    """Run a script's `--worker` in a new process (engines set thread counts and allocator state once) and return
+    the row it printed as `RESULT {json}`; None, with its stderr, if it failed."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="ERROR",
+               PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)
+    result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not result:
+        print(f"{label} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result[-1][len("RESULT "):])
+

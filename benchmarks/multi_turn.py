@@ -17,13 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import print_table, write_report  # noqa: E402
+from common import fresh_process, print_table, write_report  # noqa: E402
 
 OBSERVATION_WORDS = 24
 
@@ -113,17 +112,12 @@ def main() -> None:
         return
     rows = []
     for setting in args.settings:
-        cmd = [sys.executable, __file__, "--worker", setting, "--model", args.model, "--prompts", str(args.prompts),
-               "--n", str(args.n), "--turns", str(args.turns), "--observation-words", str(args.observation_words),
-               "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="ERROR",
-                   PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-        if out.returncode or not result:
-            print(f"{setting} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(result[-1][len("RESULT "):]))
+        row = fresh_process([__file__, "--worker", setting, "--model", args.model, "--prompts", str(args.prompts),
+                             "--n", str(args.n), "--turns", str(args.turns), "--observation-words",
+                             str(args.observation_words), "--max-new-tokens", str(args.max_new_tokens), "--repeats",
+                             str(args.repeats)], setting)
+        if row is not None:
+            rows.append(row)
     off = next((row["policy_tokens_per_s"] for row in rows if row["setting"] == "vllm"), None)
     for row in rows:
         if off:

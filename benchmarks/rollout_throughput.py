@@ -15,13 +15,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import print_table, write_report  # noqa: E402
+from common import fresh_process, print_table, write_report  # noqa: E402
 
 
 def measure(model: str, engine: str, prompts: int, n: int, max_new_tokens: int, repeats: int) -> dict:
@@ -84,15 +83,11 @@ def main() -> None:
     rows = []
     for model in args.models:
         for engine in args.engines:
-            cmd = [sys.executable, __file__, "--worker", model, engine, "--prompts", str(args.prompts), "--n",
-                   str(args.n), "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
-            env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="ERROR")
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-            if out.returncode or not result:
-                print(f"{model} / {engine} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(result[-1][len("RESULT "):]))
+            row = fresh_process([__file__, "--worker", model, engine, "--prompts", str(args.prompts), "--n",
+                                 str(args.n), "--max-new-tokens", str(args.max_new_tokens), "--repeats",
+                                 str(args.repeats)], f"{model} / {engine}")
+            if row is not None:
+                rows.append(row)
     hf_rate = {row["model"]: row["tokens_per_s"] for row in rows if row["engine"] == "hf"}
     for row in rows:
         if row["model"] in hf_rate:

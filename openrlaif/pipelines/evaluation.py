@@ -159,9 +159,8 @@ class InLoopEval:
                "eval/finished_fraction": float(batch["finished"].float().mean())}
         train = gold = None
         if self.train_scored:
-            from openrlaif.envs import EnvReward
-            own = {"env_rewards": batch.meta["env_reward"]} if isinstance(roles.feedback, EnvReward) else {}
-            train = roles.feedback.score(prompts, responses, group_ids=groups, conversations=conversations, **own)
+            from openrlaif.pipelines.online_rl import score_batch
+            train = score_batch(roles.feedback, batch)   # as the training step scores (env rewards, errors masked)
             out["eval/train_reward"] = train.mean()
             out["eval/train_failure_rate"] = float((~train.valid).float().mean())
         measuring = roles.eval.feedback if roles.eval is not None else None

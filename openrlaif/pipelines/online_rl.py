@@ -21,7 +21,7 @@ from openrlaif.checkpointing import (Checkpointer, FailedSteps, RunError, dead_w
 from openrlaif.config import Config, ConfigError, check_choice, check_positive, step_batch_size, validate_feedback_source, validate_trained
 from openrlaif.data import PromptStream
 from openrlaif.envs import EnvReward
-from openrlaif.feedback import FeedbackResult
+from openrlaif.feedback import Feedback, FeedbackResult
 from openrlaif.metrics import MetricsLogger, feedback_metrics, summary_line, timer
 from openrlaif.pipelines.common import finish, save_checkpoint
 from openrlaif.pipelines.evaluation import InLoopEval
@@ -197,33 +197,37 @@ def calibrate_references(roles: Roles, run: RunInputs, cfg: Config) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------- phases
 
 def score(roles: Roles, batch: Batch) -> FeedbackResult:
+    """The feedback phase: `score_batch` with the run's feedback, each failure kind reported."""
+    return report_failures(score_batch(roles.feedback, batch))
+
+
+def score_batch(feedback: Feedback, batch: Batch) -> FeedbackResult:
     """Rewards for the samples, with their rollout groups (a pairwise or listwise judge compares within a group,
     never across two groups of the same prompt text) and conversations (a judge sees every turn). Greedy baselines
     (ReMax), when there are any, are scored in the same call, each in its sample's group; a sample whose baseline
-    verdict failed is masked too: its advantage would be undefined."""
+    verdict failed is masked too: its advantage would be undefined. Episodes whose environment raised are masked."""
     prompts, responses = batch.meta["prompt"], batch.meta["response"]
     groups, conversations = batch["group_ids"].tolist(), batch.meta.get("conversation")
-    own = isinstance(roles.feedback, EnvReward)   # feedback.source=env: each episode's own reward
+    own = isinstance(feedback, EnvReward)   # feedback.source=env: each episode's own reward
     if "baseline_response" not in batch.meta:
         extra = {"env_rewards": batch.meta["env_reward"]} if own else {}
-        return report_failures(mask_env_errors(batch, roles.feedback.score(
-            prompts, responses, group_ids=groups, conversations=conversations, **extra)))
+        return mask_env_errors(batch, feedback.score(prompts, responses, group_ids=groups,
+                                                     conversations=conversations, **extra))
     first = {group: row for row, group in reversed(list(enumerate(groups)))}   # one baseline per prompt
     rows = sorted(first.values())
     extra = {"env_rewards": batch.meta["env_reward"] + [batch.meta["baseline_env_reward"][r] for r in rows]} if own \
         else {}
-    result = roles.feedback.score(prompts + [prompts[r] for r in rows],
-                                  responses + [batch.meta["baseline_response"][r] for r in rows],
-                                  group_ids=groups + [groups[r] for r in rows],
-                                  conversations=conversations + [conversations[r] for r in rows] if conversations
-                                  else None, **extra)
+    result = feedback.score(prompts + [prompts[r] for r in rows],
+                            responses + [batch.meta["baseline_response"][r] for r in rows],
+                            group_ids=groups + [groups[r] for r in rows],
+                            conversations=conversations + [conversations[r] for r in rows] if conversations
+                            else None, **extra)
     size = len(batch)
     baseline_of = {groups[r]: size + k for k, r in enumerate(rows)}
     index = torch.tensor([baseline_of[g] for g in groups])
     batch["baseline_rewards"] = result.rewards[index]
-    return report_failures(mask_env_errors(batch, FeedbackResult(
-        result.rewards[:size], result.valid[:size] & result.valid[index], result.failures, result.metrics,
-        result.consistency, result.details)))
+    return mask_env_errors(batch, FeedbackResult(result.rewards[:size], result.valid[:size] & result.valid[index],
+                                                 result.failures, result.metrics, result.consistency, result.details))
 
 
 def mask_env_errors(batch: Batch, result: FeedbackResult) -> FeedbackResult:

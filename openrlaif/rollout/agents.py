@@ -18,12 +18,13 @@ import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from openrlaif.batch import Batch
 from openrlaif.config import Config
 from openrlaif.rollout.multi_turn import Episode, TurnTemplate, episodes_to_batch, fail
 from openrlaif.rollout.types import SamplingSpec
+from openrlaif.serving import JSONHandler
 
 
 @dataclass
@@ -49,10 +50,11 @@ class AgentServer(ThreadingHTTPServer):
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
-    def open_session(self, prompt_index: int) -> str:
+    def open_session(self, prompt_index: int) -> tuple[str, Session]:
+        """(the API key that names it, the session)."""
         sid = secrets.token_hex(8)
         self.sessions[sid] = Session(Episode(prompt_index, None, []), len(self.sessions))
-        return f"{self.token}.{sid}"
+        return f"{self.token}.{sid}", self.sessions[sid]
 
     def complete(self, session: Session, body: dict) -> tuple[int, dict]:
         episode, cfg = session.episode, self.cfg
@@ -118,11 +120,8 @@ def error(message: str) -> dict:
     return {"error": {"message": message, "type": "invalid_request_error"}}
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     server: AgentServer
-
-    def log_message(self, *args) -> None:
-        pass
 
     def do_POST(self) -> None:
         server = self.server
@@ -144,14 +143,6 @@ class _Handler(BaseHTTPRequestHandler):
                 code, payload = 500, error(f"{type(err).__name__}: {err}"[:500])
         self._send(code, payload)
 
-    def _send(self, code: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
 
 def make_client(base_url: str, api_key: str):
     """The client an agent gets: openai.OpenAI when installed (pip install openai, or openrlaif[agents]), else a
@@ -171,14 +162,14 @@ def run_agents(sample, prompts: list, cfg: Config, tokenizer, seed: int) -> Batc
     server = AgentServer(sample, tokenizer, cfg, seed)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        keys = [(index, server.open_session(index)) for index in range(len(prompts))
-                for _ in range(cfg.rollout.samples_per_prompt)]
+        sessions = [server.open_session(index) for index in range(len(prompts))
+                    for _ in range(cfg.rollout.samples_per_prompt)]
 
         def play(item) -> None:
-            index, key = item
-            session = server.sessions[key.partition(".")[2]]
+            key, session = item
             try:
-                reward = agent(make_client(server.base_url, key), dict(prompts[index].row or {}))
+                row = prompts[session.episode.prompt_index].row
+                reward = agent(make_client(server.base_url, key), dict(row or {}))
                 session.episode.reward = None if reward is None else float(reward)
                 session.episode.ended_by_env = True
             except Exception as err:   # the agent's own bug: its episode is masked and counted
@@ -186,11 +177,11 @@ def run_agents(sample, prompts: list, cfg: Config, tokenizer, seed: int) -> Batc
             if session.episode.prompt_ids is None and not session.episode.error:
                 fail(session.episode, RuntimeError("the agent made no request"), "agent")
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(play, keys))
+            list(pool.map(play, sessions))
     finally:
         server.shutdown()
         server.server_close()
-    episodes = [server.sessions[key.partition(".")[2]].episode for _, key in keys]
+    episodes = [session.episode for _, session in sessions]
     for episode in episodes:
         if episode.prompt_ids is None:   # no request: an empty row on the dataset's prompt, masked
             episode.prompt_ids, episode.prompt_messages = list(prompts[episode.prompt_index].token_ids), []
