@@ -242,6 +242,10 @@ class FeedbackConfig:
     # stop the run (exit 1, no final checkpoint) after this many consecutive steps in which every sample's
     # feedback failed: it is learning nothing (an endpoint down, a broken reward function). 0 = never stop.
     max_failed_steps: int = 3
+    # env.*: also score every assistant turn but the last (the episode up to that turn) and put each turn's reward on
+    # its last token; token-level estimators sum the rewards to go, outcome ones (GRPO, RLOO) use turn-level
+    # advantages (MT-GRPO). Costs a verdict per turn. feedback.source=env: the rewards the environment gives per step.
+    per_turn: bool = False
 
 
 @dataclass
@@ -469,6 +473,10 @@ def validate(cfg: Config) -> None:
     if cfg.env.name and cfg.pipeline != "online_rl":
         raise ConfigError(f"env.name={cfg.env.name!r}: multi-turn episodes run in pipeline=online_rl; pipeline="
                           f"{cfg.pipeline} samples single turns. Fix: env.name='' (or pipeline=online_rl).")
+    if cfg.feedback.per_turn and not cfg.env.name:
+        raise ConfigError("feedback.per_turn=true scores each turn of a multi-turn episode, but env.name is unset "
+                          "(single-turn samples have one turn). Fix: env=tool_use (or another env), or "
+                          "feedback.per_turn=false.")
     if cfg.feedback.source == "env" and not cfg.env.name:
         raise ConfigError("feedback.source=env takes each episode's reward from its environment, but env.name is "
                           "unset. Fix: env=tool_use (or env.name=<package.module:Class>), or another feedback.")

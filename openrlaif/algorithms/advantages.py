@@ -64,10 +64,11 @@ def whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 
 def reinforce_pp_advantages(rewards: Tensor, token_mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0,
                             group_ids: Tensor | None = None, valid: Tensor | None = None,
-                            baseline: bool = False, **_) -> Tensor:
+                            baseline: bool = False, token_rewards: Tensor | None = None, **_) -> Tensor:
     """REINFORCE++ (Hu 2025): per-token returns G_t = Σ_{k≥t} r_k with r_k = −β·KL_k plus the sequence reward on
     the last token (γ = 1), then whitened over all tokens of the batch. baseline=True is REINFORCE++-baseline:
-    the group mean reward is subtracted first. Shapes: rewards (B,), token_mask/kl (B, T); returns (B, T)."""
+    the group mean reward is subtracted first. Shapes: rewards (B,), token_mask/kl (B, T); returns (B, T).
+    `token_rewards` (B, T), when given, replaces the sequence reward on the last token (feedback.per_turn)."""
     mask = token_mask.to(rewards.dtype)
     valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
     if baseline:
@@ -79,13 +80,20 @@ def reinforce_pp_advantages(rewards: Tensor, token_mask: Tensor, kl: Tensor | No
             if in_group.any():
                 centred[in_group] = rewards[in_group] - rewards[in_group].mean()
         rewards = centred
-    returns = shaped_token_rewards(rewards, mask, kl, kl_coef).flip(-1).cumsum(-1).flip(-1) * mask
+    if baseline and token_rewards is not None:
+        raise ValueError("reinforce_pp with baseline centres sequence rewards; centre per-turn rewards first")
+    returns = shaped_token_rewards(rewards, mask, kl, kl_coef, token_rewards).flip(-1).cumsum(-1).flip(-1) * mask
     return whiten(returns, mask * valid.unsqueeze(-1).to(mask.dtype))
 
 
-def shaped_token_rewards(rewards: Tensor, mask: Tensor, kl: Tensor | None, kl_coef: float) -> Tensor:
-    """Per-token rewards r_t = −β·KL_t, plus the sequence reward on each row's last response token; (B, T)."""
-    token_rewards = -kl_coef * kl * mask if kl is not None else torch.zeros_like(mask)
+def shaped_token_rewards(rewards: Tensor, mask: Tensor, kl: Tensor | None, kl_coef: float,
+                         token_rewards: Tensor | None = None) -> Tensor:
+    """Per-token rewards r_t = −β·KL_t, plus the sequence reward on each row's last response token, or plus the
+    given `token_rewards` (B, T) in its place; (B, T)."""
+    penalty = -kl_coef * kl * mask if kl is not None else torch.zeros_like(mask)
+    if token_rewards is not None:
+        return penalty + token_rewards * mask
+    token_rewards = penalty
     last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)
     return token_rewards + last.to(rewards.dtype) * rewards.unsqueeze(-1)
 
@@ -111,18 +119,57 @@ def gae_advantages(token_rewards: Tensor, values: Tensor, token_mask: Tensor, ga
 
 
 def ppo_advantages(rewards: Tensor, token_mask: Tensor, values: Tensor, valid: Tensor, kl: Tensor | None = None,
-                   kl_coef: float = 0.0, gamma: float = 1.0, lam: float = 0.95, **_) -> tuple[Tensor, Tensor]:
+                   kl_coef: float = 0.0, gamma: float = 1.0, lam: float = 0.95, token_rewards: Tensor | None = None,
+                   **_) -> tuple[Tensor, Tensor]:
     """PPO as in InstructGPT / OpenRLHF: per-token rewards −β·KL_t plus the sequence reward on the last token,
     GAE on the critic's values V(s_t). Returns (advantages whitened over the valid tokens, returns = GAE + V:
     the critic's regression targets, not whitened). Shapes (B, T); invalid samples get zeros."""
     mask = token_mask.to(values.dtype) * valid.unsqueeze(-1).to(values.dtype)
-    advantages, returns = gae_advantages(shaped_token_rewards(rewards, mask, kl, kl_coef), values, mask, gamma, lam)
+    advantages, returns = gae_advantages(shaped_token_rewards(rewards, mask, kl, kl_coef, token_rewards), values,
+                                         mask, gamma, lam)
     return whiten(advantages, mask), returns * mask
 
 
 def reinforce_pp_baseline_advantages(rewards: Tensor, token_mask: Tensor, **kwargs) -> Tensor:
     """REINFORCE++-baseline: group-mean-centred rewards, then KL-shaped returns, whitened over the batch."""
     return reinforce_pp_advantages(rewards, token_mask, baseline=True, **kwargs)
+
+
+def turn_advantages(name: str, turn_rewards: Tensor, turn_scored: Tensor, turn_of_token: Tensor, group_ids: Tensor,
+                    valid: Tensor, token_mask: Tensor, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
+    """feedback.per_turn: estimator `name` with a reward r_k for each assistant turn k of an episode, on the turn's
+    last token. Shapes: turn_rewards / turn_scored (B, K) (scored: the episode reached turn k and it has a reward),
+    turn_of_token (B, T) (the turn of each policy token, -1 elsewhere).
+
+    Token-level estimators (REINFORCE++, PPO's GAE) take the r_k as per-token rewards: a token's return is the sum
+    of its own and later turns' rewards (γ = 1; GAE with its γ, λ). REINFORCE++-baseline first centres each r_k on
+    the mean r_k of the group's episodes that reached turn k. Outcome estimators (GRPO, Dr. GRPO, RLOO) compute
+    their advantage A_k of each turn k within the group's episodes that reached it, and give a token of turn k the
+    sum Σ_{j≥k} A_j: the turn-level credit assignment of MT-GRPO (Zeng et al. 2025, "Reinforcing Multi-Turn
+    Reasoning in LLM Agents via Turn-Level Credit Assignment": A_1 = Â^turn + λ·Â^outcome, A_2 = Â^outcome), over
+    any number of turns with λ = 1. One turn per episode gives the estimator's own advantages exactly."""
+    estimator = ADVANTAGE_ESTIMATORS[name]
+    index = turn_of_token.clamp(min=0)
+    policy = (turn_of_token >= 0).to(turn_rewards.dtype)
+    if name in TOKEN_LEVEL:
+        rewards = turn_rewards.clone() * turn_scored
+        if name == "reinforce_pp_baseline":
+            for k in range(rewards.shape[1]):
+                for group in torch.unique(group_ids):
+                    in_group = (group_ids == group) & valid & turn_scored[:, k]
+                    if in_group.any():
+                        rewards[in_group, k] -= turn_rewards[in_group, k].mean()
+            estimator = ADVANTAGE_ESTIMATORS["reinforce_pp"]
+        last = policy * (torch.nn.functional.pad(turn_of_token, (0, 1), value=-1)[:, 1:] != turn_of_token)
+        token_rewards = torch.gather(rewards, 1, index) * last
+        return estimator(rewards=torch.zeros_like(turn_rewards[:, 0]), group_ids=group_ids, valid=valid,
+                         token_mask=token_mask, token_rewards=token_rewards, **kwargs)
+    if name not in GROUP_BASELINES:
+        raise ValueError(f"feedback.per_turn: algorithm.advantage={name} has no per-turn form")
+    per_turn = torch.stack([estimator(rewards=turn_rewards[:, k], group_ids=group_ids, valid=valid & turn_scored[:, k],
+                                      token_mask=token_mask, **kwargs) for k in range(turn_rewards.shape[1])], dim=1)
+    to_go = per_turn.flip(-1).cumsum(-1).flip(-1)
+    return torch.gather(to_go, 1, index) * policy * valid.unsqueeze(-1).to(policy.dtype)
 
 
 # What the online loop calls, by `algorithm.advantage`. Each takes keyword inputs from the step's batch

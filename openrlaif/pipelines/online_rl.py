@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -13,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE, GROUP_BASELINES, TOKEN_LEVEL
+from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE, GROUP_BASELINES, TOKEN_LEVEL, turn_advantages
 from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
 from openrlaif.batch import Batch
 from openrlaif.checkpointing import (Checkpointer, FailedSteps, RunError, dead_workers, non_finite_stop, resume_hint,
@@ -105,7 +106,7 @@ def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, st
     with timer(metrics, "rollout"):        # 1. sample a group of responses per prompt (or take the prefetched group)
         batch = next_rollout(roles, stream, cfg, run.tokenizer, step, metrics)
     with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
-        feedback = score(roles, batch)
+        feedback = score(roles, batch, per_turn=cfg.feedback.per_turn, compares=compares(cfg.feedback))
         batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
     with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, critic values, together
         add_logprobs(roles, batch, cfg)
@@ -196,9 +197,69 @@ def calibrate_references(roles: Roles, run: RunInputs, cfg: Config) -> dict[str,
 
 # ----------------------------------------------------------------------------------------------------------- phases
 
-def score(roles: Roles, batch: Batch) -> FeedbackResult:
-    """The feedback phase: `score_batch` with the run's feedback, each failure kind reported."""
-    return report_failures(score_batch(roles.feedback, batch))
+def score(roles: Roles, batch: Batch, per_turn: bool = False, compares: bool = False) -> FeedbackResult:
+    """The feedback phase: `score_batch` with the run's feedback (and, with feedback.per_turn, `score_turns`),
+    each failure kind reported."""
+    result = score_batch(roles.feedback, batch)
+    if per_turn:
+        result = score_turns(roles.feedback, batch, result, compares)
+    return report_failures(result)
+
+
+def compares(feedback_cfg) -> bool:
+    """The feedback compares the samples of a group (a pairwise or listwise judge) rather than scoring each."""
+    return feedback_cfg.source == "judge" and feedback_cfg.judge.mode != "pointwise"
+
+
+def score_turns(feedback: Feedback, batch: Batch, result: FeedbackResult, compares: bool = False) -> FeedbackResult:
+    """feedback.per_turn: every assistant turn but an episode's last is scored too, as the episode up to and
+    including that turn (the last turn's reward is the whole trajectory's, `result`). The turns k of one rollout
+    group form a group of their own, so a pairwise or listwise judge compares turn k with turn k; a turn that only
+    one episode of its group reached is not shown to such a judge (no reward: its group advantage is 0).
+    feedback.source=env takes the reward the environment gave with the turn's observation (None: 0). A failed
+    verdict masks its sample, as a failed trajectory verdict does. Writes batch["turn_rewards"], ["turn_scored"]
+    (B, K) and ["turn_of_token"] (B, T: the turn of each policy token, -1 for observation tokens)."""
+    from openrlaif.rollout.multi_turn import turn_prefixes
+    prefixes = turn_prefixes(batch)
+    mask = batch["response_mask"]
+    size, most = len(batch), 1 + max(len(p) for p in prefixes)
+    rewards, scored = torch.zeros(size, most), torch.zeros(size, most, dtype=torch.bool)
+    runs = ((mask > 0) & (torch.nn.functional.pad(mask, (1, 0))[:, :-1] == 0)).long().cumsum(-1) - 1
+    turn_of_token = torch.where(mask > 0, runs, torch.full_like(runs, -1))
+    for row, turns in enumerate(prefixes):
+        rewards[row, len(turns)], scored[row, len(turns)] = result.rewards[row], result.valid[row]
+        if not turns:   # scored once, as a whole
+            turn_of_token[row] = torch.where(mask[row] > 0, 0, -1)
+    groups = batch["group_ids"].tolist()
+    asked = [(row, k) for row, turns in enumerate(prefixes) for k in range(len(turns))]
+    if compares:   # a judge that compares needs two turns k of the group
+        members = Counter((groups[row], k) for row, k in asked)
+        asked = [(row, k) for row, k in asked if members[(groups[row], k)] > 1]
+    if asked:
+        turn_group = {key: max(groups) + 1 + i
+                      for i, key in enumerate(dict.fromkeys((groups[row], k) for row, k in asked))}
+        extra = {}
+        if isinstance(feedback, EnvReward):
+            extra = {"env_rewards": [prefixes[row][k][2] or 0.0 for row, k in asked]}
+        part = feedback.score([batch.meta["prompt"][row] for row, _ in asked],
+                              [prefixes[row][k][1] for row, k in asked],
+                              group_ids=[turn_group[(groups[row], k)] for row, k in asked],
+                              conversations=[batch.meta["conversation"][row] for row, _ in asked], **extra)
+        for (row, k), reward, ok in zip(asked, part.rewards.tolist(), part.valid.tolist()):
+            rewards[row, k], scored[row, k] = reward, ok
+            if not ok:
+                result.valid[row] = False
+        result.failures.update(part.failures)
+        for kind, detail in part.details.items():
+            result.details.setdefault(kind, detail)
+        for key in ("judge_prompt_tokens", "judge_generated_tokens"):   # the judge's cost counts every turn
+            if key in part.metrics:
+                result.metrics[key] = result.metrics.get(key, 0.0) + part.metrics[key]
+        turn_scores = part.rewards[part.valid]
+        result.metrics["turn_reward_mean"] = float(turn_scores.mean()) if len(turn_scores) else float("nan")
+    result.metrics["turns_scored"] = float(len(asked))
+    batch["turn_rewards"], batch["turn_scored"], batch["turn_of_token"] = rewards, scored, turn_of_token
+    return result
 
 
 def score_batch(feedback: Feedback, batch: Batch) -> FeedbackResult:
@@ -257,11 +318,15 @@ def compute_advantages(batch: Batch, valid: torch.Tensor, cfg: Config) -> torch.
     kl = None
     if algo.kl_in_reward:   # per-token KL of the sampling policy to the reference, a penalty in the reward
         kl = KL_ESTIMATORS[algo.kl_estimator](batch["old_logprobs"], batch["ref_logprobs"]) * batch["response_mask"]
-    out = ADVANTAGE_ESTIMATORS[algo.advantage](
-        rewards=batch["rewards"], group_ids=batch["group_ids"], valid=valid, token_mask=batch["response_mask"],
-        kl=kl, kl_coef=algo.kl_coef, normalize_std=algo.normalize_std, gamma=algo.gamma, lam=algo.lam,
-        baseline_rewards=batch["baseline_rewards"] if "baseline_rewards" in batch else None,
-        values=batch["values"] if "values" in batch else None)
+    inputs = dict(group_ids=batch["group_ids"], valid=valid, token_mask=batch["response_mask"], kl=kl,
+                  kl_coef=algo.kl_coef, normalize_std=algo.normalize_std, gamma=algo.gamma, lam=algo.lam,
+                  baseline_rewards=batch["baseline_rewards"] if "baseline_rewards" in batch else None,
+                  values=batch["values"] if "values" in batch else None)
+    if "turn_rewards" in batch:   # feedback.per_turn: a reward on each turn's last token
+        out = turn_advantages(algo.advantage, batch["turn_rewards"], batch["turn_scored"], batch["turn_of_token"],
+                              **inputs)
+    else:
+        out = ADVANTAGE_ESTIMATORS[algo.advantage](rewards=batch["rewards"], **inputs)
     if algo.advantage in CRITIC:
         out, batch["returns"] = out
     return out
@@ -421,6 +486,20 @@ def validate_env(cfg: Config) -> None:
         raise ConfigError("feedback.source=env is the episodes' own reward; feedback.extra_functions, "
                           "feedback.transform and feedback.cascade combine other sources and do not take it yet. "
                           "Fix: leave them unset.")
+    if fb.per_turn:
+        algo = cfg.algorithm.advantage
+        if algo not in TOKEN_LEVEL | GROUP_BASELINES:
+            raise ConfigError(f"feedback.per_turn=true: algorithm.advantage={algo} has no per-turn form (ReMax's "
+                              "greedy baseline is one episode's reward). Fix: algorithm=grpo (or rloo, dr_grpo, "
+                              "reinforce_pp, ppo), or feedback.per_turn=false.")
+        if algo in TOKEN_LEVEL and compares(fb):
+            raise ConfigError(f"feedback.per_turn=true with a {fb.judge.mode} judge and algorithm.advantage={algo}: "
+                              "a turn that only one episode of its group reached has nobody to be compared with, "
+                              "so it would have no reward, which a token-level return cannot do without. Fix: "
+                              "feedback.judge.mode=pointwise, or algorithm=grpo (a lone turn's advantage is 0).")
+        if fb.transform != "none" or fb.cascade.source:
+            raise ConfigError("feedback.per_turn=true: feedback.transform and feedback.cascade calibrate and route "
+                              "whole trajectories and do not score turns yet. Fix: leave them unset.")
 
 
 def validate_agent(cfg: Config) -> None:

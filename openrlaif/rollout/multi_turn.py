@@ -46,6 +46,8 @@ class Episode:
     finished: bool = False                # its last turn ended with an end-of-turn token (not cut)
     truncated: bool = False
     reward: float | None = None
+    turn_rewards: list = field(default_factory=list)      # per turn: the reward the environment gave with its
+                                                          # observation, or None (feedback.per_turn, source=env)
     error: str = ""                       # the environment raised: the episode is masked (feedback/failures/env_error)
     prompt_ids: list[int] | None = None   # a black-box agent's own first request (else the dataset prompt's)
     prompt_messages: list[dict] | None = None
@@ -138,6 +140,7 @@ def take_turn(episode: Episode, completion: Completion, template: TurnTemplate, 
     episode.policy += [1.0] * len(tokens)
     episode.logprobs += logprobs
     episode.turns += 1
+    episode.turn_rewards.append(None)
     episode.finished = completion.finished and len(tokens) == len(completion.token_ids)
     text = template.tokenizer.decode(tokens, skip_special_tokens=True)
     if len(tokens) < len(completion.token_ids):   # the episode's token budget is spent
@@ -168,6 +171,7 @@ def take_turn(episode: Episode, completion: Completion, template: TurnTemplate, 
         episode.done = episode.truncated = True
         return
     episode.messages += result.observation
+    episode.turn_rewards[-1] = result.reward
     episode.ids += observation
     episode.policy += [0.0] * len(observation)
     episode.logprobs += [0.0] * len(observation)
@@ -216,12 +220,35 @@ def episodes_to_batch(prompts: list, episodes: list[Episode], tokenizer) -> Batc
          "conversation": [prompt_messages(e) for e in episodes],
          "trajectory": [e.messages for e in episodes],
          "env_reward": [e.reward for e in episodes],
+         "env_turn_rewards": [e.turn_rewards for e in episodes],
          "env_turns": [e.turns for e in episodes],
          "env_truncated": [e.truncated for e in episodes],
          "env_ended": [e.ended_by_env for e in episodes],
          "env_error": [e.error for e in episodes],
          "env_counts": [e.counts for e in episodes]})
     return batch
+
+
+def turn_prefixes(batch: Batch) -> list[list[tuple[int, str, float | None]]]:
+    """feedback.per_turn: for each row, its assistant turns but the last, each as (the response position of the
+    turn's last token, the episode rendered up to and including that turn, the reward its environment gave with
+    the turn's observation or None). An assistant turn is a run of policy tokens in `response_mask`; a row whose
+    runs do not pair one to one with its trajectory's assistant messages (an episode whose reset raised) gets []:
+    its whole trajectory is scored once, as without per_turn."""
+    out = []
+    env_turn_rewards = batch.meta.get("env_turn_rewards") or [[] for _ in range(len(batch))]
+    for row, mask in enumerate(batch["response_mask"].tolist()):
+        ends = [t for t, m in enumerate(mask) if m > 0 and (t + 1 == len(mask) or mask[t + 1] == 0)]
+        start = len(batch.meta["conversation"][row])
+        trajectory = batch.meta["trajectory"][row]
+        assistant = [i for i in range(start, len(trajectory)) if trajectory[i]["role"] == "assistant"]
+        if len(ends) != len(assistant):
+            out.append([])
+            continue
+        rewards = list(env_turn_rewards[row]) + [None] * len(ends)
+        out.append([(ends[k], render_episode(trajectory[start:assistant[k] + 1]), rewards[k])
+                    for k in range(len(ends) - 1)])
+    return out
 
 
 def render_episode(turns: list[dict]) -> str:

@@ -18,3 +18,9 @@ class GoOn:
             text = "".join(self.seen)
             return EnvStep(None, sum(not c.isspace() for c in text) / max(len(text), 1))
         return EnvStep([{"role": "user", "content": f"Go on ({len(self.seen)})."}], counts={"asked_more": 1})
+
+
+def non_space_share(prompts: list[str], responses: list[str]) -> list[float]:
+    """A dense rule for the random tiny model (as GoOn's reward): the share of a response's characters that are
+    not spaces."""
+    return [sum(not c.isspace() for c in text) / max(len(text), 1) for text in responses]

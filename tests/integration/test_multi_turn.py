@@ -88,7 +88,8 @@ def test_episode_rows_are_token_exact(ray_cluster, tiny_model, tiny_tokenizer, e
     assert retokenised_differs >= 1   # the rows would have been wrong had the episode been re-tokenised
 
 
-@pytest.mark.parametrize("case", ["grpo", "gae", "remax", "grpo-one-step-off"])
+@pytest.mark.parametrize("case", ["grpo", "gae", "remax", "grpo-one-step-off", "grpo-per-turn",
+                                  "gae-per-turn"])
 def test_grpo_and_ppo_train_on_episodes(ray_cluster, tiny_model, tmp_path, case):
     from openrlaif.pipelines.online_rl import train
     advantage = case.split("-")[0]
@@ -96,6 +97,9 @@ def test_grpo_and_ppo_train_on_episodes(ray_cluster, tiny_model, tmp_path, case)
                                 **({"kl_estimator": "k1", "kl_in_reward": True} if advantage == "gae" else {}))
     cfg = episode_config(tiny_model, "hf", tmp_path, algorithm, steps=2)
     cfg.rollout.async_steps = int(case.endswith("one-step-off"))   # first turns sampled a step ahead
+    if case.endswith("per-turn"):   # each turn scored by a rule, as the episode up to it; MT-GRPO's advantages
+        cfg.feedback = FeedbackConfig(source="function", function="tests.integration.envs:non_space_share",
+                                      per_turn=True)
     cfg.eval = EvalConfig(prompts="demo", every=1, feedback=FeedbackConfig(
         source="function", function="openrlaif.feedback.rules:brevity"))   # held-out episodes, measured
     validate(cfg)
@@ -110,6 +114,9 @@ def test_grpo_and_ppo_train_on_episodes(ray_cluster, tiny_model, tmp_path, case)
         assert 0.0 < row["env/policy_token_fraction"] < 1.0 and math.isfinite(row["train/loss"])
         assert 0.0 < row["reward/mean"] <= 1.0
     assert rows[1]["train/grad_norm"] > 0 and result["checkpoint"]
+    if cfg.feedback.per_turn:   # 4 episodes of 3 turns: the first two turns of each scored as prefixes
+        assert all(row["feedback/turns_scored"] == 8.0 and 0.0 < row["feedback/turn_reward_mean"] <= 1.0
+                   for row in rows)
     assert rows[1]["rollout/staleness"] == float(cfg.rollout.async_steps)
     if cfg.rollout.async_steps:   # importance weights over the policy tokens of the stale first turns
         assert math.isfinite(rows[1]["train/is_weight_mean"]) and rows[1]["train/behaviour_kl"] >= 0
