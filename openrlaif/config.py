@@ -309,6 +309,19 @@ class ConstitutionConfig:
 
 
 @dataclass
+class UserSimConfig:
+    """env=simulated_user with the user played by a local model in a worker group of its own (role `user_sim`, on
+    the judge's engines); model "" = the OpenAI-compatible endpoint at env.kwargs.base_url."""
+    model: str = ""                       # a local HF folder or a registry name (smollm2-135m-instruct)
+    engine: str = ""                      # vllm | hf; "" = the same as rollout.engine
+    max_prompt_tokens: int = 1024         # the conversation it is shown, cut from the left
+    micro_batch_size: int = 8
+    kv_cache_gib: float = 0.25            # vLLM on CPU
+    gpu_memory_utilization: float = 0.1   # vLLM on GPU
+    resources: RoleResources = field(default_factory=RoleResources)
+
+
+@dataclass
 class EnvConfig:
     """Multi-turn episodes (pipeline=online_rl): an environment answers each assistant turn (a tool's result, a
     user's reply) until it ends the episode or a budget does. name "" keeps single-turn rollouts."""
@@ -317,6 +330,7 @@ class EnvConfig:
     max_total_tokens: int = 256    # response tokens per episode, every turn and observation together
     kwargs: dict[str, Any] = field(default_factory=dict)   # the environment's own settings (env.kwargs.timeout_s=2)
     agent: str = ""                # name=agent: package.module:agent_fn, called as agent_fn(client, row) -> reward
+    user_sim: UserSimConfig = field(default_factory=UserSimConfig)   # name=simulated_user: a local user model
 
 
 @dataclass
@@ -455,7 +469,8 @@ def validate(cfg: Config) -> None:
     for role, res in (("rollout", cfg.rollout.resources), ("actor", cfg.actor.resources),
                       ("critic", cfg.critic.resources), ("reference", cfg.reference.resources),
                       ("feedback.judge", cfg.feedback.judge.resources),
-                      ("feedback.reward_model", cfg.feedback.reward_model.resources)):
+                      ("feedback.reward_model", cfg.feedback.reward_model.resources),
+                      ("env.user_sim", cfg.env.user_sim.resources)):
         check_positive(f"{role}.resources.num_workers", res.num_workers)
         check_positive(f"{role}.resources.num_cpus", res.num_cpus, allow_zero=True)
         check_positive(f"{role}.resources.num_gpus", res.num_gpus, allow_zero=True)

@@ -32,6 +32,7 @@ class RunInputs:
     plan: dict[str, RoleResources]
     cpus_needed: float
     eval: object | None = None         # evaluation.EvalInputs when eval.prompts is set
+    user_sim_path: str | None = None   # env.user_sim.model, resolved: a local model plays simulated_user's user
 
 
 @dataclass
@@ -47,10 +48,12 @@ class Roles:
     shared: SharedPlacement | None = None  # the placement group of cluster.colocate's roles
     pending_rollout: object | None = None  # rollout.async_steps=1: the next step's PendingRollout, in flight
     eval: object | None = None             # evaluation.EvalRoles: the measuring feedback of eval.*
+    user_sim: WorkerGroup | None = None    # env.user_sim.model: the local model playing the user
+    user_backend: object | None = None     # its backend, handed to every simulated_user episode
 
     def groups(self) -> dict[str, WorkerGroup]:
         named = {"actor": self.actor, "reference": self.reference, "rollout": self.rollout, "judge": self.judge,
-                 "critic": self.critic, "reward_model": self.reward_model}
+                 "critic": self.critic, "reward_model": self.reward_model, "user_sim": self.user_sim}
         named |= self.eval.groups if self.eval is not None else {}
         return {name: group for name, group in named.items() if group is not None}
 
@@ -84,6 +87,9 @@ def prepare_run(cfg: Config) -> RunInputs:
             load_function(spec)
     if cfg.pipeline == "online_rl" and cfg.algorithm.advantage in CRITIC:
         critic_path = resolve_model_path(cfg.critic.model or cfg.model.path, cache_dir(cfg.model), key="critic.model")
+    user_sim_path = None
+    if cfg.env.name == "simulated_user" and cfg.env.user_sim.model:
+        user_sim_path = resolve_model_path(cfg.env.user_sim.model, cache_dir(cfg.model), key="env.user_sim.model")
     if uses_judge and cfg.feedback.judge.backend == "http":
         http_backend(cfg.feedback.judge).probe()
     from openrlaif.models.registry import check_context
@@ -106,10 +112,12 @@ def prepare_run(cfg: Config) -> RunInputs:
     evaluation = prepare_eval(cfg, tokenizer)
     out_dir = prepare_output_dir(cfg)
     plan = role_plan(cfg, judge_path) | eval_plan(cfg, evaluation)
+    if user_sim_path:
+        plan["user_sim"] = cfg.env.user_sim.resources
     colocated_plan(plan, cfg.cluster.colocate)   # unequal worker counts fail here, before Ray starts
     cpus = reserved_cpus(plan, cfg.cluster.colocate)
     return RunInputs(out_dir, model_path, judge_path, critic_path, reward_model_path, tokenizer, prompts, plan, cpus,
-                     evaluation)
+                     evaluation, user_sim_path)
 
 
 def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
@@ -229,9 +237,13 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
     evaluation = start_eval(cfg, run.eval, run.out_dir, threads, shared)   # eval.feedback: measures, never trains
     for group in evaluation.groups.values() if evaluation is not None else []:
         keep(group)
+    user_sim = user_backend = None
+    if "user_sim" in plan:
+        user_sim, user_backend = start_user_sim(cfg, run.user_sim_path, threads("user_sim"), shared)
+        keep(user_sim)
     wait_until_ready(started)
     return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, judge_client, shared,
-                 eval=evaluation)
+                 eval=evaluation, user_sim=user_sim, user_backend=user_backend)
 
 
 def wait_until_ready(groups: list[WorkerGroup]) -> None:
@@ -280,6 +292,22 @@ def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,
         kv_cache_gib=jc.kv_cache_gib, gpu_memory_utilization=jc.gpu_memory_utilization), shared=shared)
     backend = LocalBackend(group, judge_path, cfg.model.dtype, jc.max_prompt_tokens, engine)
     return group, Judge(backend, jc, cache_path, model_name=jc.model or cfg.model.path)
+
+
+def start_user_sim(cfg: Config, path: str, threads: int, shared: SharedPlacement | None = None):
+    """(worker group, backend): env.user_sim's local model on the judge's worker and engines (it generates the
+    user's turns: no verdicts, no cache), behind a backend that batches the concurrent episodes' requests."""
+    from openrlaif.feedback.backends import Coalesced, LocalBackend
+    from openrlaif.feedback.judge import JudgeWorker
+    user = cfg.env.user_sim
+    engine = user.engine or cfg.rollout.engine
+    group = WorkerGroup("user_sim", JudgeWorker, user.resources, lambda rank: dict(
+        model_path=path, dtype=cfg.model.dtype, threads=threads, seed=cfg.seed + 1,
+        max_prompt_tokens=user.max_prompt_tokens, micro_batch_size=user.micro_batch_size,
+        trust_remote_code=cfg.model.trust_remote_code, engine=engine,
+        max_new_tokens=int(cfg.env.kwargs.get("max_tokens", 64)), kv_cache_gib=user.kv_cache_gib,
+        gpu_memory_utilization=user.gpu_memory_utilization), shared=shared)
+    return group, Coalesced(LocalBackend(group, path, cfg.model.dtype, user.max_prompt_tokens, engine))
 
 
 def http_backend(jc):

@@ -33,13 +33,17 @@ def env_class(name: str):
     return cls
 
 
-def make_env(name: str, kwargs: dict) -> Environment:
+def make_env(name: str, kwargs: dict, user_backend=None) -> Environment:
+    """A new episode's environment. `user_backend`: the run's local user model (env.user_sim), for an environment
+    whose constructor takes `backend` (simulated_user)."""
     cls = env_class(name)
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as err:
         raise ConfigError(f"env.kwargs={dict(kwargs)} do not fit {name}{inspect.signature(cls)}: {err}. Fix: pass "
                           "only the keyword arguments it takes (env.kwargs.<name>=...).") from None
+    if user_backend is not None and "backend" in inspect.signature(cls).parameters:
+        return cls(**kwargs, backend=user_backend)
     return cls(**kwargs)
 
 

@@ -1,6 +1,8 @@
 """A simulated user: another model plays the user for up to `env.max_turns` turns, from a persona and a goal
 (the row's "persona" / "goal", else the defaults), behind any OpenAI-compatible endpoint (`vllm serve`, a hosted
-API, `tests/judge_server.py` in the tests). It sees the conversation with the roles swapped (the policy's turns as
+API, `tests/judge_server.py` in the tests) or as a local model in the run's `user_sim` worker group
+(`env.user_sim.model`; the run hands every episode the group's `backend`, which gathers the concurrent episodes'
+requests into one batch). It sees the conversation with the roles swapped (the policy's turns as
 its "user" turns) and replies as the user; a reply holding `done_marker`, an empty reply or an endpoint failure
 ends the episode (the failure counted as env/user_sim_errors/<kind>). The episode's reward is None: the run's
 `feedback` (e.g. feedback=judge_trajectory) scores the whole conversation."""
@@ -13,15 +15,15 @@ PERSONA = ("You are a user talking to an AI assistant. Stay in character, write 
 
 
 class SimulatedUser:
-    def __init__(self, base_url: str, model: str = "user", api_key_env: str = "", max_tokens: int = 64,
+    def __init__(self, base_url: str = "", model: str = "user", api_key_env: str = "", max_tokens: int = 64,
                  temperature: float = 0.7, timeout_s: float = 30.0, max_retries: int = 2, persona: str = PERSONA,
-                 done_marker: str = "[DONE]") -> None:
-        from openrlaif.config import ConfigError
+                 done_marker: str = "[DONE]", backend=None) -> None:
         from openrlaif.feedback.backends import HTTPBackend
-        if not base_url:
-            raise ConfigError("env=simulated_user needs env.kwargs.base_url: the OpenAI-compatible endpoint of the "
-                              "model that plays the user. Fix: env.kwargs.base_url=http://127.0.0.1:8000/v1")
-        self.backend = HTTPBackend(base_url, model, api_key_env, timeout_s, max_retries, concurrency=1)
+        # base_url "" and no backend: loading prompts before the user_sim group starts (validate_env checks that
+        # one of them is set)
+        self.backend = backend
+        if backend is None and base_url:
+            self.backend = HTTPBackend(base_url, model, api_key_env, timeout_s, max_retries, concurrency=1)
         self.max_tokens, self.temperature = max_tokens, temperature
         self.persona, self.done_marker = persona, done_marker
         self.system = ""
@@ -29,6 +31,8 @@ class SimulatedUser:
     def probe(self) -> None:
         """At start-up: the endpoint answers (ConfigError naming the URL otherwise)."""
         from openrlaif.config import ConfigError
+        if not hasattr(self.backend, "probe"):   # a local user model: its group's start-up is the check
+            return
         try:
             self.backend.probe()
         except ConfigError as err:   # the judge's probe, its keys named as they are here
@@ -43,6 +47,8 @@ class SimulatedUser:
 
     def step(self, messages: list[dict], assistant_turn: str) -> EnvStep:
         from openrlaif.feedback.backends import JudgeRequest
+        if self.backend is None:
+            raise RuntimeError("simulated_user has neither env.kwargs.base_url nor a user_sim group")
         swapped = {"user": "assistant", "assistant": "user"}
         turns = [{"role": swapped[m["role"]], "content": m["content"]} for m in messages if m["role"] in swapped]
         request = JudgeRequest([{"role": "system", "content": self.system}, *turns,

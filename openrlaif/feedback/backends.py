@@ -21,10 +21,11 @@ import http.client
 import json
 import math
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from openrlaif.batch import split_evenly
@@ -103,6 +104,36 @@ class LocalBackend:
         for i, reply in zip(order, (reply for shard in ray.get(refs) for reply in shard)):
             replies[i] = reply
         return replies
+
+
+class Coalesced:
+    """A backend for many threads that each send a request or two (one per episode, from run_episodes' pool):
+    every call waits `window_s` for the others, then the first caller to wake sends everything pending as one
+    `complete` (one batch for the engine) and each caller gets its own replies. An error in that call is every
+    caller's."""
+
+    def __init__(self, backend, window_s: float = 0.02) -> None:
+        self.backend, self.window_s = backend, window_s
+        self.lock, self.pending = threading.Lock(), []
+        self.calls = 0   # backend calls made (a test reads it)
+
+    def complete(self, requests: list[JudgeRequest]) -> list[Reply]:
+        futures = [Future() for _ in requests]
+        with self.lock:
+            self.pending += zip(requests, futures)
+        time.sleep(self.window_s)
+        with self.lock:
+            batch, self.pending = self.pending, []
+            self.calls += bool(batch)
+        if batch:
+            try:
+                for (_, future), reply in zip(batch, self.backend.complete([r for r, _ in batch])):
+                    future.set_result(reply)
+            except Exception as err:   # noqa: BLE001 - handed to every caller of the batch
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(err)
+        return [future.result() for future in futures]
 
 
 def prefix_order(requests: list[JudgeRequest]) -> list[int]:

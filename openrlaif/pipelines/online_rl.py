@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -481,6 +481,7 @@ def validate_env(cfg: Config) -> None:
                               f"{cfg.env.name!r}). Fix: env=agent, or env.agent=''.")
     check_positive("env.max_turns", cfg.env.max_turns)
     check_positive("env.max_total_tokens", cfg.env.max_total_tokens)
+    validate_user_sim(cfg)
     fb = cfg.feedback
     if fb.source == "env" and (fb.extra_functions or fb.transform != "none" or fb.cascade.source):
         raise ConfigError("feedback.source=env is the episodes' own reward; feedback.extra_functions, "
@@ -500,6 +501,31 @@ def validate_env(cfg: Config) -> None:
         if fb.transform != "none" or fb.cascade.source:
             raise ConfigError("feedback.per_turn=true: feedback.transform and feedback.cascade calibrate and route "
                               "whole trajectories and do not score turns yet. Fix: leave them unset.")
+
+
+def validate_user_sim(cfg: Config) -> None:
+    """env=simulated_user: the user is a local model (env.user_sim.model) or an endpoint (env.kwargs.base_url),
+    one of the two."""
+    from openrlaif.config import _needs_vllm
+    user, base_url = cfg.env.user_sim, cfg.env.kwargs.get("base_url", "")
+    if cfg.env.name != "simulated_user":
+        if user.model:
+            raise ConfigError(f"env.user_sim.model={user.model!r} plays the user of env=simulated_user (here env.name"
+                              f"={cfg.env.name!r}). Fix: env=simulated_user, or env.user_sim.model=''.")
+        return
+    if not user.model and not base_url:
+        raise ConfigError("env=simulated_user needs env.kwargs.base_url (the OpenAI-compatible endpoint of the model "
+                          "that plays the user) or env.user_sim.model (a local model in a group of its own). Fix: "
+                          "env.kwargs.base_url=http://127.0.0.1:8000/v1, or env.user_sim.model=smollm2-135m-instruct.")
+    if user.model and base_url:
+        raise ConfigError(f"env.user_sim.model={user.model!r} and env.kwargs.base_url={base_url!r} both name the "
+                          "user's model. Fix: keep one (env.kwargs.base_url='' for the local model).")
+    if user.model:
+        check_choice("env.user_sim.engine", user.engine, {"", "vllm", "hf"})
+        if (user.engine or cfg.rollout.engine) == "vllm":
+            _needs_vllm("env.user_sim.engine" if user.engine else "rollout.engine (which env.user_sim follows)")
+        for key in ("max_prompt_tokens", "micro_batch_size", "kv_cache_gib"):
+            check_positive(f"env.user_sim.{key}", getattr(user, key))
 
 
 def validate_agent(cfg: Config) -> None:

@@ -70,10 +70,10 @@ def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
         if cfg.env.name == "agent":
             from openrlaif.rollout.agents import run_agents
             return run_agents(engine_sampler(roles), prompts, cfg, tokenizer, seed)
-        batch = run_episodes(engine_sampler(roles), prompts, completions, cfg, tokenizer, seed)
+        batch = run_episodes(engine_sampler(roles), prompts, completions, cfg, tokenizer, seed, roles.user_backend)
         if greedy:   # ReMax: each prompt's greedy episode, played out greedily, is its baseline
             greedy_baselines(engine_sampler(roles), prompts, [greedy[i] for i in range(len(prompts))], cfg,
-                             tokenizer, seed, batch)
+                             tokenizer, seed, batch, roles.user_backend)
         return batch
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
     batch = completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,

@@ -87,14 +87,16 @@ class TurnTemplate:
         return close + self.encode(full[len(self.base):])
 
 
-def run_episodes(sample, prompts: list, first_turns: list[Completion], cfg: Config, tokenizer, seed: int) -> Batch:
+def run_episodes(sample, prompts: list, first_turns: list[Completion], cfg: Config, tokenizer, seed: int,
+                 user_backend=None) -> Batch:
     """Play every first-turn sample out as an episode; the rows, masks and per-episode env results as a Batch.
-    `sample(contexts, spec)` answers each context once, in order (the engines: `engine_sampler(roles)`)."""
+    `sample(contexts, spec)` answers each context once, in order (the engines: `engine_sampler(roles)`);
+    `user_backend`: the run's local user model (env.user_sim), handed to each simulated_user episode."""
     from openrlaif.envs import make_env
     template = TurnTemplate(tokenizer)
     episodes = []
     for completion in first_turns:
-        env = make_env(cfg.env.name, cfg.env.kwargs)
+        env = make_env(cfg.env.name, cfg.env.kwargs, user_backend)
         row = prompts[completion.prompt_index].row
         episode = Episode(completion.prompt_index, env, list(prompts[completion.prompt_index].messages))
         try:
@@ -121,11 +123,11 @@ def run_episodes(sample, prompts: list, first_turns: list[Completion], cfg: Conf
 
 
 def greedy_baselines(sample, prompts: list, greedy_first_turns: list[Completion], cfg: Config, tokenizer, seed: int,
-                     batch: Batch) -> None:
+                     batch: Batch, user_backend=None) -> None:
     """ReMax over episodes: each prompt's greedy first turn played out as an episode at temperature 0; its rendering
     and environment reward become every sample's `baseline_response` / `baseline_env_reward` (by prompt)."""
     greedy_cfg = replace(cfg, rollout=replace(cfg.rollout, temperature=0.0, top_p=1.0))
-    baselines = run_episodes(sample, prompts, greedy_first_turns, greedy_cfg, tokenizer, seed)
+    baselines = run_episodes(sample, prompts, greedy_first_turns, greedy_cfg, tokenizer, seed, user_backend)
     by_prompt = {int(group): row for row, group in enumerate(baselines["group_ids"].tolist())}
     rows = [by_prompt[int(group)] for group in batch["group_ids"].tolist()]
     batch.meta["baseline_response"] = [baselines.meta["response"][r] for r in rows]

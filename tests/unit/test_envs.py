@@ -118,6 +118,12 @@ def test_env_settings_are_checked_at_start_up():
             (["env.name=json:JSONDecoder"], "has no reset"),
             (["env=tool_use", "+env.kwargs.colour=red"], "env.kwargs"),
             (["env=simulated_user"], "needs env.kwargs.base_url"),
+            (["env=simulated_user", "env.kwargs.base_url=http://127.0.0.1:1/v1", "env.user_sim.model=tiny"],
+             "both name the user's model"),
+            (["env=tool_use", "env.user_sim.model=tiny"], "plays the user of env=simulated_user"),
+            (["env=simulated_user", "env.user_sim.model=tiny", "env.user_sim.engine=tgi"], "env.user_sim.engine"),
+            (["env=simulated_user", "env.user_sim.model=tiny", "env.user_sim.resources.num_cpus=0"],
+             "env.user_sim.resources reserves neither"),
             (["env=agent"], "env.name=agent needs env.agent='package.module:function'"),
             (["env=agent", "env.agent=tests.integration.agents:nope"], "env.agent=.*has no callable"),
             (["env=agent", "env.agent=tests.integration.agents:openai_agent", "algorithm=remax"], "no greedy"),
@@ -209,3 +215,42 @@ def test_a_budget_cuts_the_episode_and_each_turn_continues_the_exact_ids(tiny_to
     row = batch["input_ids"][0][batch["attention_mask"][0] > 0].tolist()
     end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert len(sent) == 1 and row == sent[0][0] + [40, 41, 42, end]   # the row: what turn 2 continued, then turn 2
+
+
+def test_concurrent_requests_to_a_local_user_model_go_out_as_one_batch():
+    """Coalesced: eight episodes' threads each ask for one reply; the backend is called once with all eight and
+    each thread gets its own reply; an error in that call is every caller's."""
+    import threading
+
+    from openrlaif.feedback.backends import Coalesced, JudgeRequest, Reply
+
+    class Echo:
+        def __init__(self):
+            self.batches = []
+
+        def complete(self, requests):
+            self.batches.append(len(requests))
+            if any(r.messages[0]["content"] == "boom" for r in requests):
+                raise RuntimeError("engine died")
+            return [Reply(text=r.messages[0]["content"].upper()) for r in requests]
+
+    echo = Echo()
+    backend, out = Coalesced(echo, window_s=0.3), {}
+
+    def ask(i, text=None):
+        try:
+            out[i] = backend.complete([JudgeRequest([{"role": "user", "content": text or f"turn {i}"}])])[0].text
+        except RuntimeError as err:
+            out[i] = str(err)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert echo.batches == [8] and out == {i: f"TURN {i}" for i in range(8)} and backend.calls == 1
+    threads = [threading.Thread(target=ask, args=(i, "boom" if i == 0 else None)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert echo.batches == [8, 3] and set(out[i] for i in range(3)) == {"engine died"}
