@@ -53,19 +53,39 @@ def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: st
     for where, row in read_jsonl(path, key, '{"prompt": ...} or {"messages": [...]}'):
         messages = _messages(row, where, system_prompt)
         row = {**row, "messages": messages}
+        tools = None
         if env is not None:
+            instance = env()
             try:
-                messages = env().reset(row)
+                messages = instance.reset(row)
             except Exception as err:
                 raise ConfigError(f"{where}: the environment's reset(row) raised {type(err).__name__}: {err}. Fix: "
                                   "the row (the fields its environment reads) or the environment (env.name).") from None
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            tools = template_tools(instance, tokenizer)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            **({"tools": tools} if tools else {}))
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         check_prompt_length(where, len(ids), max_prompt_tokens)
         prompts.append(Prompt(messages[-1]["content"], ids, messages, row))
     if not prompts:
         raise ConfigError(f"{key}={path!r} holds no prompts. Fix: add {{\"prompt\": ...}} rows, one per line.")
     return prompts
+
+
+def template_tools(env, tokenizer) -> list[dict] | None:
+    """The tool schemas an environment hands the chat template (`tool_schemas()`, tool_format=template); a
+    ConfigError when the tokenizer's template takes none (it would drop them silently)."""
+    schemas = getattr(env, "tool_schemas", lambda: [])()
+    if not schemas:
+        return None
+    template = tokenizer.chat_template
+    texts = template.values() if isinstance(template, dict) else [template or ""]
+    if not any("tools" in text for text in texts):
+        raise ConfigError("env.kwargs.tool_format=template passes the tools' schemas to the chat template, but this "
+                          "model's template takes no `tools` (SmolLM2's, the tiny test model's). Fix: "
+                          "env.kwargs.tool_format=tags (plain tags described in the system prompt), or a model whose "
+                          "template renders tools (Qwen2.5, Hermes, Llama 3.1).")
+    return schemas
 
 
 class PromptStream:

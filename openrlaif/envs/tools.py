@@ -13,6 +13,11 @@ and file-size limits, a temporary working directory, killed on timeout). A malfo
 tool's error or timeout becomes the observation the policy reads next and is counted as `env/tool_errors/<kind>`;
 the run goes on.
 
+`tool_format=template` (env.kwargs) hands the tools' JSON schemas to a chat template that takes `tools=` (Qwen2.5,
+Hermes, Llama 3.1 and others render them in their own words); the system prompt then only says to answer without
+a call when done, and the policy calls tools in its template's format. `tags` (the default) describes the plain tags
+in the system prompt instead, for any template.
+
 With an `answer` in the row the episode's reward is exact-answer: 1 if the last number of the final (tool-free)
 turn equals the answer, else 0; without one the reward is None and the run's `feedback` scores the trajectory."""
 from __future__ import annotations
@@ -35,6 +40,20 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 SYSTEM = ("You can use tools. To compute, write <calculator>expression</calculator> (arithmetic only) or "
           "<python>code that prints the result</python>; the result comes back in the next message. When you "
           "know the answer, reply with it and no tool call.")
+
+TEMPLATE_SYSTEM = "You can call tools to compute. When you know the answer, reply with it and no tool call."
+
+# The tools as the OpenAI / transformers function schemas a chat template's `tools=` takes (tool_format=template).
+SCHEMAS = {
+    "calculator": {"type": "function", "function": {
+        "name": "calculator", "description": "Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",
+        "parameters": {"type": "object", "properties": {"expression": {
+            "type": "string", "description": "the expression, e.g. 53*31"}}, "required": ["expression"]}}},
+    "python": {"type": "function", "function": {
+        "name": "python", "description": "Run Python code in a sandbox (no network) and return what it prints.",
+        "parameters": {"type": "object", "properties": {"code": {
+            "type": "string", "description": "the program; print the result"}}, "required": ["code"]}}},
+}
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
               ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
@@ -87,13 +106,28 @@ def parse_call(turn: str) -> tuple[str, str] | tuple[None, str] | None:
 
 
 class ToolUse:
-    """kwargs (env.kwargs): timeout_s, cpu_s, memory_mb for the python tool; tools (the names allowed)."""
+    """kwargs (env.kwargs): timeout_s, cpu_s, memory_mb for the python tool; tools (the names allowed);
+    tool_format (tags | template: the schemas go to the chat template's `tools=`); system_prompt ("" = the
+    format's own)."""
 
     def __init__(self, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: int = 512,
-                 tools: tuple[str, ...] | list[str] = ("calculator", "python"), system_prompt: str = SYSTEM) -> None:
+                 tools: tuple[str, ...] | list[str] = ("calculator", "python"), system_prompt: str = "",
+                 tool_format: str = "tags") -> None:
+        from openrlaif.config import ConfigError
+        if tool_format not in ("tags", "template"):
+            raise ConfigError(f"env.kwargs.tool_format={tool_format!r} must be tags (plain tags, described in the "
+                              "system prompt) or template (the tools' schemas passed to the chat template).")
+        unknown = sorted(set(tools) - set(SCHEMAS))
+        if unknown:
+            raise ConfigError(f"env.kwargs.tools: {unknown} are not tools here; the tools are {sorted(SCHEMAS)}.")
         self.timeout_s, self.cpu_s, self.memory_mb = timeout_s, cpu_s, memory_mb
-        self.tools, self.system_prompt = tuple(tools), system_prompt
+        self.tools, self.tool_format = tuple(tools), tool_format
+        self.system_prompt = system_prompt or (SYSTEM if tool_format == "tags" else TEMPLATE_SYSTEM)
         self.answer: str | None = None
+
+    def tool_schemas(self) -> list[dict]:
+        """What the prompt's chat template is given as `tools=` (tool_format=template), else []."""
+        return [SCHEMAS[name] for name in self.tools] if self.tool_format == "template" else []
 
     def reset(self, row: dict) -> list[dict]:
         self.answer = None if row.get("answer") is None else str(row["answer"])

@@ -82,6 +82,46 @@ def test_tool_use_turns_errors_and_exact_answer_reward():
     assert ToolUse().reset({"messages": [{"role": "user", "content": "hi"}]}) and ToolUse().reward("1") is None
 
 
+# A Qwen2.5-like template that renders `tools=` into its system message (the tiny model's own takes none).
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n"
+    "{% endif %}# Tools\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}Call one as <tool_call>{\"name\": "
+    "..., \"arguments\": {...}}</tool_call><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tool_schemas_go_to_a_template_that_takes_tools(tiny_model, tiny_tokenizer):
+    """tool_format=template: the prompt is rendered with the tools' schemas (the template's own words), the system
+    prompt no longer describes the tags, a Hermes-style call runs; a template without `tools` is refused at
+    start-up, naming the key; an unknown tool too."""
+    from transformers import AutoTokenizer
+
+    from openrlaif.data import load_prompts
+    from openrlaif.envs.tools import TEMPLATE_SYSTEM
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    env = lambda: ToolUse(tool_format="template", tools=["calculator"])   # noqa: E731
+    prompts = load_prompts("calculator", tokenizer, 512, env=env)
+    text = tokenizer.decode(prompts[0].token_ids)
+    assert '"name": "calculator"' in text and '"expression"' in text and '"python"' not in text
+    assert TEMPLATE_SYSTEM in text and "<calculator>" not in text
+    assert prompts[0].messages[0] == {"role": "system", "content": TEMPLATE_SYSTEM}
+    step = env().step(prompts[0].messages, '<tool_call>{"name": "calculator", "arguments": {"expression": "53*31"}}'
+                                           '</tool_call>')
+    assert step.observation == [{"role": "tool", "content": "1643"}]
+    tags = load_prompts("calculator", tokenizer, 512, env=ToolUse)   # the default: tags, described in the prompt
+    assert "<calculator>expression</calculator>" in tokenizer.decode(tags[0].token_ids)
+    assert '"name": "calculator"' not in tokenizer.decode(tags[0].token_ids)
+    with pytest.raises(ConfigError, match="tool_format=template.*takes no `tools`"):
+        load_prompts("calculator", tiny_tokenizer, 512, env=env)
+    with pytest.raises(ConfigError, match="env.kwargs.tools: \\['shell'\\]"):
+        ToolUse(tools=["calculator", "shell"])
+    with pytest.raises(ConfigError, match="env.kwargs.tool_format='json'"):
+        ToolUse(tool_format="json")
+
+
 def test_observations_are_framed_by_the_chat_template(tiny_tokenizer):
     from openrlaif.rollout.multi_turn import TurnTemplate
     template = TurnTemplate(tiny_tokenizer)
