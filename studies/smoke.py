@@ -4,7 +4,8 @@ import argparse
 import importlib
 import sys
 
-STUDIES = ["position_swap", "robust_dpo", "rlaif_variants", "repeat_ranking", "remax_ppo_grpo", "overoptimisation"]
+STUDIES = ["position_swap", "robust_dpo", "rlaif_variants", "repeat_ranking", "remax_ppo_grpo", "overoptimisation",
+           "tool_learning"]
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def tool_call_share(out_dir: str, step: int) -> float:
 
 
 def main() -> None:
-    args = arguments(__doc__.splitlines()[0], steps=24, seeds="0")
+    args = arguments(__doc__.splitlines()[0], steps=18, seeds="0")
     start = time.perf_counter()
     data = os.path.join(args.out, "runs", f"{NAME}-data")
     os.makedirs(data, exist_ok=True)
@@ -64,8 +64,8 @@ def main() -> None:
                "env.max_total_tokens=96", f"eval.prompts={held_out}", f"eval.every={every}", "algorithm=grpo",
                "data.max_prompt_tokens=384"]
     if not args.quick:
-        setting += ["rollout.max_new_tokens=24", "data.prompts_per_step=8", "rollout.samples_per_prompt=6",
-                    "actor.lr=2e-5"]
+        setting += ["rollout.max_new_tokens=24", "data.prompts_per_step=6", "rollout.samples_per_prompt=8",
+                    "rollout.temperature=0.8", "actor.lr=3e-5"]
     mine = {item.split("=")[0] for item in setting}
     base = [item for item in args.base if item.split("=")[0] not in mine and not item.startswith("eval.feedback")]
     runs = []

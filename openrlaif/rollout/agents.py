@@ -63,8 +63,15 @@ class AgentServer(ThreadingHTTPServer):
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             return 400, error("messages must be a non-empty list of {role, content} objects with string content")
+        tools = body.get("tools")
         if episode.prompt_ids is None:   # the session's first request: its prompt, rendered once
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+                return 400, error("tools must be a list of tool schema objects")
+            if tools and not template_takes_tools(self.tokenizer):
+                return 400, error("tools were given, but this model's chat template takes no tools (they would be "
+                                  "dropped): describe the tools in the system message instead")
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     **({"tools": tools} if tools else {}))
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
             if len(ids) > cfg.data.max_prompt_tokens:
                 return 400, error(f"the first request's conversation is {len(ids)} tokens, over "
@@ -116,6 +123,21 @@ class AgentServer(ThreadingHTTPServer):
                                "completion_tokens": len(tokens)}}
 
 
+def template_takes_tools(tokenizer) -> bool:
+    template = tokenizer.chat_template
+    return any("tools" in text for text in (template.values() if isinstance(template, dict) else [template or ""]))
+
+
+def stream_events(payload: dict) -> list[dict]:
+    """A chat.completion as the chunks of `stream: true`: the whole message in one delta (it was generated before
+    the first byte is sent), then the finish reason with the usage."""
+    choice = payload["choices"][0]
+    head = {"id": payload["id"], "object": "chat.completion.chunk", "model": payload["model"]}
+    return [{**head, "choices": [{"index": 0, "delta": choice["message"], "finish_reason": None}]},
+            {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
+             "usage": payload["usage"]}]
+
+
 def error(message: str) -> dict:
     return {"error": {"message": message, "type": "invalid_request_error"}}
 
@@ -141,7 +163,19 @@ class _Handler(JSONHandler):
                 code, payload = server.complete(session, body if isinstance(body, dict) else {})
             except Exception as err:   # an engine error: the agent gets an answer it can raise on, not a reset
                 code, payload = 500, error(f"{type(err).__name__}: {err}"[:500])
+        if code == 200 and isinstance(body, dict) and body.get("stream"):
+            return self._send_events(stream_events(payload))
         self._send(code, payload)
+
+    def _send_events(self, events: list[dict]) -> None:
+        """Server-sent events, ended by `data: [DONE]` (HTTP/1.0: the connection closes after them)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        for event in events:
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
 
 
 def make_client(base_url: str, api_key: str):

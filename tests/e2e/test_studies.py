@@ -12,7 +12,8 @@ FIELDS = {"position_swap": {"arms", "summary", "welch_t", "reproduced", "seconds
           "overoptimisation": {"runs", "proxy_gain_mean", "gold_gain_mean", "proxy_outgrew_gold", "seconds"},
           "robust_dpo": {"runs", "summary", "training_pairs", "held_out_pairs", "start_gold_reward", "seconds"},
           "repeat_ranking": {"runs", "labels", "summary", "held_out_pairs", "seconds"},
-          "rlaif_variants": {"runs", "summary", "welch_t_direct_vs_canonical", "welch_t_sft_vs_direct", "seconds"}}
+          "rlaif_variants": {"runs", "summary", "welch_t_direct_vs_canonical", "welch_t_sft_vs_direct", "seconds"},
+          "tool_learning": {"runs", "verdict", "seconds"}}
 
 
 def test_every_study_runs_quick_and_writes_its_results(tmp_path, model_cache, tiny_model):
@@ -39,6 +40,8 @@ def test_every_study_runs_quick_and_writes_its_results(tmp_path, model_cache, ti
     assert all(item["nested"] for item in ranking["runs"])   # the top half is a subset of all, same rankings
     top, every = ([e["pairs"] for e in ranking["labels"] if e["subset"] == name] for name in ("top50", "all"))
     assert top[0] < every[0]
+    tools = json.load(open(tmp_path / "tool_learning.json"))["runs"][0]
+    assert [step for step, _ in tools["curve"]] == [0, 2] and len(tools["tool_call_share"]) == 2   # held-out evals
     variants = json.load(open(tmp_path / "rlaif_variants.json"))
     assert {item["arm"] for item in variants["runs"]} == {"d_rlaif", "canonical", "best_of_n_sft"}
     tokens = [item["judge_tokens"] for item in variants["runs"]]

@@ -50,3 +50,21 @@ def long_prompt_agent(client, row):
     client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "word " * 2000}],
                                    max_tokens=4)
     return 1.0
+
+
+def streaming_agent(client, row):
+    """openai_agent's two calls, the first streamed (`stream=True`): the deltas add up to the message."""
+    messages = [SYSTEM, {"role": "user", "content": row["messages"][-1]["content"]}]
+    chunks = list(client.chat.completions.create(model="policy", messages=messages, max_tokens=6, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "Check it."}]
+    second = client.chat.completions.create(model="policy", messages=messages, max_tokens=6)
+    return sum(not c.isspace() for c in second.choices[0].message.content) / 24
+
+
+def tools_agent(client, row):
+    """Tool schemas for a model whose chat template takes none: HTTP 400 (they would be dropped)."""
+    client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                   tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    return 1.0

@@ -286,8 +286,9 @@ def test_vllm_samples_many_long_seeded_contexts(ray_cluster, tiny_model):
 
 def test_black_box_agents_give_token_exact_rows(ray_cluster, tiny_model, tiny_tokenizer):
     """env=agent: agent code written against the openai client, and against raw HTTP, calls openrlaif's endpoint
-    twice; each session's row is its exact ids (teacher-forced log-probs equal the engine's on the mask); an agent
-    that raises, one that rewrites the history and one whose prompt is too long (HTTP 400) are masked and counted."""
+    twice (once streamed); each session's row is its exact ids (teacher-forced log-probs equal the engine's on the
+    mask); an agent that raises, one that rewrites the history, one whose prompt is too long and one that passes
+    tools to a template without them (HTTP 400) are masked and counted."""
     from transformers import AutoModelForCausalLM
 
     from openrlaif.data import load_prompts
@@ -302,7 +303,8 @@ def test_black_box_agents_give_token_exact_rows(ray_cluster, tiny_model, tiny_to
     try:
         wait_until_ready([group])
         prompts = load_prompts("demo", tiny_tokenizer, 256)[:2]
-        for agent in ("openai_agent", "raw_http_agent", "crashing_agent", "rewriting_agent", "long_prompt_agent"):
+        for agent in ("openai_agent", "raw_http_agent", "streaming_agent", "crashing_agent", "rewriting_agent",
+                      "long_prompt_agent", "tools_agent"):
             cfg.env.agent = f"tests.integration.agents:{agent}"
             validate(cfg)
             batches[agent] = collect_rollout(launch_rollout(SimpleNamespace(rollout=group), prompts, cfg, seed=2),
@@ -310,7 +312,7 @@ def test_black_box_agents_give_token_exact_rows(ray_cluster, tiny_model, tiny_to
     finally:
         group.shutdown()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
-    for agent in ("openai_agent", "raw_http_agent"):
+    for agent in ("openai_agent", "raw_http_agent", "streaming_agent"):
         batch = batches[agent]
         assert len(batch) == 4 and not any(batch.meta["env_error"]), batch.meta["env_error"]
         assert [c["agent_requests"] for c in batch.meta["env_counts"]] == [2] * 4
@@ -334,7 +336,8 @@ def test_black_box_agents_give_token_exact_rows(ray_cluster, tiny_model, tiny_to
         assert score(SimpleNamespace(feedback=EnvReward()), batch).valid.all()
     for agent, needle in (("crashing_agent", "RuntimeError: the agent's own bug"),
                           ("rewriting_agent", "message 1 differs from this session's conversation"),
-                          ("long_prompt_agent", "over data.max_prompt_tokens=")):
+                          ("long_prompt_agent", "over data.max_prompt_tokens="),
+                          ("tools_agent", "this model's chat template takes no tools")):
         batch = batches[agent]
         assert all(needle in error for error in batch.meta["env_error"]), batch.meta["env_error"]
         result = score(SimpleNamespace(feedback=EnvReward()), batch)

@@ -294,3 +294,50 @@ def test_concurrent_requests_to_a_local_user_model_go_out_as_one_batch():
     for thread in threads:
         thread.join()
     assert echo.batches == [8, 3] and set(out[i] for i in range(3)) == {"engine died"}
+
+
+def test_the_agent_endpoint_takes_tool_schemas_and_streams(tiny_model):
+    """The black-box agents' endpoint on a scripted sampler: a first request with `tools` is rendered with them by a
+    template that takes tools (the session's prompt ids hold the schema); `stream: true` answers server-sent events
+    whose deltas add up to the message, ended by [DONE]."""
+    import json
+    import threading
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    from openrlaif.config import Config, EnvConfig, RolloutConfig
+    from openrlaif.rollout.agents import AgentServer
+    from openrlaif.rollout.types import Completion
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    words = tokenizer("forty two", add_special_tokens=False)["input_ids"]
+
+    def sample(contexts, spec):
+        return [Completion(0, words + [end], [-0.1] * (len(words) + 1), True) for _ in contexts]
+    cfg = Config(rollout=RolloutConfig(max_new_tokens=8), env=EnvConfig(name="agent", max_total_tokens=64))
+    server = AgentServer(sample, tokenizer, cfg, seed=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    schema = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    try:
+        def post(key, body):
+            request = urllib.request.Request(server.base_url + "/chat/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.headers.get("Content-Type"), response.read().decode()
+        key, session = server.open_session(0)
+        kind, text = post(key, {"messages": [{"role": "user", "content": "hi"}], "tools": [schema]})
+        assert kind == "application/json" and json.loads(text)["choices"][0]["message"]["content"] == "forty two"
+        assert '"name": "lookup"' in tokenizer.decode(session.episode.prompt_ids)
+        key, session = server.open_session(0)
+        kind, text = post(key, {"messages": [{"role": "user", "content": "hi"}], "stream": True})
+        events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+        assert kind == "text/event-stream" and events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "forty two"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[0]["object"] == "chat.completion.chunk"
+        assert "lookup" not in tokenizer.decode(session.episode.prompt_ids)
+    finally:
+        server.shutdown()
+        server.server_close()
