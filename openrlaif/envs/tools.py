@@ -108,11 +108,11 @@ def parse_call(turn: str) -> tuple[str, str] | tuple[None, str] | None:
 class ToolUse:
     """kwargs (env.kwargs): timeout_s, cpu_s, memory_mb for the python tool; tools (the names allowed);
     tool_format (tags | template: the schemas go to the chat template's `tools=`); system_prompt ("" = the
-    format's own)."""
+    format's own); isolate_fs (the python tool sees a read-only file system without the users' folders)."""
 
     def __init__(self, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: int = 512,
                  tools: tuple[str, ...] | list[str] = ("calculator", "python"), system_prompt: str = "",
-                 tool_format: str = "tags") -> None:
+                 tool_format: str = "tags", isolate_fs: bool = True) -> None:
         from openrlaif.config import ConfigError
         if tool_format not in ("tags", "template"):
             raise ConfigError(f"env.kwargs.tool_format={tool_format!r} must be tags (plain tags, described in the "
@@ -121,7 +121,7 @@ class ToolUse:
         if unknown:
             raise ConfigError(f"env.kwargs.tools: {unknown} are not tools here; the tools are {sorted(SCHEMAS)}.")
         self.timeout_s, self.cpu_s, self.memory_mb = timeout_s, cpu_s, memory_mb
-        self.tools, self.tool_format = tuple(tools), tool_format
+        self.tools, self.tool_format, self.isolate_fs = tuple(tools), tool_format, isolate_fs
         self.system_prompt = system_prompt or (SYSTEM if tool_format == "tags" else TEMPLATE_SYSTEM)
         self.answer: str | None = None
 
@@ -153,10 +153,12 @@ class ToolUse:
             except ValueError as err:
                 result, error = f"Error: {err}.", "error"
         else:
-            run = run_python(argument, self.timeout_s, self.cpu_s, self.memory_mb)
+            run = run_python(argument, self.timeout_s, self.cpu_s, self.memory_mb, isolate_fs=self.isolate_fs)
             result, error = (run.output.strip() or "(no output)") if run.error is None else f"Error: {run.output}", run.error
-            if run.isolation and run.isolation != "netns":
+            if run.isolation and "netns" not in run.isolation:
                 counts["sandbox_without_netns"] += 1
+            if run.isolation and self.isolate_fs and "fs" not in run.isolation:
+                counts["sandbox_without_fs"] += 1
         if error:
             counts[f"tool_errors/{error}"] += 1
         return EnvStep([{"role": "tool", "content": result}], None, {"tool": tool}, counts)

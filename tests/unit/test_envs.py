@@ -16,10 +16,32 @@ def test_sandbox_runs_code_in_an_empty_temp_dir_with_a_scrubbed_environment():
     assert "OPENRLAIF" not in result.output and "'HOME'" in result.output
 
 
+def test_sandbox_sees_a_read_only_world_without_the_users_files(tmp_path):
+    """The code writes only its own working folder; the system's files are read-only, the users' folders (/tmp with
+    the trainer's files in it, the home folder, the trainer's working directory) are empty covers, and the
+    interpreter keeps working; isolate_fs=False leaves the file system as it is."""
+    import os
+    secret = tmp_path / "checkpoint.bin"
+    secret.write_text("weights")
+    code = (f"import os, sys\nopen('mine.txt', 'w').write('ok'); print(open('mine.txt').read())\n"
+            f"print(os.path.exists({str(secret)!r}), os.path.exists({os.getcwd()!r} + '/README.md'))\n"
+            "for path in ('/usr/openrlaif-probe', sys.base_prefix + '/openrlaif-probe', '/tmp/openrlaif-probe'):\n"
+            "    try:\n        open(path, 'w')\n        print('wrote', path)\n"
+            "    except OSError as err:\n        print(err.errno)\n"
+            "import json, math; print(json.dumps(math.floor(2.5)))")
+    result = run_python(code)
+    if result.isolation != "netns+fs":
+        pytest.skip(f"no mount namespace here ({result.isolation}): the tool counts env/sandbox_without_fs")
+    assert result.error is None and result.output.split("\n")[:6] == ["ok", "False False", "30", "30", "30", "2"]
+    assert secret.read_text() == "weights" and not os.path.exists("/usr/openrlaif-probe")
+    open_world = run_python(f"print(open({str(secret)!r}).read())", isolate_fs=False)
+    assert open_world.output.strip() == "weights" and open_world.isolation == "netns"
+
+
 def test_sandbox_has_no_network():
     result = run_python("import socket\ns = socket.socket(); s.settimeout(2); s.connect(('1.1.1.1', 80))")
     assert result.error == "error"
-    assert result.isolation in ("netns", "python_guard")
+    assert result.isolation in ("netns+fs", "netns", "python_guard")
     assert "unreachable" in result.output.lower() or "disabled" in result.output
 
 
@@ -37,7 +59,8 @@ def test_sandbox_limits_end_the_call_with_a_kind(code, kind, needle, kwargs):
 def test_sandbox_kills_the_codes_children_on_timeout(tmp_path):
     marker = tmp_path / "child-alive"
     run_python(f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3); "
-               f"open({str(marker)!r}, \"w\")'])\nimport time; time.sleep(30)", timeout_s=1.0)
+               f"open({str(marker)!r}, \"w\")'])\nimport time; time.sleep(30)", timeout_s=1.0,
+               isolate_fs=False)   # the marker's folder is hidden from the code otherwise
     import time
     time.sleep(4)
     assert not marker.exists()   # the grandchild was killed with its process group
