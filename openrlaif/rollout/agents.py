@@ -33,6 +33,54 @@ class Session:
     index: int
     calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    seen: list = field(default_factory=list)   # the conversation as the client must send it back (`normal` forms)
+
+
+def valid_message(m) -> bool:
+    """{role, content: str}, or an assistant message whose tool_calls stand in for (or beside) its content."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        return False
+    if m["role"] == "assistant" and isinstance(m.get("tool_calls"), list) and m["tool_calls"]:
+        return m.get("content") is None or isinstance(m["content"], str)
+    return isinstance(m.get("content"), str)
+
+
+def normal(m: dict) -> tuple:
+    """What must match when a client sends a served message back: role, content (None = ""), and each tool call's
+    name and arguments as JSON values (whitespace and key order aside)."""
+    calls = []
+    for call in m.get("tool_calls") or []:
+        function = call.get("function", {}) if isinstance(call, dict) else {}
+        arguments = function.get("arguments")
+        try:
+            arguments = json.dumps(json.loads(arguments) if isinstance(arguments, str) else arguments, sort_keys=True)
+        except (TypeError, ValueError):
+            pass
+        calls.append((function.get("name"), arguments))
+    return m["role"], (m.get("content") or "").strip() if calls else m.get("content"), tuple(calls)
+
+
+def tool_calls(text: str, prefix: str) -> tuple[str | None, list[dict]] | None:
+    """(the content outside the calls or None, OpenAI tool_calls) for a completion holding Hermes/Qwen-style
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks; None when it holds none or one is not such
+    JSON (the text is then served as content, as the model wrote it)."""
+    from openrlaif.envs.tools import TOOL_CALL
+    blocks = TOOL_CALL.findall(text)
+    if not blocks:
+        return None
+    calls = []
+    for k, block in enumerate(blocks):
+        try:
+            call = json.loads(block)
+            name, arguments = call["name"], call.get("arguments", {})
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(name, str):
+            return None
+        calls.append({"id": f"{prefix}-{k}", "type": "function", "function": {
+            "name": name, "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+    rest = TOOL_CALL.sub("", text).strip()
+    return rest or None, calls
 
 
 class AgentServer(ThreadingHTTPServer):
@@ -59,10 +107,9 @@ class AgentServer(ThreadingHTTPServer):
     def complete(self, session: Session, body: dict) -> tuple[int, dict]:
         episode, cfg = session.episode, self.cfg
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            return 400, error("messages must be a non-empty list of {role, content} objects with string content")
+        if not isinstance(messages, list) or not messages or not all(valid_message(m) for m in messages):
+            return 400, error("messages must be a non-empty list of {role, content} objects with string content "
+                              "(an assistant message may carry tool_calls instead)")
         tools = body.get("tools")
         if episode.prompt_ids is None:   # the session's first request: its prompt, rendered once
             if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
@@ -79,10 +126,11 @@ class AgentServer(ThreadingHTTPServer):
             episode.prompt_ids = ids
             episode.prompt_messages = [dict(m) for m in messages]
             episode.messages = [dict(m) for m in messages]
+            session.seen = [normal(m) for m in messages]
         else:
-            known = episode.messages
+            known = session.seen
             for i, (old, new) in enumerate(zip(known, messages)):
-                if (old["role"], old["content"]) != (new["role"], new["content"]):
+                if old != normal(new):
                     return 400, error(f"message {i} differs from this session's conversation (role "
                                       f"{new['role']!r}): an openrlaif agent session must extend the conversation "
                                       "it was served, with the completions as returned")
@@ -95,6 +143,7 @@ class AgentServer(ThreadingHTTPServer):
                 return 400, error(f"this episode's token budget (env.max_total_tokens={cfg.env.max_total_tokens}) "
                                   "is spent")
             episode.messages += added
+            session.seen += [normal(m) for m in added]
             episode.ids += observation
             episode.policy += [0.0] * len(observation)
             episode.logprobs += [0.0] * len(observation)
@@ -114,11 +163,16 @@ class AgentServer(ThreadingHTTPServer):
         episode.truncated = episode.truncated or len(tokens) < len(completion.token_ids)
         episode.counts["agent_requests"] += 1
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        episode.messages.append({"role": "assistant", "content": text})
+        episode.messages.append({"role": "assistant", "content": text})   # the trajectory: the text as written
+        message, finish = {"role": "assistant", "content": text}, "stop" if episode.finished else "length"
+        calls = tool_calls(text, f"call-{session.index}-{session.calls}") if tools else None
+        if calls is not None:   # the request offered tools and the model called them in its template's format
+            message, finish = {"role": "assistant", "content": calls[0], "tool_calls": calls[1]}, "tool_calls"
+            episode.counts["tool_calls"] += len(calls[1])
+        session.seen.append(normal(message))
         return 200, {"id": f"chatcmpl-{session.index}-{session.calls}", "object": "chat.completion",
                      "model": body.get("model", "policy"),
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": "stop" if episode.finished else "length"}],
+                     "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                      "usage": {"prompt_tokens": len(episode.prompt_ids) + len(episode.ids) - len(tokens),
                                "completion_tokens": len(tokens)}}
 
@@ -133,7 +187,10 @@ def stream_events(payload: dict) -> list[dict]:
     the first byte is sent), then the finish reason with the usage."""
     choice = payload["choices"][0]
     head = {"id": payload["id"], "object": "chat.completion.chunk", "model": payload["model"]}
-    return [{**head, "choices": [{"index": 0, "delta": choice["message"], "finish_reason": None}]},
+    delta = dict(choice["message"])
+    if "tool_calls" in delta:   # a streamed tool call carries its position
+        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(delta["tool_calls"])]
+    return [{**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
             {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
              "usage": payload["usage"]}]
 

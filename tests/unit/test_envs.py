@@ -364,3 +364,61 @@ def test_the_agent_endpoint_takes_tool_schemas_and_streams(tiny_model):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_agent_endpoint_serves_tool_calls_and_takes_them_back(tiny_model):
+    """With `tools` offered, a completion holding `<tool_call>{json}</tool_call>` is served as OpenAI tool_calls
+    (finish_reason tool_calls); the client sends the assistant message back with tool_calls and no content, then the
+    tool's result; arguments re-serialised with other whitespace still match, changed arguments get HTTP 400; the
+    trajectory keeps the text as the model wrote it."""
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    from openrlaif.config import Config, EnvConfig, RolloutConfig
+    from openrlaif.rollout.agents import AgentServer
+    from openrlaif.rollout.types import Completion
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    replies = iter(['<tool_call>{"name": "lookup", "arguments": {"q": "cats", "n": 2}}</tool_call>', "Cats."])
+
+    def sample(contexts, spec):
+        ids = tokenizer(next(replies), add_special_tokens=False)["input_ids"] + [end]
+        return [Completion(0, ids, [-0.1] * len(ids), True) for _ in contexts]
+    cfg = Config(rollout=RolloutConfig(max_new_tokens=64), env=EnvConfig(name="agent", max_total_tokens=256))
+    server = AgentServer(sample, tokenizer, cfg, seed=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    schema = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    try:
+        key, session = server.open_session(0)
+
+        def post(messages):
+            request = urllib.request.Request(server.base_url + "/chat/completions", json.dumps(
+                {"messages": messages, "tools": [schema]}).encode(), {"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())["choices"][0]
+        messages = [{"role": "user", "content": "Find cats."}]
+        first = post(messages)
+        assert first["finish_reason"] == "tool_calls" and first["message"]["content"] is None
+        (call,) = first["message"]["tool_calls"]
+        assert call["function"]["name"] == "lookup" and json.loads(call["function"]["arguments"]) == {"q": "cats", "n": 2}
+        tool = {"role": "tool", "tool_call_id": call["id"], "content": "3 cats"}
+        changed = {**first["message"], "tool_calls": [{**call, "function": {"name": "lookup",
+                                                                            "arguments": '{"q": "dogs", "n": 2}'}}]}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            post(messages + [changed, tool])
+        assert refused.value.code == 400 and "message 1 differs" in refused.value.read().decode()
+        echoed = {**first["message"], "tool_calls": [{**call, "function": {"name": "lookup",
+                                                                           "arguments": '{"n":2,"q":"cats"}'}}]}
+        second = post(messages + [echoed, tool])
+        assert second["finish_reason"] == "stop" and second["message"] == {"role": "assistant", "content": "Cats."}
+        assert "<|im_start|>tool\n3 cats<|im_end|>" in tokenizer.decode(session.episode.ids)
+        assert session.episode.messages[1]["content"].startswith("<tool_call>")   # what the judge reads
+        assert session.episode.counts["tool_calls"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
