@@ -538,8 +538,7 @@ def validate_agent(cfg: Config) -> None:
         load_function(cfg.env.agent)
     except ConfigError as err:
         raise ConfigError(str(err).replace("feedback.function", "env.agent")) from None
-    if cfg.algorithm.advantage in GREEDY_BASELINE or cfg.rollout.async_steps:
-        raise ConfigError("env.name=agent: an agent makes its own requests when its batch is collected, so there "
-                          "is no greedy baseline episode (ReMax) and nothing to sample a step ahead (rollout."
-                          "async_steps=1). Fix: algorithm=grpo (or rloo, reinforce_pp, ppo), rollout.async_steps=0.")
+    if cfg.algorithm.advantage in GREEDY_BASELINE:
+        raise ConfigError("env.name=agent: an agent makes its own requests, so there is no greedy baseline episode "
+                          "(ReMax) to play beside it. Fix: algorithm=grpo (or rloo, reinforce_pp, ppo).")
 

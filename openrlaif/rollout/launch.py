@@ -3,6 +3,8 @@ the answers into one Batch (`collect_rollout`), both at once (`generate`), or on
 flight while this one trains (`next_rollout`)."""
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -34,14 +36,29 @@ class PendingRollout:
     sample_refs: list
     greedy_refs: list
     episodes: tuple | None = None   # env.*: (roles, cfg, seed) to play each first turn out as an episode
+    agents: Future | None = None    # env=agent one step ahead: the agents playing in a thread of their own
 
 
-def launch_rollout(roles: Roles, prompts: list, cfg: Config, seed: int) -> PendingRollout:
+def launch_rollout(roles: Roles, prompts: list, cfg: Config, seed: int, tokenizer=None) -> PendingRollout:
+    """Start sampling. Black-box agents (env=agent) make their own requests: they play when the batch is collected
+    or, given the `tokenizer` (one-step-off), from now on in a thread of their own, beside the actor's update."""
     spec = SamplingSpec(n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens,
                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
     spans = split_evenly(len(prompts), len(roles.rollout))
-    if cfg.env.name == "agent":   # black-box agents make every request themselves, when collected
-        return PendingRollout(prompts, spans, [], [], (roles, cfg, seed))
+    if cfg.env.name == "agent":
+        if tokenizer is None:
+            return PendingRollout(prompts, spans, [], [], (roles, cfg, seed))
+        from openrlaif.rollout.agents import run_agents
+        from openrlaif.rollout.multi_turn import engine_sampler
+        future = Future()
+
+        def play() -> None:
+            try:
+                future.set_result(run_agents(engine_sampler(roles), prompts, cfg, tokenizer, seed))
+            except BaseException as err:   # noqa: BLE001 - raised where the batch is collected
+                future.set_exception(err)
+        threading.Thread(target=play, daemon=True, name="openrlaif-agents-ahead").start()
+        return PendingRollout(prompts, spans, [], [], None, future)
 
     def launch(sampling: SamplingSpec) -> list:
         return roles.rollout.map(lambda worker, span: worker.generate.remote(
@@ -53,6 +70,8 @@ def launch_rollout(roles: Roles, prompts: list, cfg: Config, seed: int) -> Pendi
 
 
 def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
+    if pending.agents is not None:
+        return pending.agents.result()
     prompts, spans = pending.prompts, pending.spans
     shards = ray.get(pending.sample_refs + pending.greedy_refs)
     completions, greedy = [], {}
@@ -99,7 +118,8 @@ def next_rollout(roles: Roles, stream: PromptStream, cfg: Config, tokenizer, ste
     if pending is None:
         pending = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step)
     if cfg.rollout.async_steps and step < cfg.steps:
-        roles.pending_rollout = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step + 1)
+        roles.pending_rollout = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step + 1,
+                                               tokenizer)
     batch = collect_rollout(pending, tokenizer)
     if "env_turns" in batch.meta:
         from openrlaif.rollout.multi_turn import env_metrics

@@ -344,12 +344,20 @@ def test_black_box_agents_give_token_exact_rows(ray_cluster, tiny_model, tiny_to
         assert not result.valid.any() and result.failures["env_error"] == 4
 
 
-def test_grpo_trains_through_a_black_box_agent(ray_cluster, tiny_model, tmp_path):
+@pytest.mark.parametrize("async_steps", [0, 1])
+def test_grpo_trains_through_a_black_box_agent(ray_cluster, tiny_model, tmp_path, async_steps):
+    """GRPO on agent sessions; one-step-off (rollout.async_steps=1): the next step's agents play in a thread while
+    the actor updates, their tokens importance-weighted against the log-probs they were sampled with."""
     from openrlaif.pipelines.online_rl import train
-    cfg = episode_config(tiny_model, "hf", tmp_path)
+    cfg = episode_config(tiny_model, "hf", tmp_path, steps=1 + async_steps)
     cfg.env = EnvConfig(name="agent", agent="tests.integration.agents:openai_agent", max_total_tokens=160)
+    cfg.rollout.async_steps = async_steps
     validate(cfg)
     train(cfg)
-    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
-    assert row["env/agent_requests"] == 8.0 and row["feedback/failures"] == 0 and row["env/turns_mean"] == 2.0
-    assert math.isfinite(row["train/loss"]) and 0 < row["env/policy_token_fraction"] < 1
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    for row in rows:
+        assert row["env/agent_requests"] == 8.0 and row["feedback/failures"] == 0 and row["env/turns_mean"] == 2.0
+        assert math.isfinite(row["train/loss"]) and 0 < row["env/policy_token_fraction"] < 1
+    assert rows[-1]["rollout/staleness"] == float(async_steps)
+    if async_steps:
+        assert math.isfinite(rows[-1]["train/is_weight_mean"]) and rows[-1]["train/behaviour_kl"] >= 0
