@@ -65,6 +65,9 @@ class RolloutConfig:
     # 0: sample, then train on the samples. 1: one-step-off: the engines sample step t+1's batch while the actor
     # trains on step t's (the bound on staleness: samples are at most one update old; see algorithm.is_cap)
     async_steps: int = 0
+    # weight sync, trainer -> engines, in buckets of whole decoder layers of about this many MiB: rank 0 gathers
+    # (under ZeRO-3) and holds one bucket at a time, never the whole model. 0 = the whole model in one piece.
+    sync_bucket_mb: float = 256.0
     resources: RoleResources = field(default_factory=RoleResources)
 
 
@@ -570,6 +573,7 @@ def validate_rollout(cfg: Config) -> None:
     check_choice("rollout.dtype", cfg.rollout.dtype, {"float32", "bfloat16"})
     check_positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     check_positive("rollout.temperature", cfg.rollout.temperature)
+    check_positive("rollout.sync_bucket_mb", cfg.rollout.sync_bucket_mb, allow_zero=True)
     check_positive("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt)
     check_positive("rollout.kv_cache_gib", cfg.rollout.kv_cache_gib)
     if not 0 < cfg.rollout.gpu_memory_utilization <= 1:

@@ -50,6 +50,7 @@ class Roles:
     eval: object | None = None             # evaluation.EvalRoles: the measuring feedback of eval.*
     user_sim: WorkerGroup | None = None    # env.user_sim.model: the local model playing the user
     user_backend: object | None = None     # its backend, handed to every simulated_user episode
+    sync_plan: list | None = None          # the weight sync's buckets of tensor names (rollout/weight_sync.py)
 
     def groups(self) -> dict[str, WorkerGroup]:
         named = {"actor": self.actor, "reference": self.reference, "rollout": self.rollout, "judge": self.judge,

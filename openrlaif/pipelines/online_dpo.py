@@ -50,7 +50,7 @@ def one_round(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, s
         per_rank = ray.get(roles.actor.map(lambda w, shard: w.preference_step.remote(shard),
                                            pair_batch.split(len(roles.actor))))
     with timer(metrics, "sync"):           # 6. the new weights into the engines (and a self-judge)
-        metrics["sync/engine_s"] = sync_weights(roles, cfg, step)
+        metrics |= sync_weights(roles, cfg, step)
     response_tokens = float(batch["response_mask"].sum())
     metrics |= {key: value for key, value in preference_metrics(per_rank, metrics["time/update_s"]).items()
                 if key != "time/step_s"}

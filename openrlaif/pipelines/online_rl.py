@@ -115,7 +115,7 @@ def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, st
     with timer(metrics, "update"):         # 5. DeepSpeed updates of the actor (and critic), side by side
         train_metrics = update_actor(roles, batch, cfg)
     with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
-        metrics["sync/engine_s"] = sync_weights(roles, cfg, step)
+        metrics |= sync_weights(roles, cfg, step)
     metrics |= step_metrics(batch, feedback, train_metrics, metrics)
 
 

@@ -11,7 +11,7 @@ from openrlaif.batch import Batch
 from openrlaif.config import ActorConfig, AlgorithmConfig
 from openrlaif.workers.common import batched_response_logprobs, load_causal_lm, response_logprobs, trim_to_content
 from openrlaif.workers.engine import DeepSpeedWorker, all_reduce_sum
-from openrlaif.workers.weights import PackedWeights
+from openrlaif.workers.weights import PackedWeights, weight_buckets
 
 
 @ray.remote
@@ -251,11 +251,25 @@ class ActorWorker(DeepSpeedWorker):
         """HF-named full weights on rank 0 (None elsewhere). Collective under ZeRO-3: call it on every rank."""
         return self.gathered_state_dict(self.engine.module, dtype)
 
-    def packed_weights(self, dtype: str = "float32") -> PackedWeights | None:
-        """full_state_dict for the engines, as byte arrays that Ray's object store passes without pickling
-        (workers/weights.py). Collective under ZeRO-3."""
-        state = self.full_state_dict(dtype)
-        return None if state is None else PackedWeights(state)
+    def packed_weights(self, dtype: str = "float32", names=None) -> PackedWeights | None:
+        """full_state_dict (or the `names` of one sync bucket) for the engines, as byte arrays that Ray's object
+        store passes without pickling (workers/weights.py). Collective under ZeRO-3. Records the largest number of
+        gathered bytes rank 0 has held at once (`sync_peak_bytes`)."""
+        state = self.gathered_state_dict(self.engine.module, dtype, names)
+        if state is None:
+            return None
+        held = sum(t.numel() * t.element_size() for t in state.values())
+        self.sync_peak_bytes = max(getattr(self, "sync_peak_bytes", 0), held)
+        return PackedWeights(state)
+
+    def sync_plan(self, dtype: str, bucket_mb: float) -> list[list[str]]:
+        """The weight sync's buckets: whole decoder layers, about rollout.sync_bucket_mb each (0: one bucket)."""
+        return weight_buckets(self.weight_sizes(self.engine.module, dtype), int(bucket_mb * 2 ** 20))
+
+    def take_sync_peak_bytes(self) -> int:
+        """The most gathered bytes held at once since the last call (rank 0; 0 elsewhere)."""
+        peak, self.sync_peak_bytes = getattr(self, "sync_peak_bytes", 0), 0
+        return peak
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF folder (config, safetensors, tokenizer) that transformers and vLLM load. Collective."""

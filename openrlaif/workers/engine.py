@@ -242,14 +242,17 @@ class DeepSpeedWorker:
     def updates_per_step(self, batch, rows_per_example: int = 1) -> int:
         return self.cfg.epochs * len(batch.chunks_of(self.per_rank_mini * rows_per_example))
 
-    def gathered_state_dict(self, module, dtype: str = "float32") -> dict[str, torch.Tensor] | None:
-        """Full weights of `module` on rank 0 (None elsewhere). Collective under ZeRO-3: call it on every rank.
-        Tied weights appear once in named_parameters; engines load them by either name. Below ZeRO-3, a tensor
-        already on the CPU in `dtype` is the live parameter itself (no copy): use the state before the next update
-        (returning it from a Ray method copies it)."""
+    def gathered_state_dict(self, module, dtype: str = "float32", names=None) -> dict[str, torch.Tensor] | None:
+        """Full weights of `module` on rank 0 (None elsewhere), or only those `names` (a weight-sync bucket).
+        Collective under ZeRO-3: call it on every rank. Tied weights appear once in named_parameters; engines load
+        them by either name. Below ZeRO-3, a tensor already on the CPU in `dtype` is the live parameter itself (no
+        copy): use the state before the next update (returning it from a Ray method copies it)."""
         target = getattr(torch, dtype)
+        wanted = None if names is None else set(names)
         state = {}
         for name, param in module.named_parameters():
+            if wanted is not None and name not in wanted:
+                continue
             if self.zero_stage == 3:
                 with self._deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                     if self.rank == 0:
@@ -257,6 +260,12 @@ class DeepSpeedWorker:
             elif self.rank == 0:
                 state[name] = param.data.detach().to("cpu", target)
         return state if self.rank == 0 else None
+
+    def weight_sizes(self, module, dtype: str = "float32") -> list[tuple[str, int]]:
+        """(name, bytes in `dtype`) of every parameter, in named_parameters order (full sizes under ZeRO-3)."""
+        size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        return [(name, int(getattr(param, "ds_numel", param.numel())) * size)
+                for name, param in module.named_parameters()]
 
 
 def check_layout(path: str, layout: dict) -> None:

@@ -9,6 +9,7 @@ trainer-to-engine round trip took 2.0-2.5 s as tensors and 0.1-0.5 s as byte arr
 """
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Union
 
@@ -45,3 +46,31 @@ def named_tensors(weights: Weights) -> list[tuple[str, torch.Tensor]]:
     if isinstance(weights, PackedWeights):
         return weights.named_tensors()
     return list(weights.items())
+
+
+_LAYER = re.compile(r"^(.*?\.layers?\.\d+)\.")
+
+
+def weight_buckets(sizes: list[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
+    """The tensor names in sync order, cut into buckets of about `bucket_bytes` (<= 0: one bucket). A decoder layer
+    (`...layers.N.`) is never split: vLLM reloads a layer once all its weights arrive (its fused q/k/v, gate/up),
+    so each bucket holds whole layers; a layer larger than a bucket is a bucket of its own."""
+    groups: list[list] = []   # [layer or None, names, bytes]
+    for name, size in sizes:
+        match = _LAYER.match(name)
+        layer = match.group(1) if match else None
+        if layer is not None and groups and groups[-1][0] == layer:
+            groups[-1][1].append(name)
+            groups[-1][2] += size
+        else:
+            groups.append([layer, [name], size])
+    if bucket_bytes <= 0:
+        return [[name for _, names, _ in groups for name in names]] if groups else []
+    buckets, current, used = [], [], 0
+    for _, names, size in groups:
+        if current and used + size > bucket_bytes:
+            buckets.append(current)
+            current, used = [], 0
+        current += names
+        used += size
+    return buckets + ([current] if current else [])

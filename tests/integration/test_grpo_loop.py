@@ -21,7 +21,9 @@ def loop_config(tiny_model, out_dir, engine, zero_stage, feedback, algorithm, wo
         steps=2, seed=1,
         model=ModelConfig(path=tiny_model),
         data=DataConfig(prompts="demo", prompts_per_step=4),
-        rollout=RolloutConfig(engine=engine, samples_per_prompt=4, max_new_tokens=12, kv_cache_gib=0.05),
+        # weight sync in buckets of whole layers: the tiny model's 1.6 MiB go as embeddings, layer 0, layer 1, head
+        rollout=RolloutConfig(engine=engine, samples_per_prompt=4, max_new_tokens=12, kv_cache_gib=0.05,
+                              sync_bucket_mb=0.3),
         actor=ActorConfig(zero_stage=zero_stage, lr=1e-3, micro_batch_size=4,
                           resources=RoleResources(num_workers=workers, num_cpus=1)),
         algorithm=algorithm,
@@ -64,6 +66,8 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
         assert row["feedback/failures"] == 0
         for phase in ("rollout", "feedback", "logprobs", "update", "sync"):
             assert row[f"time/{phase}_s"] > 0
+        # rank 0 held one bucket at a time: a decoder layer (0.5 MiB), never the whole model (1.6 MiB)
+        assert row["sync/buckets"] == 4 and 0.4 < row["sync/gathered_mib_peak"] < 0.6
     assert rows[1]["train/kl"] > 0          # step 2 samples from the updated policy, the reference stayed put
     for row in rows:                        # one epoch, one optimizer step: log π_old is log π_θ, the ratio is 1
         assert row["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6)

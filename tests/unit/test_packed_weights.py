@@ -38,3 +38,19 @@ def test_the_bytes_travel_out_of_band_so_the_object_store_copies_them_once():
         assert torch.equal(tensor, state[name])
     in_band = pickle.dumps(state, protocol=5, buffer_callback=[].append)
     assert len(in_band) > total
+
+
+def test_sync_buckets_hold_whole_layers_of_about_the_size_asked():
+    from openrlaif.workers.weights import weight_buckets
+    sizes = [("model.embed_tokens.weight", 100)] + [(f"model.layers.{i}.{p}.weight", 10) for i in range(3)
+                                                    for p in ("q_proj", "k_proj", "v_proj")]
+    sizes += [("model.layers.10.q_proj.weight", 10), ("model.norm.weight", 1), ("lm_head.weight", 100)]
+    buckets = weight_buckets(sizes, 60)
+    assert [name for bucket in buckets for name in bucket] == [name for name, _ in sizes]   # every tensor, in order
+    assert buckets[0] == ["model.embed_tokens.weight"]                                        # bigger than a bucket
+    assert buckets[1] == [f"model.layers.{i}.{p}.weight" for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj")]
+    for bucket in buckets:   # a layer never straddles two buckets (layers.1 is not layers.10)
+        layers = {name.split(".")[2] for name in bucket if ".layers." in name}
+        assert all(sum(f"layers.{layer}." in name for b in buckets for name in b if b is not bucket) == 0
+                   for layer in layers)
+    assert weight_buckets(sizes, 0) == [[name for name, _ in sizes]] and weight_buckets([], 10) == []
