@@ -33,6 +33,7 @@ bench: install
 	$(PY) benchmarks/zero_vs_ddp.py
 	$(PY) benchmarks/judge_cost.py
 	$(PY) benchmarks/multi_turn.py
+	$(PY) benchmarks/weight_sync.py
 	$(PY) benchmarks/vs_trl.py
 
 clean:

@@ -261,11 +261,27 @@ class DeepSpeedWorker:
                 state[name] = param.data.detach().to("cpu", target)
         return state if self.rank == 0 else None
 
+    def reset_peak_memory(self) -> float:
+        """Reset this process's peak resident memory (VmHWM) to its current RSS; the RSS in MiB (benchmarks)."""
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return process_memory_mib("VmRSS")
+
+    def peak_memory_mib(self) -> float:
+        """This process's peak resident memory (VmHWM) since the last reset_peak_memory, in MiB."""
+        return process_memory_mib("VmHWM")
+
     def weight_sizes(self, module, dtype: str = "float32") -> list[tuple[str, int]]:
         """(name, bytes in `dtype`) of every parameter, in named_parameters order (full sizes under ZeRO-3)."""
         size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
         return [(name, int(getattr(param, "ds_numel", param.numel())) * size)
                 for name, param in module.named_parameters()]
+
+
+def process_memory_mib(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in MiB."""
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":")) / 1024
 
 
 def check_layout(path: str, layout: dict) -> None:

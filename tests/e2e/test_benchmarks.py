@@ -88,3 +88,11 @@ def test_multi_turn(bench):
         assert row["episodes"] == 4 and row["turns_mean"] == 3.0 and row["env_tokens"] > 0
         assert 0 < row["policy_tokens"] <= 4 * 3 * 8 and row["policy_tokens_per_s"] > 0
     assert rows["vllm"]["vs_no_prefix_cache"] == 1.0
+
+
+def test_weight_sync(bench):
+    report = bench("weight_sync.py", "--model", "tiny", "--engine", "hf", "--buckets", "0", "0.3")
+    whole, buckets = report["rows"]
+    assert (whole["buckets"], buckets["buckets"]) == (1, 4)   # the whole model; embeddings, 2 layers, the head
+    assert buckets["gathered_mib_peak"] < 0.4 * whole["gathered_mib_peak"] and whole["rss_growth_vs_whole"] == 1.0
+    assert all(row["sync_s"] > 0 and row["rank0_rss_growth_mib"] >= 0 for row in report["rows"])

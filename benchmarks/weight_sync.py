@@ -1,0 +1,85 @@
+"""Weight sync in buckets vs the whole model at once (`rollout.sync_bucket_mb`): the trainer's rank-0 peak memory
+during a sync and the sync's time, ZeRO-3 over 2 actor workers, the rollout engine loading what they send.
+
+Each setting runs in a fresh process (its own Ray cluster): the roles start, one sync warms up, then rank 0's peak
+resident memory is reset (/proc/self/clear_refs) and a second sync is measured: the growth of rank 0's peak RSS
+over its RSS before the sync, the most gathered bytes it held at once (`sync/gathered_mib_peak`), the buckets and
+the seconds. Ratios are of settings measured side by side in one run.
+
+    .venv/bin/python benchmarks/weight_sync.py                     # SmolLM2-135M (540 MB in float32), vLLM
+    .venv/bin/python benchmarks/weight_sync.py --model tiny --engine hf --buckets 0 0.3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import config, fresh_process, print_table, write_report  # noqa: E402
+
+
+def measure(model: str, engine: str, bucket_mb: float) -> dict:
+    import tempfile
+
+    import ray
+
+    from openrlaif.roles import prepare_run, start_roles
+    from openrlaif.rollout.weight_sync import sync_weights
+    from openrlaif.runtime import init_local_ray
+    out = tempfile.mkdtemp(prefix="openrlaif-bench-sync-")
+    cfg = config([f"model={model}", "feedback=function", "algorithm.kl_coef=0", "actor.zero_stage=3",
+                  "actor.resources.num_workers=2", f"rollout.engine={engine}", "rollout.kv_cache_gib=0.25",
+                  f"rollout.sync_bucket_mb={bucket_mb}", "cluster.threads_per_worker=1", f"output.dir={out}"])
+    run = prepare_run(cfg)
+    init_local_ray(max(4, int(run.cpus_needed) + 1))
+    roles = start_roles(cfg, run)
+    try:
+        sync_weights(roles, cfg, 0)                                   # warm-up: the plan, first allocations
+        rank0 = roles.actor.workers[0]
+        before = ray.get(rank0.reset_peak_memory.remote())
+        start = time.perf_counter()
+        metrics = sync_weights(roles, cfg, 1)
+        seconds = time.perf_counter() - start
+        peak = ray.get(rank0.peak_memory_mib.remote())
+    finally:
+        roles.shutdown()
+        ray.shutdown()
+    return {"model": model, "engine": engine, "bucket_mb": bucket_mb, "buckets": metrics["sync/buckets"],
+            "gathered_mib_peak": metrics["sync/gathered_mib_peak"], "rank0_rss_growth_mib": peak - before,
+            "sync_s": seconds, "engine_load_s": metrics["sync/engine_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--engine", default="vllm")
+    parser.add_argument("--buckets", nargs="+", type=float, default=[0, 64, 16])
+    parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        print("RESULT " + json.dumps(measure(args.model, args.engine, args.worker)))
+        return
+    rows = []
+    for bucket_mb in args.buckets:
+        row = fresh_process([__file__, "--worker", str(bucket_mb), "--model", args.model, "--engine", args.engine],
+                            f"sync_bucket_mb={bucket_mb}")
+        if row is not None:
+            rows.append(row)
+    whole = next((row for row in rows if row["bucket_mb"] == 0), None)
+    for row in rows:
+        if whole:
+            row["rss_growth_vs_whole"] = row["rank0_rss_growth_mib"] / max(whole["rank0_rss_growth_mib"], 1e-9)
+            row["time_vs_whole"] = row["sync_s"] / whole["sync_s"]
+    print()
+    print_table(rows, [("bucket_mb", "bucket MiB", "g"), ("buckets", "buckets", ".0f"),
+                       ("gathered_mib_peak", "gathered MiB", ".1f"), ("rank0_rss_growth_mib", "rank-0 RSS +MiB", ".1f"),
+                       ("rss_growth_vs_whole", "vs whole", ".2f"), ("sync_s", "sync s", ".2f"),
+                       ("time_vs_whole", "time vs whole", ".2f")])
+    write_report("weight_sync", {"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
