@@ -1,8 +1,8 @@
 """Weight sync in buckets vs the whole model at once (`rollout.sync_bucket_mb`): the trainer's rank-0 peak memory
 during a sync and the sync's time, ZeRO-3 over 2 actor workers, the rollout engine loading what they send.
 
-Each setting runs in a fresh process (its own Ray cluster): the roles start, one sync warms up, then rank 0's peak
-resident memory is reset (/proc/self/clear_refs) and a second sync is measured: the growth of rank 0's peak RSS
+Each setting runs in a fresh process (its own Ray cluster): the roles start, rank 0's peak resident memory is reset
+(/proc/self/clear_refs) and the first sync is measured (`--warm-up`: the second, after one unmeasured): the growth of rank 0's peak RSS
 over its RSS before the sync, the most gathered bytes it held at once (`sync/gathered_mib_peak`), the buckets and
 the seconds. Ratios are of settings measured side by side in one run.
 
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import config, fresh_process, print_table, write_report  # noqa: E402
 
 
-def measure(model: str, engine: str, bucket_mb: float) -> dict:
+def measure(model: str, engine: str, bucket_mb: float, warm_up: bool) -> dict:
     import tempfile
 
     import ray
@@ -37,7 +37,8 @@ def measure(model: str, engine: str, bucket_mb: float) -> dict:
     init_local_ray(max(4, int(run.cpus_needed) + 1))
     roles = start_roles(cfg, run)
     try:
-        sync_weights(roles, cfg, 0)                                   # warm-up: the plan, first allocations
+        if warm_up:   # the plan, first allocations (whose freed memory the measured sync may then reuse)
+            sync_weights(roles, cfg, 0)
         rank0 = roles.actor.workers[0]
         before = ray.get(rank0.reset_peak_memory.remote())
         start = time.perf_counter()
@@ -57,15 +58,16 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--engine", default="vllm")
     parser.add_argument("--buckets", nargs="+", type=float, default=[0, 64, 16])
+    parser.add_argument("--warm-up", action="store_true", help="measure the second sync, not the first")
     parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        print("RESULT " + json.dumps(measure(args.model, args.engine, args.worker)))
+        print("RESULT " + json.dumps(measure(args.model, args.engine, args.worker, args.warm_up)))
         return
     rows = []
     for bucket_mb in args.buckets:
-        row = fresh_process([__file__, "--worker", str(bucket_mb), "--model", args.model, "--engine", args.engine],
-                            f"sync_bucket_mb={bucket_mb}")
+        row = fresh_process([__file__, "--worker", str(bucket_mb), "--model", args.model, "--engine", args.engine]
+                            + ["--warm-up"] * args.warm_up, f"sync_bucket_mb={bucket_mb}")
         if row is not None:
             rows.append(row)
     whole = next((row for row in rows if row["bucket_mb"] == 0), None)
