@@ -2,7 +2,8 @@
 
 Weights are refreshed without a restart through the worker's `reload_weights`, which re-materialises the
 (possibly pre-packed) layers, loads, and re-packs; `model.load_weights()` after start-up is a silent no-op for
-some layers on CPU. All tensors go in one call so fused groups (q/k/v, gate/up) are complete.
+some layers on CPU. Each call holds whole decoder layers (a weight-sync bucket, rollout/weight_sync.py), so fused
+groups (q/k/v, gate/up) are complete; a layer the call does not hold keeps its weights.
 """
 from __future__ import annotations
 
