@@ -68,6 +68,9 @@ class RolloutConfig:
     # weight sync, trainer -> engines, in buckets of whole decoder layers of about this many MiB: rank 0 gathers
     # (under ZeRO-3) and holds one bucket at a time, never the whole model. 0 = the whole model in one piece.
     sync_bucket_mb: float = 256.0
+    # vLLM: one engine over this many devices (vLLM's own multiprocess executor; every shard gets each weight
+    # sync). The model's attention and KV head counts must divide by it. On GPU: rollout.resources.num_gpus = it.
+    tensor_parallel_size: int = 1
     resources: RoleResources = field(default_factory=RoleResources)
 
 
@@ -574,6 +577,7 @@ def validate_rollout(cfg: Config) -> None:
     check_positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     check_positive("rollout.temperature", cfg.rollout.temperature)
     check_positive("rollout.sync_bucket_mb", cfg.rollout.sync_bucket_mb, allow_zero=True)
+    validate_tensor_parallel(cfg.rollout)
     check_positive("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt)
     check_positive("rollout.kv_cache_gib", cfg.rollout.kv_cache_gib)
     if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
@@ -630,6 +634,18 @@ def _validate_async(cfg: Config) -> None:
                           "log-probs, which are those of the untempered, untruncated model. Fix: "
                           "rollout.temperature=1.0 rollout.top_p=1.0, or rollout.async_steps=0.")
     check_positive("algorithm.is_cap", cfg.algorithm.is_cap)
+
+
+def validate_tensor_parallel(rollout: RolloutConfig) -> None:
+    tp = rollout.tensor_parallel_size
+    check_positive("rollout.tensor_parallel_size", tp)
+    if tp > 1 and rollout.engine != "vllm":
+        raise ConfigError(f"rollout.tensor_parallel_size={tp} shards one vLLM engine over {tp} devices; the HF "
+                          "engine runs on one. Fix: rollout.engine=vllm, or rollout.tensor_parallel_size=1.")
+    if tp > 1 and rollout.resources.num_gpus and rollout.resources.num_gpus != tp:
+        raise ConfigError(f"rollout.tensor_parallel_size={tp} needs {tp} GPUs per engine, but "
+                          f"rollout.resources.num_gpus={rollout.resources.num_gpus}. Fix: rollout.resources.num_gpus="
+                          f"{tp}.")
 
 
 def judge_engine(judge: JudgeConfig, rollout_engine: str) -> str:

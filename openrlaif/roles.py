@@ -93,7 +93,8 @@ def prepare_run(cfg: Config) -> RunInputs:
         user_sim_path = resolve_model_path(cfg.env.user_sim.model, cache_dir(cfg.model), key="env.user_sim.model")
     if uses_judge and cfg.feedback.judge.backend == "http":
         http_backend(cfg.feedback.judge).probe()
-    from openrlaif.models.registry import check_context
+    from openrlaif.models.registry import check_context, check_tensor_parallel
+    check_tensor_parallel(model_path, cfg.rollout.tensor_parallel_size)
     for path, key in ((model_path, "model.path"), (reward_model_path, "feedback.reward_model.path")):
         if path:   # the policy's engines and trainers, and a reward model, see whole prompt + response sequences
             check_context(path, cfg.data.max_prompt_tokens + response_budget(cfg), key,

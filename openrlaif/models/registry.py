@@ -114,6 +114,22 @@ def context_length(path: str) -> int | None:
     return None
 
 
+def check_tensor_parallel(path: str, size: int, key: str = "rollout.tensor_parallel_size") -> None:
+    """Refuse at start-up a tensor-parallel size that does not divide the model's attention (and KV) heads: vLLM
+    shards heads across ranks (SmolLM2-135M's 9 heads cannot go on 2)."""
+    if size <= 1 or not os.path.isdir(path):
+        return
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    for name, count in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if count is not None and count % size:
+            raise ConfigError(f"{key}={size}, but the model at {path!r} has {name}={count}, which does not divide by "
+                              f"{size}: vLLM splits the heads across the ranks. Fix: rollout.tensor_parallel_size="
+                              f"one of {[d for d in range(1, min(count, 8) + 1) if count % d == 0]}, or another model.")
+
+
 def check_context(path: str, tokens: int, key: str, what: str) -> None:
     """Refuse at start-up a run whose sequences do not fit the model: vLLM would refuse it only when the role
     starts, with an error that ends in a URL."""

@@ -42,9 +42,11 @@ def own_rendezvous_file():
 class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 1024, seed: int = 0,
                  kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
-                 trust_remote_code: bool = False, cpu_kv: dict | None = None, **llm_kwargs) -> None:
+                 trust_remote_code: bool = False, cpu_kv: dict | None = None, tensor_parallel_size: int = 1,
+                 **llm_kwargs) -> None:
         """`llm_kwargs` go to vllm.LLM as they are (the judge: prefix caching, max_logprobs); `cpu_kv` only on CPU
-        (the judge's smaller KV blocks)."""
+        (the judge's smaller KV blocks). tensor_parallel_size > 1: vLLM's multiprocess executor runs a shard per
+        device (on CPU, per share of this process's cores: VLLM_CPU_OMP_THREADS_BIND, unless it is set)."""
         # In-process engine: 2 s start instead of 15-40 s, and weights can be handed over as tensors.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
@@ -54,6 +56,10 @@ class VLLMEngine:
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30), "enable_chunked_prefill": False,
                         **(cpu_kv or {})})
+        if tensor_parallel_size > 1:   # Ray's executor is not for in-process engines (nor on CPU): vLLM's own
+            llm_kwargs |= {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "mp"}
+            if not torch.cuda.is_available():
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tensor_parallel_size))
         with own_rendezvous_file() as rendezvous:
             self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                            enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, **memory, **llm_kwargs)
@@ -78,6 +84,25 @@ class VLLMEngine:
                 completions.append(Completion(prompt_index, tokens, logprobs, sample.finish_reason == "stop"))
         return completions
 
+    def close(self) -> None:
+        """Stop the engine core and its executor (a tensor-parallel engine's worker processes and their shared
+        memory, which a killed actor would leave in /dev/shm)."""
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:   # noqa: BLE001 - best effort on the way out
+            pass
+
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+
+def cpu_binding(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU shards: this process's cores in `ranks` contiguous shares
+    ("0-3|4-7"; a core each, shared round-robin, when there are fewer cores than ranks)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        return "|".join(str(cores[i % len(cores)]) for i in range(ranks))
+    share = len(cores) // ranks
+    parts = [cores[i * share:(i + 1) * share] for i in range(ranks)]
+    return "|".join(str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts)

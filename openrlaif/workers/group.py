@@ -98,6 +98,7 @@ class WorkerGroup:
                  make_kwargs: Callable[[int], dict[str, Any]], ready_timeout_s: float = 600.0,
                  shared: SharedPlacement | None = None) -> None:
         self.name = name
+        self.closes = callable(getattr(actor_class, "close", None))
         self.owns_placement = shared is None or name not in shared.roles
         if self.owns_placement:
             self.placement = place(name, resources, ready_timeout_s)
@@ -125,6 +126,11 @@ class WorkerGroup:
         return [fn(worker, item) for worker, item in zip(self.workers, items)]
 
     def shutdown(self) -> None:
+        if self.closes:   # a worker with processes of its own (a tensor-parallel engine) stops them first
+            try:
+                ray.get([worker.close.remote() for worker in self.workers], timeout=30)
+            except Exception:   # noqa: BLE001 - a dead or stuck worker is killed all the same
+                pass
         for worker in self.workers:
             ray.kill(worker)
         if self.owns_placement:

@@ -20,7 +20,8 @@ class RolloutWorker:
             from openrlaif.rollout.vllm_engine import VLLMEngine
             self.engine = VLLMEngine(model_path, dtype=cfg.dtype, max_model_len=max_model_len, seed=seed,
                                      kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                     enforce_eager=cfg.enforce_eager, trust_remote_code=trust_remote_code)
+                                     enforce_eager=cfg.enforce_eager, trust_remote_code=trust_remote_code,
+                                     tensor_parallel_size=cfg.tensor_parallel_size)
         else:
             from openrlaif.rollout.hf_engine import HFEngine
             self.engine = HFEngine(model_path, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
@@ -28,6 +29,10 @@ class RolloutWorker:
 
     def ready(self) -> bool:
         return True
+
+    def close(self) -> None:
+        """Before the actor is killed: stop the engine's own processes (tensor parallelism), if it has any."""
+        getattr(self.engine, "close", lambda: None)()
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
         return self.engine.generate(prompt_ids, spec)

