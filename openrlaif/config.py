@@ -26,6 +26,11 @@ class RoleResources:
     num_workers: int = 1
     num_cpus: float = 1.0   # per worker
     num_gpus: float = 0.0   # per worker; 0 on CPU machines
+    # how the workers' bundles spread over the nodes: PACK (as few nodes as fit) | SPREAD | STRICT_PACK (one node)
+    # | STRICT_SPREAD (a node each)
+    strategy: str = "PACK"
+    # only nodes with these Ray labels (`ray start --labels='{"pool": "rollout"}'`) take this role's workers
+    node_labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -483,6 +488,10 @@ def validate(cfg: Config) -> None:
         if res.num_cpus == 0 and res.num_gpus == 0:
             raise ConfigError(f"{role}.resources reserves neither CPUs nor GPUs; a placement bundle needs one. "
                               f"Fix: {role}.resources.num_cpus=1 (or num_gpus=1).")
+        check_choice(f"{role}.resources.strategy", res.strategy, {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in dict(res.node_labels).items()):
+            raise ConfigError(f"{role}.resources.node_labels={dict(res.node_labels)} must map label names to string "
+                              f"values. Fix: {role}.resources.node_labels={{pool: rollout}}.")
     check_positive("output.checkpoint_every", cfg.output.checkpoint_every, allow_zero=True)
     check_positive("output.keep_last", cfg.output.keep_last, allow_zero=True)
     if (cfg.resume or cfg.output.checkpoint_every) and cfg.pipeline not in ("online_rl", "online_dpo"):

@@ -7,6 +7,7 @@ engine do). Distribution shows at the call site:
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import ray
@@ -36,9 +37,16 @@ def colocated_plan(plan: dict[str, RoleResources], colocate: list[str]) -> dict[
         raise ConfigError(f"cluster.colocate puts rank i of each of {sorted(shared)} in bundle i, so they need the "
                           f"same number of workers ({listed}). Fix: make them equal, or drop a role from "
                           "cluster.colocate.")
+    placements = {role: (r.strategy, dict(r.node_labels)) for role, r in shared.items()}
+    if len({json.dumps(p, sort_keys=True) for p in placements.values()}) > 1:
+        listed = ", ".join(f"{role}: strategy {p[0]}, node_labels {p[1]}" for role, p in placements.items())
+        raise ConfigError(f"cluster.colocate shares one placement group among {sorted(shared)}, so their "
+                          f"resources.strategy and node_labels must agree ({listed}). Fix: make them equal.")
+    first = next(iter(shared.values()))
     merged = RoleResources(num_workers=next(iter(sizes.values())),
                            num_cpus=max(r.num_cpus for r in shared.values()),
-                           num_gpus=max(r.num_gpus for r in shared.values()))
+                           num_gpus=max(r.num_gpus for r in shared.values()),
+                           strategy=first.strategy, node_labels=dict(first.node_labels))
     return {role: r for role, r in plan.items() if role not in shared} | {"colocated": merged}
 
 
@@ -64,13 +72,19 @@ def check_cluster_fits(plan: dict[str, RoleResources], colocate: list[str] = ())
 
 
 def place(name: str, resources: RoleResources, timeout_s: float):
-    """A PACKed placement group of `num_workers` bundles, or a ConfigError if it cannot be placed in time."""
-    group = placement_group([bundle(resources)] * resources.num_workers, strategy="PACK", name=f"openrlaif-{name}")
+    """A placement group of `num_workers` bundles spread by `resources.strategy`, each on a node with
+    `resources.node_labels`; a ConfigError if it cannot be placed in time."""
+    labels = dict(resources.node_labels)
+    group = placement_group([bundle(resources)] * resources.num_workers, strategy=resources.strategy,
+                            name=f"openrlaif-{name}",
+                            bundle_label_selector=[labels] * resources.num_workers if labels else None)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
-        raise ConfigError(f"role {name!r}: its placement group ({resources.num_workers}×{bundle(resources)}) "
-                          f"could not be placed in {timeout_s:.0f} s. Fix: free or add resources.")
+        where = f" on nodes labelled {labels}" if labels else ""
+        raise ConfigError(f"role {name!r}: its placement group ({resources.num_workers}×{bundle(resources)}, "
+                          f"{resources.strategy}{where}) could not be placed in {timeout_s:.0f} s. Fix: free or add "
+                          "resources (or nodes with those labels), or relax the strategy.")
     return group
 
 

@@ -361,3 +361,21 @@ def test_tensor_parallel_settings_are_checked_at_start_up(tmp_path):
     check_tensor_parallel(str(tmp_path), 3)
     with pytest.raises(ConfigError, match="num_key_value_heads=3"):
         check_tensor_parallel(str(tmp_path), 9)
+
+
+def test_role_placement_settings_are_checked():
+    """<role>.resources.strategy is one of Ray's four; colocated roles share one placement group, so their strategy
+    and node labels must agree."""
+    from openrlaif.config import RoleResources
+    from openrlaif.workers.group import colocated_plan
+    cfg = composed("+actor.resources.node_labels.pool=train", "rollout.resources.strategy=STRICT_SPREAD")
+    validate(cfg)
+    assert cfg.actor.resources.node_labels == {"pool": "train"}
+    with pytest.raises(ConfigError, match="actor.resources.strategy='RANDOM' is not one of"):
+        validate(composed("actor.resources.strategy=RANDOM"))
+    plan = {"actor": RoleResources(2, node_labels={"pool": "a"}), "rollout": RoleResources(2)}
+    with pytest.raises(ConfigError, match="strategy and node_labels must agree"):
+        colocated_plan(plan, ["actor", "rollout"])
+    plan["rollout"] = RoleResources(2, num_cpus=2, node_labels={"pool": "a"})
+    merged = colocated_plan(plan, ["actor", "rollout"])["colocated"]
+    assert merged.node_labels == {"pool": "a"} and merged.num_cpus == 2
