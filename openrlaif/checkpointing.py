@@ -141,13 +141,20 @@ def truncate_metrics(path: str, last_step: int) -> None:
 
 
 def dead_workers(groups: dict, timeout_s: float = 10.0) -> list[str]:
-    """'role (worker r of n)' for every worker that no longer answers because its process is gone. A worker
-    still busy (e.g. blocked in a collective with the dead one) is not reported."""
+    """'role (worker r of n, on node ADDRESS ID[, which is down])' for every worker that no longer answers because
+    its process (or its node) is gone. A worker still busy (e.g. blocked in a collective with the dead one) is not
+    reported."""
     from ray.exceptions import RayActorError
+    nodes = {node["NodeID"]: node for node in ray.nodes()}
     probes = {}
     for name, group in groups.items():
         for rank, worker in enumerate(group.workers):
-            probes[worker.ready.remote()] = f"role {name!r} (worker {rank} of {len(group.workers)})"
+            where = ""
+            node = nodes.get(group.nodes[rank]) if rank < len(getattr(group, "nodes", [])) else None
+            if node is not None:
+                where = f", on node {node['NodeManagerAddress']} {node['NodeID'][:8]}" + \
+                        ("" if node["Alive"] else ", which is down")
+            probes[worker.ready.remote()] = f"role {name!r} (worker {rank} of {len(group.workers)}{where})"
     ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
     dead = []
     for ref in ready:

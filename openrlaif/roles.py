@@ -262,6 +262,9 @@ def wait_until_ready(groups: list[WorkerGroup]) -> None:
             raise RunError(f"role {name!r} (worker {rank}) failed to start: {startup_error(err)}\n"
                            "Nothing was trained and no checkpoint was touched. Fix: correct what the error names "
                            "(often the role's model path or its resources) and run again.") from err
+    for group in groups:   # where each worker runs, to name the node of one that dies later
+        group.nodes = ray.get(group.call(lambda w: w.__ray_call__.remote(
+            lambda _: ray.get_runtime_context().get_node_id())))
 
 
 def startup_error(err: Exception) -> str:

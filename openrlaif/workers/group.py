@@ -112,6 +112,7 @@ class WorkerGroup:
                  make_kwargs: Callable[[int], dict[str, Any]], ready_timeout_s: float = 600.0,
                  shared: SharedPlacement | None = None) -> None:
         self.name = name
+        self.nodes: list[str] = []   # each worker's Ray node id, once it is up (roles.wait_until_ready)
         self.closes = callable(getattr(actor_class, "close", None))
         self.owns_placement = shared is None or name not in shared.roles
         if self.owns_placement:

@@ -43,16 +43,28 @@ def main() -> None:
     else:
         from ray.cluster_utils import Cluster
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-        for pool, cpus in (("train", 2), ("train", 2), ("rollout", 1)):
-            cluster.add_node(num_cpus=cpus, labels={"pool": pool})
+        handles = [cluster.add_node(num_cpus=cpus, labels={"pool": pool})
+                   for pool, cpus in (("train", 2), ("train", 2), ("rollout", 1))]
         ray.init(address=cluster.address)
     nodes = {node["NodeID"]: node for node in ray.nodes() if node["Alive"]}
     cfg = config(tiny_model, os.path.join(out_dir, "placed"), spread=not one_node)
     roles = start_roles(cfg, prepare_run(cfg))
+    dead = []
     try:
         placed = {name: [nodes[nid]["Labels"].get("pool", "") + "@" + nid[:8] for nid in ray.get(
             group.call(lambda w: w.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())))]
             for name, group in roles.groups().items()}
+        if cluster is not None:   # the rollout node goes down: the driver's probe names role, rank and node
+            import time
+
+            from openrlaif.checkpointing import dead_workers
+            cluster.remove_node(handles[2])
+            for _ in range(30):
+                dead = dead_workers(roles.groups())
+                if dead and "which is down" in dead[0]:
+                    break
+                time.sleep(1)
+            cluster.add_node(num_cpus=1, labels={"pool": "rollout"})   # a new rollout node for the run below
     finally:
         roles.shutdown()
     cfg = config(tiny_model, os.path.join(out_dir, "run"), spread=not one_node)
@@ -62,7 +74,8 @@ def main() -> None:
     ray.shutdown()
     if cluster is not None:
         cluster.shutdown()
-    print("RESULT " + json.dumps({"placed": placed, "rows": rows, "nodes": len(nodes), "addresses": addresses}))
+    print("RESULT " + json.dumps({"placed": placed, "rows": rows, "nodes": len(nodes), "addresses": addresses,
+                                  "dead": dead}))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def test_grpo_across_a_multi_node_cluster_equals_one_node(tmp_path, tiny_model, 
     """A head and three worker nodes on this machine (Ray's own test cluster: a raylet each, on loopback), two
     labelled pool=train and one pool=rollout: the actor's two workers go one per train node (STRICT_SPREAD), so its
     DeepSpeed group spans two nodes; the reference goes to a train node and the engine to the rollout node. Two GRPO
-    steps there give the same losses, rewards, KL and gradient norms (to 1e-5) as the same run on one node."""
+    steps there give the same losses, rewards, KL and gradient norms (to 1e-5) as the same run on one node. The
+    rollout node, removed, is named by the driver's probe as down, with the role and rank it held; the run then
+    goes on a new rollout node."""
     import json
     import os
     import subprocess
@@ -72,6 +74,9 @@ def test_grpo_across_a_multi_node_cluster_equals_one_node(tmp_path, tiny_model, 
     assert [p.split("@")[0] for p in placed["actor"]] == ["train", "train"] and len(set(placed["actor"])) == 2
     assert placed["reference"][0].startswith("train@") and placed["rollout"][0].startswith("rollout@")
     assert one["nodes"] == 1 and len(set(one["placed"]["actor"])) == 1
+    # the rollout node removed: the driver's probe names the role, the rank and the node, and that it is down
+    rollout_node = placed["rollout"][0].split("@")[1]
+    assert multi["dead"] == [f"role 'rollout' (worker 0 of 1, on node 127.0.0.1 {rollout_node}, which is down)"]
     for a, b in zip(multi["rows"], one["rows"], strict=True):
         assert a["step"] == b["step"]
         for key in ("train/loss", "reward/mean", "train/kl", "train/grad_norm", "reward/std"):
