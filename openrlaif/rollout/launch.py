@@ -89,10 +89,11 @@ def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
         if cfg.env.name == "agent":
             from openrlaif.rollout.agents import run_agents
             return run_agents(engine_sampler(roles), prompts, cfg, tokenizer, seed)
-        batch = run_episodes(engine_sampler(roles), prompts, completions, cfg, tokenizer, seed, roles.user_backend)
+        user = getattr(roles, "user_backend", None)   # env.user_sim's local model (any object with .rollout works)
+        batch = run_episodes(engine_sampler(roles), prompts, completions, cfg, tokenizer, seed, user)
         if greedy:   # ReMax: each prompt's greedy episode, played out greedily, is its baseline
             greedy_baselines(engine_sampler(roles), prompts, [greedy[i] for i in range(len(prompts))], cfg,
-                             tokenizer, seed, batch, roles.user_backend)
+                             tokenizer, seed, batch, user)
         return batch
     texts = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
     batch = completions_to_batch([p.token_ids for p in prompts], [p.text for p in prompts], completions, texts,
