@@ -64,6 +64,8 @@ class VLLMEngine:
             self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                            enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, **memory, **llm_kwargs)
         self.rendezvous_file = rendezvous
+        hf_config = self.llm.llm_engine.vllm_config.model_config.hf_config
+        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
         from vllm import SamplingParams
@@ -94,6 +96,8 @@ class VLLMEngine:
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+        if self.tied and any(name.endswith("embed_tokens.weight") for name, _ in named_tensors):
+            self.llm.collective_rpc(refresh_tied_head)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
 
@@ -106,3 +110,15 @@ def cpu_binding(ranks: int) -> str:
     share = len(cores) // ranks
     parts = [cores[i * share:(i + 1) * share] for i in range(ranks)]
     return "|".join(str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts)
+
+
+def refresh_tied_head(worker) -> None:
+    """A tied LM head (SmolLM2's) shares the embedding's weight, but vLLM on CPU packs the head's own copy for its
+    GEMM after loading, and a reload that writes the embedding loads nothing into the head's layer, so that copy
+    stayed the old one: sampled log-probs were off by up to 1.2 nats after a sync. Re-run the head's post-load
+    step (on every shard)."""
+    model = worker.model_runner.model
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None:
+        method.process_weights_after_loading(head)
