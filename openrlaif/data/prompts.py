@@ -72,15 +72,19 @@ def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: st
     return prompts
 
 
+def template_takes_tools(tokenizer) -> bool:
+    """The tokenizer's chat template (any of its named ones) reads a `tools` argument."""
+    template = tokenizer.chat_template
+    return any("tools" in text for text in (template.values() if isinstance(template, dict) else [template or ""]))
+
+
 def template_tools(env, tokenizer) -> list[dict] | None:
     """The tool schemas an environment hands the chat template (`tool_schemas()`, tool_format=template); a
     ConfigError when the tokenizer's template takes none (it would drop them silently)."""
     schemas = getattr(env, "tool_schemas", lambda: [])()
     if not schemas:
         return None
-    template = tokenizer.chat_template
-    texts = template.values() if isinstance(template, dict) else [template or ""]
-    if not any("tools" in text for text in texts):
+    if not template_takes_tools(tokenizer):
         raise ConfigError("env.kwargs.tool_format=template passes the tools' schemas to the chat template, but this "
                           "model's template takes no `tools` (SmolLM2's, the tiny test model's). Fix: "
                           "env.kwargs.tool_format=tags (plain tags described in the system prompt), or a model whose "

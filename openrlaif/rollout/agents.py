@@ -22,6 +22,7 @@ from http.server import ThreadingHTTPServer
 
 from openrlaif.batch import Batch
 from openrlaif.config import Config
+from openrlaif.data.prompts import template_takes_tools
 from openrlaif.rollout.multi_turn import Episode, TurnTemplate, episodes_to_batch, fail
 from openrlaif.rollout.types import SamplingSpec
 from openrlaif.serving import JSONHandler
@@ -175,11 +176,6 @@ class AgentServer(ThreadingHTTPServer):
                      "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                      "usage": {"prompt_tokens": len(episode.prompt_ids) + len(episode.ids) - len(tokens),
                                "completion_tokens": len(tokens)}}
-
-
-def template_takes_tools(tokenizer) -> bool:
-    template = tokenizer.chat_template
-    return any("tools" in text for text in (template.values() if isinstance(template, dict) else [template or ""]))
 
 
 def stream_events(payload: dict) -> list[dict]:
