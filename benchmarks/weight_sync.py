@@ -1,5 +1,7 @@
-"""Weight sync in buckets vs the whole model at once (`rollout.sync_bucket_mb`): the trainer's rank-0 peak memory
-during a sync and the sync's time, ZeRO-3 over 2 actor workers, the rollout engine loading what they send.
+"""Weight sync in buckets vs the whole model at once (`rollout.sync_bucket_mb`), through Ray's object store vs a
+collective group of its own (`rollout.weight_sync`, gloo here), in float32 and bfloat16 (`rollout.dtype`): the
+trainer's rank-0 peak memory during a sync and the sync's time, ZeRO-3 over 2 actor workers, the rollout engine
+loading what they send.
 
 Each setting runs in a fresh process (its own Ray cluster): the roles start, rank 0's peak resident memory is reset
 (/proc/self/clear_refs) and the first sync is measured (`--warm-up`: the second, after one unmeasured): the growth of rank 0's peak RSS
@@ -7,6 +9,7 @@ over its RSS before the sync, the most gathered bytes it held at once (`sync/gat
 the seconds. Ratios are of settings measured side by side in one run.
 
     .venv/bin/python benchmarks/weight_sync.py                     # SmolLM2-135M (540 MB in float32), vLLM
+    .venv/bin/python benchmarks/weight_sync.py --warm-up --buckets 64 --dtypes float32 bfloat16   # the paths
     .venv/bin/python benchmarks/weight_sync.py --model tiny --engine hf --buckets 0 0.3
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import config, fresh_process, print_table, write_report  # noqa: E402
 
 
-def measure(model: str, engine: str, bucket_mb: float, warm_up: bool) -> dict:
+def measure(model: str, engine: str, bucket_mb: float, warm_up: bool, path: str, dtype: str) -> dict:
     import tempfile
 
     import ray
@@ -32,7 +35,8 @@ def measure(model: str, engine: str, bucket_mb: float, warm_up: bool) -> dict:
     out = tempfile.mkdtemp(prefix="openrlaif-bench-sync-")
     cfg = config([f"model={model}", "feedback=function", "algorithm.kl_coef=0", "actor.zero_stage=3",
                   "actor.resources.num_workers=2", f"rollout.engine={engine}", "rollout.kv_cache_gib=0.25",
-                  f"rollout.sync_bucket_mb={bucket_mb}", "cluster.threads_per_worker=1", f"output.dir={out}"])
+                  f"rollout.sync_bucket_mb={bucket_mb}", f"rollout.weight_sync={path}", f"rollout.dtype={dtype}",
+                  "cluster.threads_per_worker=1", f"output.dir={out}"])
     run = prepare_run(cfg)
     init_local_ray(max(4, int(run.cpus_needed) + 1))
     roles = start_roles(cfg, run)
@@ -48,7 +52,8 @@ def measure(model: str, engine: str, bucket_mb: float, warm_up: bool) -> dict:
     finally:
         roles.shutdown()
         ray.shutdown()
-    return {"model": model, "engine": engine, "bucket_mb": bucket_mb, "buckets": metrics["sync/buckets"],
+    return {"model": model, "engine": engine, "path": path, "dtype": dtype, "bucket_mb": bucket_mb,
+            "buckets": metrics["sync/buckets"], "sent_mib": metrics["sync/mib"],
             "gathered_mib_peak": metrics["sync/gathered_mib_peak"], "rank0_rss_growth_mib": peak - before,
             "sync_s": seconds, "engine_load_s": metrics["sync/engine_s"]}
 
@@ -58,28 +63,40 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--engine", default="vllm")
     parser.add_argument("--buckets", nargs="+", type=float, default=[0, 64, 16])
+    parser.add_argument("--paths", nargs="+", default=["object_store", "collective"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--warm-up", action="store_true", help="measure the second sync, not the first")
+    parser.add_argument("--setting", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        print("RESULT " + json.dumps(measure(args.model, args.engine, args.worker, args.warm_up)))
+        print("RESULT " + json.dumps(measure(args.model, args.engine, args.worker, args.warm_up, *args.setting)))
         return
     rows = []
-    for bucket_mb in args.buckets:
-        row = fresh_process([__file__, "--worker", str(bucket_mb), "--model", args.model, "--engine", args.engine]
-                            + ["--warm-up"] * args.warm_up, f"sync_bucket_mb={bucket_mb}")
-        if row is not None:
-            rows.append(row)
-    whole = next((row for row in rows if row["bucket_mb"] == 0), None)
-    for row in rows:
+    for dtype in args.dtypes:
+        for path in args.paths:
+            for bucket_mb in args.buckets:
+                row = fresh_process([__file__, "--worker", str(bucket_mb), "--setting", path, dtype, "--model",
+                                     args.model, "--engine", args.engine] + ["--warm-up"] * args.warm_up,
+                                    f"{path} {dtype} sync_bucket_mb={bucket_mb}")
+                if row is not None:
+                    rows.append(row)
+    for row in rows:   # ratios within one run: to the whole model by the same path, to the object store
+        whole = next((r for r in rows if r["bucket_mb"] == 0 and (r["path"], r["dtype"]) == (row["path"], row["dtype"])),
+                     None)
         if whole:
             row["rss_growth_vs_whole"] = row["rank0_rss_growth_mib"] / max(whole["rank0_rss_growth_mib"], 1e-9)
             row["time_vs_whole"] = row["sync_s"] / whole["sync_s"]
+        store = next((r for r in rows if r["path"] == "object_store"
+                      and (r["bucket_mb"], r["dtype"]) == (row["bucket_mb"], row["dtype"])), None)
+        if store:
+            row["time_vs_object_store"] = row["sync_s"] / store["sync_s"]
     print()
-    print_table(rows, [("bucket_mb", "bucket MiB", "g"), ("buckets", "buckets", ".0f"),
+    print_table(rows, [("path", "path", "s"), ("dtype", "dtype", "s"), ("bucket_mb", "bucket MiB", "g"),
+                       ("buckets", "buckets", ".0f"), ("sent_mib", "sent MiB", ".1f"),
                        ("gathered_mib_peak", "gathered MiB", ".1f"), ("rank0_rss_growth_mib", "rank-0 RSS +MiB", ".1f"),
                        ("rss_growth_vs_whole", "vs whole", ".2f"), ("sync_s", "sync s", ".2f"),
-                       ("time_vs_whole", "time vs whole", ".2f")])
+                       ("time_vs_whole", "time vs whole", ".2f"), ("time_vs_object_store", "vs object store", ".2f")])
     write_report("weight_sync", {"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows})
 
 

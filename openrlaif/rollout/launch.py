@@ -122,6 +122,8 @@ def next_rollout(roles: Roles, stream: PromptStream, cfg: Config, tokenizer, ste
         roles.pending_rollout = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step + 1,
                                                tokenizer)
     batch = collect_rollout(pending, tokenizer)
+    if cfg.rollout.sleep_between_steps:   # the engines' GPU memory to the trainers until the weight sync
+        ray.get(roles.rollout.call(lambda w: w.sleep.remote()))
     if "env_turns" in batch.meta:
         from openrlaif.rollout.multi_turn import env_metrics
         metrics |= env_metrics(batch)

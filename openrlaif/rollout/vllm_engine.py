@@ -43,10 +43,11 @@ class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 1024, seed: int = 0,
                  kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
                  trust_remote_code: bool = False, cpu_kv: dict | None = None, tensor_parallel_size: int = 1,
-                 **llm_kwargs) -> None:
+                 sleep_level: int = 0, **llm_kwargs) -> None:
         """`llm_kwargs` go to vllm.LLM as they are (the judge: prefix caching, max_logprobs); `cpu_kv` only on CPU
         (the judge's smaller KV blocks). tensor_parallel_size > 1: vLLM's multiprocess executor runs a shard per
-        device (on CPU, per share of this process's cores: VLLM_CPU_OMP_THREADS_BIND, unless it is set)."""
+        device (on CPU, per share of this process's cores: VLLM_CPU_OMP_THREADS_BIND, unless it is set).
+        sleep_level 1|2 (GPU): the engine can sleep between rollouts (rollout.sleep_between_steps)."""
         # In-process engine: 2 s start instead of 15-40 s, and weights can be handed over as tensors.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
@@ -60,6 +61,9 @@ class VLLMEngine:
             llm_kwargs |= {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "mp"}
             if not torch.cuda.is_available():
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tensor_parallel_size))
+        if sleep_level:
+            llm_kwargs["enable_sleep_mode"] = True
+        self.sleep_level, self.sleeping = sleep_level, False
         with own_rendezvous_file() as rendezvous:
             self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                            enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, **memory, **llm_kwargs)
@@ -85,6 +89,18 @@ class VLLMEngine:
                 logprobs = [step[token].logprob for step, token in zip(sample.logprobs, tokens)]
                 completions.append(Completion(prompt_index, tokens, logprobs, sample.finish_reason == "stop"))
         return completions
+
+    def sleep(self) -> None:
+        """Free the GPU for the trainer: level 1 moves the weights to host memory and drops the KV cache, level 2
+        drops both (the weight sync that follows every update reloads all of them)."""
+        if not self.sleeping:
+            self.llm.sleep(level=self.sleep_level)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
 
     def close(self) -> None:
         """Stop the engine core and its executor (a tensor-parallel engine's worker processes and their shared

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 
-import ray
 import torch
 
 from openrlaif.algorithms import POLICY_LOSSES, PREFERENCE_LOSSES
@@ -12,9 +11,10 @@ from openrlaif.config import ActorConfig, AlgorithmConfig
 from openrlaif.workers.common import batched_response_logprobs, load_causal_lm, response_logprobs, trim_to_content
 from openrlaif.workers.engine import DeepSpeedWorker, all_reduce_sum
 from openrlaif.workers.weights import PackedWeights, weight_buckets
+from openrlaif.workers.remote import remote
 
 
-@ray.remote
+@remote
 class ActorWorker(DeepSpeedWorker):
     """Verbs: logprobs, train_step, preference_step, listwise_step, sft_step, full_state_dict, save_hf."""
 
@@ -254,22 +254,52 @@ class ActorWorker(DeepSpeedWorker):
     def packed_weights(self, dtype: str = "float32", names=None) -> PackedWeights | None:
         """full_state_dict (or the `names` of one sync bucket) for the engines, as byte arrays that Ray's object
         store passes without pickling (workers/weights.py). Collective under ZeRO-3. Records the largest number of
-        gathered bytes rank 0 has held at once (`sync_peak_bytes`)."""
+        gathered bytes rank 0 has held at once and the bytes sent (take_sync_bytes)."""
         state = self.gathered_state_dict(self.engine.module, dtype, names)
         if state is None:
             return None
-        held = sum(t.numel() * t.element_size() for t in state.values())
-        self.sync_peak_bytes = max(getattr(self, "sync_peak_bytes", 0), held)
+        self.count_sync_bytes(state)
         return PackedWeights(state)
 
     def sync_plan(self, dtype: str, bucket_mb: float) -> list[list[str]]:
         """The weight sync's buckets: whole decoder layers, about rollout.sync_bucket_mb each (0: one bucket)."""
         return weight_buckets(self.weight_sizes(self.engine.module, dtype), int(bucket_mb * 2 ** 20))
 
-    def take_sync_peak_bytes(self) -> int:
-        """The most gathered bytes held at once since the last call (rank 0; 0 elsewhere)."""
-        peak, self.sync_peak_bytes = getattr(self, "sync_peak_bytes", 0), 0
-        return peak
+    def open_weight_sync(self) -> tuple[str, int]:
+        """Rank 0, rollout.weight_sync=collective: listen for the weight-sync group on this node's address; the
+        (address, port) that the engines join."""
+        from openrlaif.rollout.collective import listen
+        import ray
+        self.sync_listener = listen(ray.util.get_node_ip_address())
+        return self.sync_listener.getsockname()[:2]
+
+    def join_weight_sync(self, world_size: int, device: str = "cpu") -> bool:
+        """Rank 0 joins as the group's rank 0 (with every engine worker joining at the same time)."""
+        from openrlaif.rollout.collective import SyncGroup
+        address, port = self.sync_listener.getsockname()[:2]
+        self.sync_group = SyncGroup(address, port, 0, world_size, device=device, listener=self.sync_listener)
+        return True
+
+    def broadcast_weights(self, dtype: str, names: list[str]) -> int:
+        """One sync bucket: gathered by every rank (a collective under ZeRO-3), broadcast by rank 0 to the engines
+        of the weight-sync group; the bytes sent (0 on other ranks)."""
+        state = self.gathered_state_dict(self.engine.module, dtype, names)
+        if state is None:
+            return 0
+        self.count_sync_bytes(state)
+        return self.sync_group.send(list(state.items()))
+
+    def count_sync_bytes(self, state: dict[str, torch.Tensor]) -> None:
+        held = sum(t.numel() * t.element_size() for t in state.values())
+        self.sync_peak_bytes = max(getattr(self, "sync_peak_bytes", 0), held)
+        self.sync_sent_bytes = getattr(self, "sync_sent_bytes", 0) + held
+
+    def take_sync_bytes(self) -> tuple[int, int]:
+        """Rank 0, since the last call: the most gathered bytes held at once, and the bytes sent in all (0, 0
+        elsewhere)."""
+        taken = getattr(self, "sync_peak_bytes", 0), getattr(self, "sync_sent_bytes", 0)
+        self.sync_peak_bytes = self.sync_sent_bytes = 0
+        return taken
 
     def save_hf(self, path: str, tokenizer_path: str) -> str | None:
         """Write an HF folder (config, safetensors, tokenizer) that transformers and vLLM load. Collective."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import ray
 import torch
 
 from openrlaif.batch import Batch
@@ -12,6 +11,7 @@ from openrlaif.config import CriticConfig
 from openrlaif.models.value import TokenValues, load_scalar_model, response_values, sequence_scores
 from openrlaif.workers.common import trim_to_content
 from openrlaif.workers.engine import DeepSpeedWorker, all_reduce_sum
+from openrlaif.workers.remote import remote
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -28,7 +28,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * (squared * mask).sum() / num_tokens, clip_fraction.detach()
 
 
-@ray.remote
+@remote
 class CriticWorker(DeepSpeedWorker):
     """Verbs: values, train_step (critic); reward_model_step, pair_scores (reward model); save_hf."""
 

@@ -7,6 +7,7 @@ import os
 import torch
 
 from openrlaif.config import ActorConfig, ConfigError
+from openrlaif.rollout.collective import local_interface
 from openrlaif.workers.common import setup_process
 
 
@@ -97,15 +98,6 @@ def init_distributed(backend: str, rank: int, world_size: int, master_addr: str,
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend)   # wraps the process group above
     return deepspeed, (store, listener)
-
-
-def local_interface(address: str) -> str | None:
-    """The name of this machine's network interface that holds `address` ("lo" for 127.0.0.1), else None."""
-    import psutil
-    for name, addresses in psutil.net_if_addrs().items():
-        if any(entry.address.split("%")[0] == address for entry in addresses):
-            return name
-    return None
 
 
 class NonFiniteUpdate(RuntimeError):

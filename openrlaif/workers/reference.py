@@ -1,14 +1,14 @@
 """The reference role: the frozen starting policy, inference only."""
 from __future__ import annotations
 
-import ray
 import torch
 
 from openrlaif.batch import Batch
 from openrlaif.workers.common import batched_response_logprobs, load_causal_lm, setup_process
+from openrlaif.workers.remote import remote
 
 
-@ray.remote
+@remote
 class ReferenceWorker:
     def __init__(self, model_path: str, *, dtype: str, micro_batch_size: int, temperature: float, threads: int,
                  seed: int, trust_remote_code: bool = False) -> None:

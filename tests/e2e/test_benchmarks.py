@@ -92,7 +92,12 @@ def test_multi_turn(bench):
 
 def test_weight_sync(bench):
     report = bench("weight_sync.py", "--model", "tiny", "--engine", "hf", "--buckets", "0", "0.3")
-    whole, buckets = report["rows"]
-    assert (whole["buckets"], buckets["buckets"]) == (1, 4)   # the whole model; embeddings, 2 layers, the head
-    assert buckets["gathered_mib_peak"] < 0.4 * whole["gathered_mib_peak"] and whole["rss_growth_vs_whole"] == 1.0
-    assert all(row["sync_s"] > 0 and row["rank0_rss_growth_mib"] >= 0 for row in report["rows"])
+    rows = {(row["path"], row["bucket_mb"]): row for row in report["rows"]}
+    assert len(rows) == 4   # object store and collective, each whole and in buckets
+    for path in ("object_store", "collective"):
+        whole, buckets = rows[(path, 0)], rows[(path, 0.3)]
+        assert (whole["buckets"], buckets["buckets"]) == (1, 4)   # the whole model; embeddings, 2 layers, the head
+        assert buckets["gathered_mib_peak"] < 0.4 * whole["gathered_mib_peak"] and whole["rss_growth_vs_whole"] == 1.0
+        assert 1.5 < whole["sent_mib"] == buckets["sent_mib"] < 1.7
+    assert all(row["sync_s"] > 0 and row["rank0_rss_growth_mib"] >= 0 and row["time_vs_object_store"] > 0
+               for row in report["rows"])

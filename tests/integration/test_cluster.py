@@ -52,8 +52,8 @@ def test_grpo_across_a_multi_node_cluster_equals_one_node(tmp_path, tiny_model, 
     labelled pool=train and one pool=rollout: the actor's two workers go one per train node (STRICT_SPREAD), so its
     DeepSpeed group spans two nodes; the reference goes to a train node and the engine to the rollout node. Two GRPO
     steps there give the same losses, rewards, KL and gradient norms (to 1e-5) as the same run on one node. The
-    rollout node, removed, is named by the driver's probe as down, with the role and rank it held; the run then
-    goes on a new rollout node."""
+    rollout node, removed at step 2, is named by the run's error as down, with the role and rank it held; resumed
+    on the two nodes that remain, the run ends with the same 3 steps as the uninterrupted one-node run."""
     import json
     import os
     import subprocess
@@ -74,9 +74,11 @@ def test_grpo_across_a_multi_node_cluster_equals_one_node(tmp_path, tiny_model, 
     assert [p.split("@")[0] for p in placed["actor"]] == ["train", "train"] and len(set(placed["actor"])) == 2
     assert placed["reference"][0].startswith("train@") and placed["rollout"][0].startswith("rollout@")
     assert one["nodes"] == 1 and len(set(one["placed"]["actor"])) == 1
-    # the rollout node removed: the driver's probe names the role, the rank and the node, and that it is down
+    # the rollout node removed at step 2: the run stops naming the role, the rank and the node, and that it is down
     rollout_node = placed["rollout"][0].split("@")[1]
-    assert multi["dead"] == [f"role 'rollout' (worker 0 of 1, on node 127.0.0.1 {rollout_node}, which is down)"]
+    assert f"role 'rollout' (worker 0 of 1, on node 127.0.0.1 {rollout_node}, which is down) died" in multi["error"]
+    assert "during the rollout phase of step 2" in multi["error"] and "resume=true" in multi["error"]
+    assert [row["step"] for row in multi["rows"]] == [1, 2, 3]   # step 1 as run, steps 2-3 after the resume
     for a, b in zip(multi["rows"], one["rows"], strict=True):
         assert a["step"] == b["step"]
         for key in ("train/loss", "reward/mean", "train/kl", "train/grad_norm", "reward/std"):

@@ -118,18 +118,23 @@ def _requests(labels_scale: list[str], n: int = 4) -> list[JudgeRequest]:
 def test_the_vllm_judge_reads_the_same_label_probabilities_as_the_hf_judge(ray_cluster, model_cache, model):
     """vLLM (prefix caching on) and HF answer the same pointwise and pairwise requests, single- and multi-token
     labels, with the same label probabilities to 1e-4 in float32; the vLLM engine reads a group's shared prefix
-    from its cache."""
+    from its cache. On the tiny model the vLLM judge is one engine over two shards (tensor_parallel_size=2;
+    SmolLM2's 9 heads do not divide)."""
     from openrlaif.models import resolve_model_path
     path = resolve_model_path(model, model_cache)
     requests = _requests([str(s) for s in range(1, 11)], 4)
     generate = JudgeRequest(requests[0].messages, None, 6, 0.0)   # critiques and CoT verdicts: the same engine
     if not model.startswith("tiny"):   # SmolLM2 on one thread costs ~2 s per HF row: the 1-10 scale, both orders
         requests = _requests([str(s) for s in range(1, 11)], 1)[1:5]   # of A/B, one of (A)/(B)
+    tp = 2 if model.startswith("tiny") else 1
     groups = {engine: WorkerGroup(f"judge-{engine}", JudgeWorker, RoleResources(num_workers=1, num_cpus=1),
                                   lambda rank, engine=engine: dict(model_path=path, dtype="float32", threads=1, seed=0,
-                                                                   engine=engine, kv_cache_gib=0.1))
+                                                                   engine=engine, kv_cache_gib=0.1,
+                                                                   tensor_parallel_size=tp if engine == "vllm" else 1))
               for engine in ("hf", "vllm")}     # both start side by side
     try:
+        assert ray.get(groups["vllm"].workers[0].__ray_call__.remote(
+            lambda w: w.engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size)) == tp
         refs = {engine: group.workers[0].complete.remote(requests + [generate]) for engine, group in groups.items()}
         answers = {engine: ray.get(ref) for engine, ref in refs.items()}
     finally:

@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from openrlaif.config import Config, ConfigError, RoleResources, register_configs, validate
+from openrlaif.config import Config, ConfigError, RoleResources, RolloutConfig, register_configs, validate
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
@@ -349,9 +349,14 @@ def test_tensor_parallel_settings_are_checked_at_start_up(tmp_path):
 
     from openrlaif.models.registry import check_tensor_parallel
     validate(composed("rollout.tensor_parallel_size=2"))
+    validate(composed("feedback=judge", "feedback.judge.tensor_parallel_size=2"))
     for overrides, needle in ((["rollout.tensor_parallel_size=0"], "rollout.tensor_parallel_size"),
                               (["rollout.tensor_parallel_size=2", "rollout.engine=hf"], "the HF engine runs on one"),
-                              (["rollout.tensor_parallel_size=2", "rollout.resources.num_gpus=1"], "num_gpus=2")):
+                              (["rollout.tensor_parallel_size=2", "rollout.resources.num_gpus=1"], "num_gpus=2"),
+                              (["feedback=judge", "feedback.judge.tensor_parallel_size=2", "feedback.judge.engine=hf"],
+                               "feedback.judge.tensor_parallel_size=2 shards"),
+                              (["feedback=judge", "feedback.judge.tensor_parallel_size=2",
+                                "feedback.judge.resources.num_gpus=1"], "feedback.judge.resources.num_gpus=2")):
         with pytest.raises(ConfigError, match=needle):
             validate(composed(*overrides))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 9,
@@ -379,3 +384,19 @@ def test_role_placement_settings_are_checked():
     plan["rollout"] = RoleResources(2, num_cpus=2, node_labels={"pool": "a"})
     merged = colocated_plan(plan, ["actor", "rollout"])["colocated"]
     assert merged.node_labels == {"pool": "a"} and merged.num_cpus == 2
+
+
+def test_weight_sync_options_are_checked_at_start_up():
+    with pytest.raises(ConfigError, match="rollout.weight_sync"):
+        validate(Config(rollout=RolloutConfig(weight_sync="nccl")))
+    for key, value, message in [("sleep_between_steps", 1, "on CPU.*no sleep mode"),
+                                ("sleep_between_steps", 3, "must be 0"),
+                                ("sleep_between_steps", 2, "rollout.engine=hf has none")]:
+        cfg = Config(rollout=RolloutConfig(**{key: value}, engine="hf" if "hf" in message else "vllm"))
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg)
+    from openrlaif.rollout.weight_sync import weight_sync_path
+    cfg = Config()
+    assert weight_sync_path(cfg) == "object_store"
+    cfg.actor.resources.num_gpus = cfg.rollout.resources.num_gpus = 1
+    assert weight_sync_path(cfg) == "collective"
