@@ -126,11 +126,24 @@ class AlgorithmConfig:
     dual_clip: Optional[float] = None     # dual-clip c > 1 (Ye et al. 2020) for negative advantages; null = off
     entropy_coef: float = 0.0             # entropy bonus coefficient
     loss_agg: str = "token_mean"          # token_mean | seq_mean_token_mean
-    is_cap: float = 2.0                   # one-step-off: truncation of the importance weights π_old / π_behaviour
+    is_cap: float = 2.0                   # truncation of the importance weights π_old / π_behaviour (TIS)
+    # the training-inference mismatch (the engine samples from its own numerics, the trainer scores with its own):
+    # tis = token-level truncated IS, w_t = min(π_old / π_engine, is_cap); mis = sequence-level masked IS (drop a
+    # sequence whose geometric-mean ratio leaves [mis_low, mis_high]); none = only measured. Applied on-policy
+    # where the engine's log-probs are the sampling distribution's (rollout.temperature=1, top_p=1)
+    mismatch: str = "tis"
+    mis_low: float = 0.5
+    mis_high: float = 2.0
     kl_coef: float = 0.04                 # β of GRPO (DeepSeekMath); 0 turns the reference role off
     kl_estimator: str = "k3"              # k1 | k2 | k3
     kl_in_reward: bool = False            # True: −β·KL_t shapes the per-token rewards (REINFORCE++), not the loss
     normalize_std: bool = True            # divide by the group std (False = Dr. GRPO numerator)
+    # DAPO: overlong reward shaping, a penalty falling linearly from 0 to −overlong_penalty over the last
+    # overlong_buffer tokens before rollout.max_new_tokens (0 = off); mask_truncated: samples cut off at
+    # max_new_tokens carry no loss ("overlong filtering")
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    mask_truncated: bool = False
     gamma: float = 1.0                    # ppo: GAE discount γ
     lam: float = 0.95                     # ppo: GAE λ
     # pipeline=preference

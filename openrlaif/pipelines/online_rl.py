@@ -16,6 +16,7 @@ from tqdm import tqdm
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
 from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE, GROUP_BASELINES, TOKEN_LEVEL, turn_advantages
 from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
+from openrlaif.algorithms.rewards import overlong_penalty
 from openrlaif.batch import Batch
 from openrlaif.checkpointing import (Checkpointer, FailedSteps, RunError, dead_workers, non_finite_stop, resume_hint,
                                      role_died, stop_on_non_finite, truncate_metrics)
@@ -107,7 +108,7 @@ def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, st
         batch = next_rollout(roles, stream, cfg, run.tokenizer, step, metrics)
     with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
         feedback = score(roles, batch, per_turn=cfg.feedback.per_turn, compares=compares(cfg.feedback))
-        batch["rewards"], batch["sample_mask"] = feedback.rewards, feedback.valid.float()
+        batch["rewards"], batch["sample_mask"] = shaped_rewards(batch, feedback, cfg, metrics)
     with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, critic values, together
         add_logprobs(roles, batch, cfg)
     with timer(metrics, "advantage"):      # 4. advantages (group baselines, KL-shaped returns), on the driver
@@ -313,6 +314,24 @@ def report_failures(result: FeedbackResult) -> FeedbackResult:
     return result
 
 
+def shaped_rewards(batch: Batch, feedback: FeedbackResult, cfg: Config,
+                   metrics: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, sample mask): the feedback's, with DAPO's overlong shaping when asked (algorithm.overlong_buffer:
+    a soft length penalty added; mask_truncated: samples cut off at max_new_tokens carry no loss)."""
+    rewards, mask = feedback.rewards, feedback.valid.float()
+    algo = cfg.algorithm
+    if algo.overlong_buffer:
+        penalty = overlong_penalty(batch["response_mask"].sum(-1), cfg.rollout.max_new_tokens, algo.overlong_buffer,
+                                   algo.overlong_penalty)
+        rewards = rewards + penalty * feedback.valid   # a failed verdict stays masked, unpenalised
+        metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
+    if algo.mask_truncated:
+        truncated = ~batch["finished"]
+        mask = mask * (~truncated).float()
+        metrics["reward/truncated_masked"] = float(truncated.sum())
+    return rewards, mask
+
+
 def compute_advantages(batch: Batch, valid: torch.Tensor, cfg: Config) -> torch.Tensor:
     algo = cfg.algorithm
     kl = None
@@ -365,8 +384,11 @@ def update_actor(roles: Roles, batch: Batch, cfg: Config) -> dict[str, float]:
     if cfg.rollout.async_steps:            # behaviour-policy log-probs for the importance weights
         fields.append("rollout_logprobs")
     train_batch = Batch({k: batch[k] for k in fields})
-    if not cfg.rollout.async_steps and "rollout_logprobs" in batch:   # only measured: the trainer-engine gap
-        train_batch["engine_logprobs"] = batch["rollout_logprobs"]
+    if not cfg.rollout.async_steps and "rollout_logprobs" in batch:   # the trainer-engine gap: measured, and
+        # corrected (algorithm.mismatch) where the engine's raw log-probs are the sampling distribution's
+        comparable = cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0
+        corrected = comparable and cfg.algorithm.mismatch != "none"
+        train_batch["behaviour_logprobs" if corrected else "engine_logprobs"] = batch["rollout_logprobs"]
     actor_refs = roles.actor.map(lambda w, shard: w.train_step.remote(shard), train_batch.split(len(roles.actor)))
     critic_refs = []
     if roles.critic is not None:   # the critic trains on the same samples at the same time
@@ -403,6 +425,9 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
             "train/is_truncated_fraction": train["is_truncated_x_tokens"] / max(train["valid_tokens"], 1.0),
             "train/behaviour_kl": train["behaviour_kl_x_tokens"] / max(train["valid_tokens"], 1.0)}
            if train.get("is_weight_x_tokens") else {}),
+        **({"train/mis_dropped_fraction": train["mis_dropped"] / train["behaviour_sequences"],
+            "train/behaviour_kl": train["behaviour_kl_x_tokens"] / max(train["valid_tokens"], 1.0)}
+           if train.get("behaviour_sequences") else {}),
         "train/grad_norm": train["grad_norm"],
         **({"rollout/logprob_mismatch_mean": train["mismatch_abs_x_tokens"] / train["mismatch_tokens"],
             "rollout/logprob_mismatch_max": train["mismatch_max"],
@@ -448,9 +473,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.clip_eps_high={algo.clip_eps_high} must be >= 0, or null.")
     check_positive("algorithm.entropy_coef", algo.entropy_coef, allow_zero=True)
     check_positive("algorithm.kl_coef", algo.kl_coef, allow_zero=True)
-    if not 0 < algo.clip_eps < 1:
-        raise ConfigError(f"algorithm.clip_eps={algo.clip_eps} must be in (0, 1): the ratio is clipped to "
-                          "[1 − ε, 1 + ε] (PPO's 0.2).")
+    if not 0 < algo.clip_eps <= 1:
+        raise ConfigError(f"algorithm.clip_eps={algo.clip_eps} must be in (0, 1]: the ratio is clipped to "
+                          "[1 − ε, 1 + ε] (PPO's 0.2; 1 = no lower bound, as CISPO).")
+    check_choice("algorithm.mismatch", algo.mismatch, {"tis", "mis", "none"})
+    if not 0 < algo.mis_low < 1 < algo.mis_high:
+        raise ConfigError(f"algorithm.mis_low={algo.mis_low} and mis_high={algo.mis_high} must bracket 1 "
+                          "(0 < mis_low < 1 < mis_high): the band of geometric-mean ratios a sequence keeps.")
+    check_positive("algorithm.overlong_buffer", algo.overlong_buffer, allow_zero=True)
+    check_positive("algorithm.overlong_penalty", algo.overlong_penalty, allow_zero=True)
+    if algo.overlong_buffer >= cfg.rollout.max_new_tokens:
+        raise ConfigError(f"algorithm.overlong_buffer={algo.overlong_buffer} must be below rollout.max_new_tokens="
+                          f"{cfg.rollout.max_new_tokens}: the penalty ramps over the last overlong_buffer tokens "
+                          "before it (DAPO: 4096 of 20480). Fix: a smaller buffer, or 0 to turn it off.")
+    if (algo.overlong_buffer or algo.mask_truncated) and (cfg.env.name or cfg.feedback.per_turn):
+        raise ConfigError("algorithm.overlong_buffer / mask_truncated measure one response against "
+                          "rollout.max_new_tokens; an episode (env.*) or per-turn rewards have several. Fix: turn "
+                          "them off for multi-turn runs.")
     if cfg.rollout.samples_per_prompt < 2 and algo.advantage in GROUP_BASELINES:
         raise ConfigError(f"rollout.samples_per_prompt={cfg.rollout.samples_per_prompt}: "
                           f"{algo.advantage} needs a group of at least 2 samples per prompt to form its "

@@ -6,6 +6,7 @@ import time
 import torch
 
 from openrlaif.algorithms import POLICY_LOSSES, PREFERENCE_LOSSES
+from openrlaif.algorithms.policy_loss import mismatch_weights
 from openrlaif.batch import Batch
 from openrlaif.config import ActorConfig, AlgorithmConfig
 from openrlaif.workers.common import batched_response_logprobs, load_causal_lm, response_logprobs, trim_to_content
@@ -39,7 +40,8 @@ class ActorWorker(DeepSpeedWorker):
         start_time = time.perf_counter()
         sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "ratio": 0.0,
                 "is_weight": 0.0, "is_truncated": 0.0, "behaviour_kl": 0.0, "valid_tokens": 0.0,
-                "mismatch_abs": 0.0, "mismatch_k3": 0.0, "mismatch_tokens": 0.0}
+                "mismatch_abs": 0.0, "mismatch_k3": 0.0, "mismatch_tokens": 0.0, "mis_dropped": 0.0,
+                "behaviour_sequences": 0.0}
         mismatch_max = 0.0
         algo = self.algo
         tokens_seen, grad_norm = 0, 0.0
@@ -58,7 +60,8 @@ class ActorWorker(DeepSpeedWorker):
                         logprobs = response_logprobs(self.engine, micro, self.temperature)
                     old = micro["old_logprobs"] if "old_logprobs" in micro else logprobs.detach()
                     token_mask = micro["response_mask"] * micro["sample_mask"].unsqueeze(-1)
-                    engine = next((micro[k] for k in ("engine_logprobs", "rollout_logprobs") if k in micro), None)
+                    engine = next((micro[k] for k in ("engine_logprobs", "behaviour_logprobs", "rollout_logprobs")
+                                   if k in micro), None)
                     # the engine's raw log-probs vs the trainer's log π_old (comparable at temperature 1 only)
                     if epoch == 0 and engine is not None and self.temperature == 1.0:
                         with torch.no_grad():
@@ -67,14 +70,7 @@ class ActorWorker(DeepSpeedWorker):
                             sums["mismatch_k3"] += float(((gap.exp() - 1 - gap) * token_mask).sum())
                             sums["mismatch_tokens"] += float(token_mask.sum())
                             mismatch_max = max(mismatch_max, float(gap.abs().max()) if gap.numel() else 0.0)
-                    is_weights = None
-                    if "rollout_logprobs" in micro:   # sampled by an older policy: truncated IS to π_old
-                        raw = torch.exp(old.detach() - micro["rollout_logprobs"])
-                        is_weights = raw.clamp(max=algo.is_cap)
-                        sums["is_weight"] += float((is_weights * token_mask).sum())
-                        sums["is_truncated"] += float(((raw > algo.is_cap).float() * token_mask).sum())
-                        # k3 estimate of KL(behaviour || π_old): w - 1 - log w >= 0 per token, 0 when on-policy
-                        sums["behaviour_kl"] += float(((raw - 1 - torch.log(raw)) * token_mask).sum())
+                    is_weights = self.behaviour_weights(micro, old.detach(), token_mask, sums)
                     out = loss_fn(logprobs, old, micro["advantages"], token_mask,
                                   clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high, dual_clip=algo.dual_clip,
                                   ref_logprobs=micro["ref_logprobs"] if "ref_logprobs" in micro else None,
@@ -103,6 +99,7 @@ class ActorWorker(DeepSpeedWorker):
             "clip_fraction_x_tokens": sums["clip_fraction"],
             "is_weight_x_tokens": sums["is_weight"], "is_truncated_x_tokens": sums["is_truncated"],
             "behaviour_kl_x_tokens": sums["behaviour_kl"],
+            "mis_dropped": sums["mis_dropped"], "behaviour_sequences": sums["behaviour_sequences"],
             "mismatch_abs_x_tokens": sums["mismatch_abs"], "mismatch_k3_x_tokens": sums["mismatch_k3"],
             "mismatch_tokens": sums["mismatch_tokens"], "mismatch_max": mismatch_max,
             "ratio_x_tokens": sums["ratio"],
@@ -111,6 +108,22 @@ class ActorWorker(DeepSpeedWorker):
             "grad_norm": grad_norm,
             "seconds": time.perf_counter() - start_time,
         }
+
+    def behaviour_weights(self, micro: Batch, old: torch.Tensor, token_mask: torch.Tensor,
+                          sums: dict[str, float]) -> torch.Tensor | None:
+        """Weights for samples whose behaviour policy is not π_old: `rollout_logprobs` (one-step-off) or
+        `behaviour_logprobs` (on-policy, the engine's own log-probs, sent by the driver where they are the
+        sampling distribution's); algorithms.mismatch_weights. None when the batch has neither."""
+        off_policy = "rollout_logprobs" in micro
+        key = "rollout_logprobs" if off_policy else "behaviour_logprobs"
+        if key not in micro:
+            return None
+        algo = self.algo
+        weights, stats = mismatch_weights(old, micro[key], token_mask, algo.mismatch, off_policy, algo.is_cap,
+                                          algo.mis_low, algo.mis_high)
+        for name, value in stats.items():
+            sums[name] += value
+        return weights
 
     def preference_step(self, batch: Batch) -> dict[str, float]:
         """One optimizer pass of a pairwise preference loss (DPO family) over this worker's shard of pairs.

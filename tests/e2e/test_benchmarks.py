@@ -91,13 +91,11 @@ def test_multi_turn(bench):
 
 
 def test_weight_sync(bench):
-    report = bench("weight_sync.py", "--model", "tiny", "--engine", "hf", "--buckets", "0", "0.3")
-    rows = {(row["path"], row["bucket_mb"]): row for row in report["rows"]}
-    assert len(rows) == 4   # object store and collective, each whole and in buckets
-    for path in ("object_store", "collective"):
-        whole, buckets = rows[(path, 0)], rows[(path, 0.3)]
-        assert (whole["buckets"], buckets["buckets"]) == (1, 4)   # the whole model; embeddings, 2 layers, the head
-        assert buckets["gathered_mib_peak"] < 0.4 * whole["gathered_mib_peak"] and whole["rss_growth_vs_whole"] == 1.0
-        assert 1.5 < whole["sent_mib"] == buckets["sent_mib"] < 1.7
-    assert all(row["sync_s"] > 0 and row["rank0_rss_growth_mib"] >= 0 and row["time_vs_object_store"] > 0
-               for row in report["rows"])
+    """Both paths, in buckets (the whole-model setting's memory is asserted by the GRPO loop test: 0.5 of 1.6 MiB)."""
+    report = bench("weight_sync.py", "--model", "tiny", "--engine", "hf", "--buckets", "0.3")
+    rows = {row["path"]: row for row in report["rows"]}
+    assert set(rows) == {"object_store", "collective"}
+    for row in rows.values():
+        assert row["buckets"] == 4 and 0.4 < row["gathered_mib_peak"] < 0.6   # embeddings, 2 layers, the head
+        assert 1.5 < row["sent_mib"] < 1.7 and row["sync_s"] > 0 and row["rank0_rss_growth_mib"] >= 0
+    assert rows["object_store"]["time_vs_object_store"] == 1.0 and rows["collective"]["time_vs_object_store"] > 0

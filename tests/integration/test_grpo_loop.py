@@ -50,7 +50,7 @@ CASES = {
     # RLOO with every policy-loss option on: clip-higher, dual-clip, entropy bonus, sequence-mean aggregation
     "hf-zero3-judge": ("hf", 3, FeedbackConfig(source="judge", judge=JudgeConfig(min_label_mass=0.0)),
                        AlgorithmConfig(advantage="rloo", kl_coef=0.05, clip_eps_high=0.28, dual_clip=3.0,
-                                       entropy_coef=0.01, loss_agg="seq_mean_token_mean")),
+                                       entropy_coef=0.01, loss_agg="seq_mean_token_mean", mismatch="mis")),
 }
 
 
@@ -74,6 +74,11 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
         # float32 engines sample with the trainer's own log-probs; the gap is logged every step
         assert 0 <= row["rollout/logprob_mismatch_mean"] <= row["rollout/logprob_mismatch_max"] < 1e-3
         assert 0 <= row["rollout/logprob_mismatch_k3"] < 1e-6
+        # the mismatch is corrected by default, on-policy too: truncated IS (weights ~1 in float32), or masked IS
+        if algorithm.mismatch == "tis":
+            assert row["train/is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and row["train/behaviour_kl"] < 1e-6
+        else:   # every sequence's geometric-mean ratio is ~1: none is dropped
+            assert row["train/mis_dropped_fraction"] == 0.0 and "train/is_weight_mean" not in row
     if feedback.transform == "lsc":           # log σ(·) of each objective, summed: never above 0
         assert all(row["reward/mean"] <= 0 and "feedback/objective/keyword_raw_mean" in row for row in rows)
     if algorithm.advantage == "gae":

@@ -256,7 +256,7 @@ def test_overwrite_moves_the_old_verdict_cache_aside(tmp_path):
     ("algorithm.kl_coef=inf", "algorithm.kl_coef=inf must be a finite number"),
     ("actor.lr=nan", "actor.lr=nan must be a finite number"),
     ("feedback.judge.timeout_s=-inf", "feedback.judge.timeout_s=-inf must be a finite number"),
-    ("algorithm.clip_eps=-1", r"algorithm.clip_eps=-1.0 must be in \(0, 1\)"),
+    ("algorithm.clip_eps=-1", r"algorithm.clip_eps=-1.0 must be in \(0, 1\]"),
     ("actor.grad_clip=0", "actor.grad_clip=0.0 must be > 0"),
     ("feedback.max_failed_steps=-1", "feedback.max_failed_steps=-1 must be >= 0"),
 ])

@@ -1,4 +1,5 @@
 import math
+import os
 
 import torch
 
@@ -6,6 +7,8 @@ import pytest
 
 from openrlaif.algorithms import kl_k1, kl_k2, kl_k3, masked_mean, ppo_clip_loss
 from openrlaif.algorithms.policy_loss import aggregate
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "algorithm")
 
 
 def test_ppo_clip_hand_computed():
@@ -139,3 +142,112 @@ def test_importance_weights_scale_each_tokens_loss_and_carry_no_gradient():
     weighted.loss.backward()
     assert weights.grad is None                              # detached inside the loss
     assert logprobs.grad[0].tolist() == pytest.approx([-1 / 3, -0.5 / 3, -2 / 3])
+
+
+def test_gspo_clips_a_length_normalised_sequence_ratio_hand_computed():
+    """GSPO (Zheng et al. 2025): s_i = exp(mean_t(log π_θ − log π_old)), one clip decision per sequence."""
+    from openrlaif.algorithms.policy_loss import gspo_loss
+    old = torch.zeros(3, 2)
+    logprobs = torch.tensor([[0.1, -0.3], [0.5, 9.0], [0.4, 0.4]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])      # sequence 1 has one token
+    advantages = torch.tensor([1.0, -1.0, 1.0])
+    out = gspo_loss(logprobs, old, advantages, mask, clip_eps=0.2)
+    s0, s1 = math.exp(-0.1), math.exp(0.5)   # sequence 2's ratio e^0.4 = 1.49 is past 1.2
+    # seq 0 inside the band: −s0; seq 1 (A < 0): min(−s1, −1.2) = −s1, loss +s1; seq 2 (A > 0) clipped at 1.2
+    expected = (-s0 + s1 - 1.2) / 3
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-6)
+    out.loss.backward()
+    grad = logprobs.grad
+    # d/d log π_t of −A·s_i / 3 sequences: −A · s_i / |y_i| / 3, the same for every token of the sequence
+    assert grad[0].tolist() == pytest.approx([-s0 / 2 / 3] * 2, rel=1e-5)
+    assert grad[1].tolist() == pytest.approx([s1 / 3, 0.0], rel=1e-5)
+    assert grad[2].tolist() == [0.0, 0.0]                            # the whole clipped sequence gets none
+    assert float(out.clip_fraction) == pytest.approx(2 / 5)          # its two tokens of the five valid ones
+
+
+def test_gspo_equals_the_token_ratio_on_one_token_sequences_and_ppo_differs_on_long_ones():
+    """On one-token responses the sequence ratio is the token ratio: GSPO's loss is PPO-clip's (seq mean)."""
+    from openrlaif.algorithms.policy_loss import gspo_loss
+    generator = torch.Generator().manual_seed(0)
+    old = torch.randn(6, 1, generator=generator)
+    logprobs = old + 0.3 * torch.randn(6, 1, generator=generator)
+    advantages, mask = torch.randn(6, generator=generator), torch.ones(6, 1)
+    gspo = gspo_loss(logprobs, old, advantages, mask, clip_eps=0.2)
+    ppo = ppo_clip_loss(logprobs, old, advantages, mask, clip_eps=0.2, loss_agg="seq_mean_token_mean")
+    assert float(gspo.loss) == pytest.approx(float(ppo.loss), rel=1e-6)
+    old, logprobs = torch.zeros(1, 2), torch.tensor([[0.5, -0.5]])   # token ratios e^±0.5, sequence ratio 1
+    gspo = gspo_loss(logprobs, old, torch.ones(1), torch.ones(1, 2), clip_eps=0.2)
+    assert float(gspo.loss) == pytest.approx(-1.0) and float(gspo.clip_fraction) == 0.0
+
+
+def test_cispo_weights_every_tokens_log_prob_by_its_clipped_stop_gradient_ratio():
+    """CISPO (MiniMax-M1): −sg(clip(ρ_t, 1−ε_low, 1+ε_high)) · A · log π_θ: a token past the cap keeps a gradient
+    (PPO-clip gives it none), weighted by the cap."""
+    from openrlaif.algorithms.policy_loss import cispo_loss
+    old = torch.zeros(1, 2)
+    logprobs = torch.tensor([[0.1, 2.0]], requires_grad=True)
+    out = cispo_loss(logprobs, old, torch.ones(1), torch.ones(1, 2), clip_eps=1.0, clip_eps_high=0.5)
+    w0, w1 = math.exp(0.1), 1.5                                      # the second ratio, e^2, capped at 1.5
+    assert float(out.loss.detach()) == pytest.approx(-(w0 * 0.1 + w1 * 2.0) / 2, rel=1e-6)
+    out.loss.backward()
+    assert logprobs.grad[0].tolist() == pytest.approx([-w0 / 2, -w1 / 2], rel=1e-6)
+    assert float(out.clip_fraction) == pytest.approx(0.5)
+    ppo_lp = torch.tensor([[0.1, 2.0]], requires_grad=True)
+    ppo_clip_loss(ppo_lp, old, torch.ones(1), torch.ones(1, 2), clip_eps=0.2).loss.backward()
+    assert ppo_lp.grad[0, 1] == 0.0                                  # PPO drops the clipped token's gradient
+    # on-policy (ρ = 1) the gradient is REINFORCE's: −A · ∇log π / #tokens
+    on = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    cispo_loss(on, on.detach(), torch.tensor([2.0]), torch.ones(1, 2)).loss.backward()
+    assert on.grad[0].tolist() == pytest.approx([-1.0, -1.0])
+
+
+def test_the_new_policy_losses_have_configs():
+    import yaml
+
+    from openrlaif.algorithms import POLICY_LOSSES
+    for name in ("gspo", "cispo"):
+        config = yaml.safe_load(open(os.path.join(CONFIGS, f"{name}.yaml")))
+        assert config["policy_loss"] == name and name in POLICY_LOSSES
+
+
+@pytest.mark.parametrize("name", ["ppo_clip", "gspo", "cispo"])
+def test_every_policy_loss_takes_the_actors_arguments(name):
+    """The actor calls each registered loss with the same keywords (workers/actor.py): all of them take them,
+    give a finite loss with a gradient, and add β·KL and the entropy bonus the same way."""
+    from openrlaif.algorithms import POLICY_LOSSES
+    generator = torch.Generator().manual_seed(1)
+    logprobs = (-torch.rand(4, 5, generator=generator)).requires_grad_()
+    old, ref = logprobs.detach() - 0.01, logprobs.detach() - 0.2
+    mask = torch.ones(4, 5)
+    mask[0, 3:] = 0
+    kwargs = dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=None, ref_logprobs=ref, kl_coef=0.0, kl_estimator="k3",
+                  entropy=torch.rand(4, 5, generator=generator), entropy_coef=0.0, loss_agg="token_mean",
+                  num_tokens=18.0, is_weights=torch.ones(4, 5))
+    out = POLICY_LOSSES[name](logprobs, old, torch.randn(4, generator=generator), mask, **kwargs)
+    out.loss.backward()
+    assert math.isfinite(float(out.loss.detach())) and logprobs.grad.abs().sum() > 0
+    assert logprobs.grad[0, 3:].abs().sum() == 0                     # masked tokens get no gradient
+    with_terms = POLICY_LOSSES[name](logprobs, old, torch.zeros(4), mask, **kwargs | dict(kl_coef=0.5, entropy_coef=0.1))
+    assert float(with_terms.loss.detach()) == pytest.approx(
+        float(with_terms.policy_loss) + 0.5 * float(with_terms.kl) - 0.1 * float(with_terms.entropy), rel=1e-6)
+
+
+def test_mismatch_weights_tis_truncates_and_mis_drops_sequences_outside_the_band():
+    from openrlaif.algorithms.policy_loss import mismatch_weights
+    old = torch.zeros(3, 2)
+    # ratios π_old / π_engine: seq 0 (e^0.1, e^-0.1), seq 1 (e^1.5, e^1.5), seq 2 (e^-1, padding)
+    behaviour = torch.tensor([[-0.1, 0.1], [-1.5, -1.5], [1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    weights, stats = mismatch_weights(old, behaviour, mask, "tis", is_cap=2.0)
+    expected = [[math.exp(0.1), math.exp(-0.1)], [2.0, 2.0], [math.exp(-1.0), 0.0]]   # e^1.5 = 4.48 > 2: capped
+    assert (weights * mask).tolist() == [pytest.approx(row, rel=1e-6) for row in expected]
+    assert stats["is_truncated"] == 2.0 and stats["mis_dropped"] == 0.0
+    weights, stats = mismatch_weights(old, behaviour, mask, "mis", mis_low=0.5, mis_high=2.0)
+    # geometric means: 1, e^1.5 (out), e^-1 = 0.37 (out)
+    assert weights.tolist() == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert stats["mis_dropped"] == 2.0 and stats["behaviour_sequences"] == 3.0 and stats["is_weight"] == 0.0
+    assert mismatch_weights(old, behaviour, mask, "none")[0] is None
+    weights, _ = mismatch_weights(old, behaviour, mask, "none", off_policy=True, is_cap=2.0)   # one-step-off
+    assert weights[1].tolist() == [2.0, 2.0]                       # is always importance-weighted
+    _, stats = mismatch_weights(old, old.clone(), mask, "tis")
+    assert stats["behaviour_kl"] == 0.0 and stats["is_weight"] == float(mask.sum())

@@ -91,3 +91,32 @@ def test_combined_feedback_without_transform_is_a_weighted_sum():
                   "flaky": FunctionFeedback(f"{__name__}:flaky_reward", {})}
     result = CombinedFeedback(objectives, [0.5, 3.0]).score(["p", "p"], ["abcd", "xy"])
     assert result.rewards.tolist() == pytest.approx([0.5 * 4 + 3.0, 0.5 * 2 + 3.0])
+
+
+def test_dapo_overlong_penalty_ramps_over_the_buffer_hand_computed():
+    """DAPO eq. 13 with L_max = 20, L_cache = 8: 0 up to 12 tokens, then (12 − |y|) / 8, −1 at 20."""
+    from openrlaif.algorithms.rewards import overlong_penalty
+    lengths = torch.tensor([5, 12, 13, 16, 20])
+    assert overlong_penalty(lengths, 20, 8).tolist() == pytest.approx([0.0, 0.0, -0.125, -0.5, -1.0])
+    assert overlong_penalty(lengths, 20, 8, factor=0.5).tolist() == pytest.approx([0.0, 0.0, -0.0625, -0.25, -0.5])
+
+
+def test_shaped_rewards_add_the_penalty_and_mask_truncated_samples():
+    from openrlaif.batch import Batch
+    from openrlaif.config import AlgorithmConfig, Config, RolloutConfig
+    from openrlaif.feedback import FeedbackResult
+    from openrlaif.pipelines.online_rl import shaped_rewards
+    mask = torch.zeros(3, 10)
+    for row, length in enumerate((4, 9, 10)):
+        mask[row, :length] = 1
+    batch = Batch({"response_mask": mask, "finished": torch.tensor([True, True, False])})
+    feedback = FeedbackResult(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([True, True, True]))
+    cfg = Config(rollout=RolloutConfig(max_new_tokens=10),
+                 algorithm=AlgorithmConfig(overlong_buffer=4, mask_truncated=True))
+    metrics = {}
+    rewards, sample_mask = shaped_rewards(batch, feedback, cfg, metrics)
+    assert rewards.tolist() == pytest.approx([1.0, 0.25, 0.0])       # 9 tokens: (6 − 9) / 4 = −0.75
+    assert sample_mask.tolist() == [1.0, 1.0, 0.0]                    # the one cut off at 10 tokens: no loss
+    assert metrics["reward/truncated_masked"] == 1.0
+    off = shaped_rewards(batch, feedback, Config(), {})
+    assert off[0].tolist() == [1.0, 1.0, 1.0] and off[1].tolist() == [1.0, 1.0, 1.0]
