@@ -107,3 +107,27 @@ class Batch:
 
     def to(self, device: str | torch.device) -> Batch:
         return Batch({k: v.to(device) for k, v in self.tensors.items()}, dict(self.meta))
+
+
+def concat_rollouts(batches: list[Batch], pad_id: int) -> Batch:
+    """Batch.concat for rollout batches of different widths: each is re-padded to the widest prompt P (on the
+    left) and response R (on the right). (B, P+R) fields are split where the prompt ends; (B, R) fields are
+    padded with 0 on the right; (B,) fields and meta lists are joined as they are."""
+    prompt_width = max(b["input_ids"].shape[1] - b["response_mask"].shape[1] for b in batches)
+    response_width = max(b["response_mask"].shape[1] for b in batches)
+    padded = []
+    for batch in batches:
+        r = batch["response_mask"].shape[1]
+        p = batch["input_ids"].shape[1] - r
+        tensors = {}
+        for name, value in batch.tensors.items():
+            fill = pad_id if name == "input_ids" else 0
+            if value.dim() == 2 and value.shape[1] == p + r:
+                left = torch.full((len(batch), prompt_width - p), fill, dtype=value.dtype)
+                right = torch.full((len(batch), response_width - r), fill, dtype=value.dtype)
+                value = torch.cat([left, value[:, :p], value[:, p:], right], dim=1)
+            elif value.dim() == 2 and value.shape[1] == r:
+                value = torch.cat([value, torch.full((len(batch), response_width - r), fill, dtype=value.dtype)], 1)
+            tensors[name] = value
+        padded.append(Batch(tensors, batch.meta))
+    return Batch.concat(padded)

@@ -141,6 +141,10 @@ class AlgorithmConfig:
     # DAPO: overlong reward shaping, a penalty falling linearly from 0 to −overlong_penalty over the last
     # overlong_buffer tokens before rollout.max_new_tokens (0 = off); mask_truncated: samples cut off at
     # max_new_tokens carry no loss ("overlong filtering")
+    # DAPO dynamic sampling: a group whose rewards are all equal carries no signal under a group baseline; drop it
+    # and sample more prompts (prompts_per_step at a time, at most max_resample_rounds times) until the batch is full
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     mask_truncated: bool = False

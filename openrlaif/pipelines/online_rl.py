@@ -17,7 +17,7 @@ from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOS
 from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE, GROUP_BASELINES, TOKEN_LEVEL, turn_advantages
 from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
 from openrlaif.algorithms.rewards import overlong_penalty
-from openrlaif.batch import Batch
+from openrlaif.batch import Batch, concat_rollouts
 from openrlaif.checkpointing import (Checkpointer, FailedSteps, RunError, dead_workers, non_finite_stop, resume_hint,
                                      role_died, stop_on_non_finite, truncate_metrics)
 from openrlaif.config import Config, ConfigError, check_choice, check_positive, step_batch_size, validate_feedback_source, validate_trained
@@ -28,7 +28,7 @@ from openrlaif.metrics import MetricsLogger, feedback_metrics, summary_line, tim
 from openrlaif.pipelines.common import finish, save_checkpoint
 from openrlaif.pipelines.evaluation import InLoopEval
 from openrlaif.roles import Roles, RunInputs, prepare_run, start_roles
-from openrlaif.rollout.launch import generate, next_rollout
+from openrlaif.rollout.launch import collect_rollout, generate, launch_rollout, next_rollout
 from openrlaif.rollout.weight_sync import sync_weights
 from openrlaif.runtime import ray_session
 
@@ -108,6 +108,8 @@ def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, st
         batch = next_rollout(roles, stream, cfg, run.tokenizer, step, metrics)
     with timer(metrics, "feedback"):       # 2. judge / rule -> rewards; failed verdicts mask their sample
         feedback = score(roles, batch, per_turn=cfg.feedback.per_turn, compares=compares(cfg.feedback))
+        if cfg.algorithm.dynamic_sampling:   # DAPO: refill past the groups whose rewards are all equal
+            batch, feedback = refill_informative(roles, run, stream, cfg, step, batch, feedback, metrics)
         batch["rewards"], batch["sample_mask"] = shaped_rewards(batch, feedback, cfg, metrics)
     with timer(metrics, "logprobs"):       # 3. reference (and old-policy) log-probs, critic values, together
         add_logprobs(roles, batch, cfg)
@@ -205,6 +207,53 @@ def score(roles: Roles, batch: Batch, per_turn: bool = False, compares: bool = F
     if per_turn:
         result = score_turns(roles.feedback, batch, result, compares)
     return report_failures(result)
+
+
+def informative_groups(batch: Batch, feedback: FeedbackResult) -> list[int]:
+    """The groups (in order) with at least two valid samples whose rewards are not all equal."""
+    rewards: dict[int, list[float]] = {}
+    for row, group in enumerate(batch["group_ids"].tolist()):
+        if feedback.valid[row]:
+            rewards.setdefault(group, []).append(float(feedback.rewards[row]))
+    return [group for group, values in rewards.items() if len(values) >= 2 and max(values) - min(values) > 1e-9]
+
+
+def refill_informative(roles: Roles, run: RunInputs, stream: PromptStream, cfg: Config, step: int, batch: Batch,
+                       feedback: FeedbackResult, metrics: dict[str, float]) -> tuple[Batch, FeedbackResult]:
+    """DAPO's dynamic sampling (Yu et al. 2025, eq. 11): a group whose rewards are all equal has zero advantage
+    under a group baseline and teaches nothing. While fewer than data.prompts_per_step groups are informative,
+    sample and score data.prompts_per_step more prompts (at most algorithm.max_resample_rounds rounds); keep the
+    first prompts_per_step informative groups, filling up with dropped ones if the rounds ran out (they weigh
+    nothing), so every step trains on the same number of samples. The feedback/* metrics describe the first
+    batch. Logged: rollout/resample_rounds, rollout/informative_groups (before refilling), rollout/dropped_groups."""
+    needed = cfg.data.prompts_per_step
+    batches, results = [batch], [feedback]
+    found = informative_groups(batch, feedback)
+    metrics["rollout/informative_groups"] = float(len(found))
+    rounds = 0
+    while len(found) < needed and rounds < cfg.algorithm.max_resample_rounds:
+        rounds += 1
+        seed = 10**8 + (cfg.seed * 10_000 + step) * 16 + rounds   # apart from every step's own seed
+        extra = collect_rollout(launch_rollout(roles, stream.next_batch(), cfg, seed), run.tokenizer)
+        extra["group_ids"] = extra["group_ids"] + int(batches[-1]["group_ids"].max()) + 1
+        result = score(roles, extra, compares=compares(cfg.feedback))
+        batches.append(extra)
+        results.append(result)
+        found += informative_groups(extra, result)
+    merged = concat_rollouts(batches, run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None
+                             else run.tokenizer.eos_token_id)
+    groups = merged["group_ids"].tolist()
+    kept = found[:needed]
+    kept += [g for g in dict.fromkeys(groups) if g not in set(kept)][:needed - len(kept)]
+    rows = [row for row, group in enumerate(groups) if group in set(kept)]
+    metrics["rollout/resample_rounds"] = float(rounds)
+    metrics["rollout/dropped_groups"] = float(len(set(groups)) - len(kept))
+    failures = sum((r.failures for r in results), Counter())
+    merged_result = FeedbackResult(torch.cat([r.rewards for r in results])[rows],
+                                   torch.cat([r.valid for r in results])[rows], failures, results[0].metrics,
+                                   {g: c for r in results for g, c in r.consistency.items() if g in set(kept)},
+                                   {k: v for r in reversed(results) for k, v in r.details.items()})
+    return merged.select(rows), merged_result
 
 
 def compares(feedback_cfg) -> bool:
@@ -477,6 +526,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.clip_eps={algo.clip_eps} must be in (0, 1]: the ratio is clipped to "
                           "[1 − ε, 1 + ε] (PPO's 0.2; 1 = no lower bound, as CISPO).")
     check_choice("algorithm.mismatch", algo.mismatch, {"tis", "mis", "none"})
+    if algo.dynamic_sampling:
+        check_positive("algorithm.max_resample_rounds", algo.max_resample_rounds)
+        if algo.advantage not in GROUP_BASELINES:
+            raise ConfigError(f"algorithm.dynamic_sampling=true drops groups whose rewards are all equal, which carry "
+                              f"no signal under a group baseline; algorithm.advantage={algo.advantage} has none. "
+                              f"Fix: one of {sorted(GROUP_BASELINES)}, or dynamic_sampling=false.")
+        if cfg.rollout.async_steps or cfg.env.name or cfg.feedback.per_turn:
+            raise ConfigError("algorithm.dynamic_sampling=true samples more prompts within a step; it is for "
+                              "single-turn, synchronous runs (rollout.async_steps=0, no env.*, feedback.per_turn="
+                              "false). Fix: turn one of them off.")
     if not 0 < algo.mis_low < 1 < algo.mis_high:
         raise ConfigError(f"algorithm.mis_low={algo.mis_low} and mis_high={algo.mis_high} must bracket 1 "
                           "(0 < mis_low < 1 < mis_high): the band of geometric-mean ratios a sequence keeps.")

@@ -40,3 +40,9 @@ def hold_at_step(prompts, responses, target_words: int = 3, step: int = 2):
         while not os.path.exists(release):
             time.sleep(0.1)
     return brevity(prompts, responses, target_words=target_words)
+
+
+def question_gated(prompts, responses):
+    """Uninformative on questions (every answer to a prompt ending in '?' scores 0.5, so its group's rewards are
+    all equal), the non-space share elsewhere: DAPO's dynamic sampling has groups to drop and refill."""
+    return [0.5 if p.rstrip().endswith("?") else score for p, score in zip(prompts, no_space_fraction(prompts, responses))]

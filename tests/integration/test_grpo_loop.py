@@ -38,15 +38,22 @@ CASES = {
     "vllm-zero2-rule": ("vllm", 2, FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
                                                   function_kwargs={"target_words": 2}),
                         AlgorithmConfig(kl_coef=0.05)),
-    "vllm-zero2-remax": ("vllm", 2, FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
-                                                   function_kwargs={"target_words": 2}),
-                         AlgorithmConfig(advantage="remax", kl_coef=0.05)),
+    "vllm-zero2-remax-cispo": ("vllm", 2, FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
+                                                         function_kwargs={"target_words": 2}),
+                               AlgorithmConfig(advantage="remax", policy_loss="cispo", clip_eps=1.0, clip_eps_high=4.0,
+                                               kl_coef=0.05)),
     # PPO (critic, GAE, KL in the reward) on two objectives, each LSC-transformed against its reference reward
     "vllm-zero2-ppo-lsc": ("vllm", 2, FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
                                                      function_kwargs={"target_words": 2},
                                                      extra_functions=["openrlaif.feedback.rules:keyword"],
                                                      transform="lsc"),
                            AlgorithmConfig(advantage="gae", kl_coef=0.05, kl_estimator="k1", kl_in_reward=True)),
+    # DAPO: clip-higher, no KL, dynamic sampling past the groups a gated rule leaves uninformative, overlong
+    # shaping (filtering would mask every sample here: the random model never stops); GSPO's sequence loss
+    "hf-zero2-dapo-gspo": ("hf", 2, FeedbackConfig(source="function", function="tests.integration.rewards:question_gated"),
+                           AlgorithmConfig(advantage="grpo", policy_loss="gspo", clip_eps=3e-4, clip_eps_high=4e-4,
+                                           kl_coef=0.0, loss_agg="seq_mean_token_mean", dynamic_sampling=True,
+                                           max_resample_rounds=4, overlong_buffer=4)),
     # RLOO with every policy-loss option on: clip-higher, dual-clip, entropy bonus, sequence-mean aggregation
     "hf-zero3-judge": ("hf", 3, FeedbackConfig(source="judge", judge=JudgeConfig(min_label_mass=0.0)),
                        AlgorithmConfig(advantage="rloo", kl_coef=0.05, clip_eps_high=0.28, dual_clip=3.0,
@@ -68,7 +75,8 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
             assert row[f"time/{phase}_s"] > 0
         # rank 0 held one bucket at a time: a decoder layer (0.5 MiB), never the whole model (1.6 MiB)
         assert row["sync/buckets"] == 4 and 0.4 < row["sync/gathered_mib_peak"] < 0.6
-    assert rows[1]["train/kl"] > 0          # step 2 samples from the updated policy, the reference stayed put
+    if algorithm.kl_coef > 0:                # step 2 samples from the updated policy, the reference stayed put
+        assert rows[1]["train/kl"] > 0
     for row in rows:                        # one epoch, one optimizer step: log π_old is log π_θ, the ratio is 1
         assert row["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
         # float32 engines sample with the trainer's own log-probs; the gap is logged every step
@@ -84,6 +92,10 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
     if algorithm.advantage == "gae":
         assert all(math.isfinite(row["critic/value_loss"]) for row in rows)
         assert (tmp_path / case / "critic" / "model.safetensors").exists()
+    if algorithm.dynamic_sampling:   # every step trained on 4 groups, informative ones first (refilled as needed)
+        assert all(row["rollout/informative_groups"] <= 4 and row["rollout/resample_rounds"] <= 4 for row in rows)
+        assert any(row["rollout/resample_rounds"] >= 1 for row in rows), [r["rollout/informative_groups"] for r in rows]
+        assert all(row["reward/std"] > 0 and "reward/overlong_penalty_mean" in row for row in rows)
     if algorithm.entropy_coef > 0:
         assert all(row["train/entropy"] > 0 for row in rows)
     else:

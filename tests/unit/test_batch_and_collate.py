@@ -42,3 +42,33 @@ def test_completions_to_batch_pads_prompt_left_and_response_right():
     assert batch["response_mask"].tolist() == [[1.0, 1.0], [1.0, 0.0]]
     assert torch.allclose(batch["rollout_logprobs"], torch.tensor([[-0.1, -0.2], [-0.3, 0.0]]))
     assert batch["group_ids"].tolist() == [0, 1] and batch.meta["prompt"] == ["p0", "p1"]
+
+
+def test_concat_rollouts_repads_batches_of_different_widths():
+    """Dynamic sampling joins rollout batches sampled apart: each keeps its tokens where the layout says."""
+    import torch
+
+    from openrlaif.batch import concat_rollouts, prompt_response_layout
+    first = Batch(prompt_response_layout([[5, 6]], [[7, 8, 9]], pad_id=0) | {"group_ids": torch.tensor([0])},
+                  {"prompt": ["a"]})
+    first["rollout_logprobs"] = torch.tensor([[-1.0, -2.0, -3.0]])
+    second = Batch(prompt_response_layout([[1, 2, 3, 4]], [[10]], pad_id=0) | {"group_ids": torch.tensor([1])},
+                   {"prompt": ["b"]})
+    second["rollout_logprobs"] = torch.tensor([[-4.0]])
+    merged = concat_rollouts([first, second], pad_id=0)
+    assert merged["input_ids"].tolist() == [[0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 10, 0, 0]]
+    assert merged["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]
+    assert merged["response_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert merged["rollout_logprobs"].tolist() == [[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]]
+    assert merged["group_ids"].tolist() == [0, 1] and merged.meta["prompt"] == ["a", "b"]
+
+
+def test_informative_groups_are_those_whose_valid_rewards_differ():
+    import torch
+
+    from openrlaif.feedback import FeedbackResult
+    from openrlaif.pipelines.online_rl import informative_groups
+    batch = Batch({"group_ids": torch.tensor([0, 0, 1, 1, 2, 2])})
+    result = FeedbackResult(torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0, 0.0]),
+                            torch.tensor([True, True, True, True, True, False]))
+    assert informative_groups(batch, result) == [0]   # group 1 all equal; group 2 has one valid sample
