@@ -53,6 +53,11 @@ class DataConfig:
     pack_length: int = 0                  # pipeline=sft: pack short examples into rows of this many tokens (0 = off)
     eval_fraction: float = 0.2            # pipeline=reward_model: share of the pairs held out for accuracy
     eval_every: int = 10                  # pipeline=reward_model: evaluate every this many steps (and at the end)
+    # any data file above may be jsonl, parquet (a file or a folder of them) or a local HF dataset folder
+    # (datasets' save_to_disk); columns renames the file's columns to the names the loaders read, e.g.
+    # {prompt: question} (+data.columns.prompt=question on the command line)
+    columns: dict = field(default_factory=dict)
+    overlong: str = "error"               # a prompt over max_prompt_tokens: error | filter | truncate_left
 
 
 @dataclass
@@ -526,6 +531,7 @@ def validate(cfg: Config) -> None:
                           "constitutional reuse the judge's verdict cache).")
     _validate_loggers(cfg.output)
     _validate_colocation(cfg)
+    validate_data(cfg.data)
     if cfg.env.name and cfg.pipeline != "online_rl":
         raise ConfigError(f"env.name={cfg.env.name!r}: multi-turn episodes run in pipeline=online_rl; pipeline="
                           f"{cfg.pipeline} samples single turns. Fix: env.name='' (or pipeline=online_rl).")
@@ -602,6 +608,13 @@ def _validate_loggers(output: OutputConfig) -> None:
         raise ConfigError("output.loggers has wandb in online mode but no W&B key was found (WANDB_API_KEY or "
                           "`wandb login`). Fix: export WANDB_API_KEY=..., or output.wandb.mode=offline and "
                           "`wandb sync <output.dir>/wandb/offline-run-*` later.")
+
+
+def validate_data(data: DataConfig) -> None:
+    check_choice("data.overlong", data.overlong, {"error", "filter", "truncate_left"})
+    if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in dict(data.columns).items()):
+        raise ConfigError(f"data.columns={dict(data.columns)} must map the names the loaders read to the file's "
+                          "column names. Fix: +data.columns.prompt=question.")
 
 
 def validate_rollout(cfg: Config) -> None:

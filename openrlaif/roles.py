@@ -112,7 +112,8 @@ def prepare_run(cfg: Config) -> RunInputs:
         if probe is not None:   # an environment behind an endpoint (simulated_user): is it up?
             probe()
         TurnTemplate(tokenizer)   # a template that cannot frame observations fails now
-    prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt, env=env)
+    prompts = load_prompts(cfg.data.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt, env=env,
+                           columns=cfg.data.columns, overlong=cfg.data.overlong)
     from openrlaif.pipelines.evaluation import eval_plan, prepare_eval
     evaluation = prepare_eval(cfg, tokenizer)
     out_dir = prepare_output_dir(cfg)

@@ -16,7 +16,8 @@ import torch
 
 from openrlaif.batch import Batch, prompt_response_layout
 from openrlaif.config import ConfigError
-from openrlaif.data.jsonl import check_prompt_length, read_jsonl
+from openrlaif.data.jsonl import check_prompt_length
+from openrlaif.data.rows import read_rows
 from openrlaif.data.pairs import DEMO_PAIRS, encode_response, load_pairs
 
 DEMO_RANKED = os.path.join(os.path.dirname(__file__), "demo_ranked.jsonl")
@@ -38,13 +39,13 @@ def _number(value, where: str, key: str) -> float:
 
 
 def load_unpaired(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int,
-                  with_mismatched: bool) -> list[ListExample]:
+                  with_mismatched: bool, columns: dict | None = None) -> list[ListExample]:
     """KTO/BCO samples. Rows with "chosen"/"rejected" give two samples each; rows with "completion" one."""
     path = DEMO_PAIRS if path == "demo" else path
-    rows = list(read_jsonl(path, "data.pairs", '{"prompt", "completion", "label"}'))
+    rows = list(read_rows(path, "data.pairs", '{"prompt", "completion", "label"}', columns))
     if rows and isinstance(rows[0][1], dict) and "chosen" in rows[0][1]:
         samples = []
-        for pair in load_pairs(path, tokenizer, max_prompt_tokens, max_response_tokens):
+        for pair in load_pairs(path, tokenizer, max_prompt_tokens, max_response_tokens, columns=columns):
             samples += [ListExample(pair.prompt_ids, [pair.chosen_ids], [1.0]),
                         ListExample(pair.prompt_ids, [pair.rejected_ids], [0.0])]
     else:
@@ -77,11 +78,12 @@ def load_unpaired(path: str, tokenizer, max_prompt_tokens: int, max_response_tok
     return samples
 
 
-def load_ranked(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> list[ListExample]:
+def load_ranked(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int,
+                columns: dict | None = None) -> list[ListExample]:
     """LiPO lists; every example must have the same number of responses K (>= 2)."""
     path = DEMO_RANKED if path == "demo" else path
     examples = []
-    for where, row in read_jsonl(path, "data.pairs", '{"prompt", "responses", "scores"}'):
+    for where, row in read_rows(path, "data.pairs", '{"prompt", "responses", "scores"}', columns):
         if isinstance(row, dict) and {"chosen", "rejected"} <= row.keys():   # a pair is a list of two
             if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "chosen", "rejected")):
                 raise ConfigError(f"{where}: listwise losses read pairs only as {{\"prompt\", \"chosen\", "

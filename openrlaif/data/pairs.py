@@ -10,7 +10,8 @@ import torch
 
 from openrlaif.batch import Batch, prompt_response_layout
 from openrlaif.config import ConfigError
-from openrlaif.data.jsonl import check_prompt_length, read_jsonl
+from openrlaif.data.jsonl import check_prompt_length
+from openrlaif.data.rows import read_rows
 
 DEMO_PAIRS = os.path.join(os.path.dirname(__file__), "demo_pairs.jsonl")
 
@@ -51,10 +52,10 @@ def encode_response(tokenizer, prompt_messages: list[dict], response: str) -> tu
 
 
 def load_pairs(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int,
-               default_margin: float = 0.0, key: str = "data.pairs") -> list[Pair]:
+               default_margin: float = 0.0, key: str = "data.pairs", columns: dict | None = None) -> list[Pair]:
     path = DEMO_PAIRS if path == "demo" else path
     pairs, identical = [], []
-    for where, row in read_jsonl(path, key, '{"prompt", "chosen", "rejected"}'):
+    for where, row in read_rows(path, key, '{"prompt", "chosen", "rejected"}', columns):
         if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
             raise ConfigError(f"{where}: each row needs \"chosen\" and \"rejected\" (and \"prompt\" unless they "
                               "are message lists).")

@@ -7,7 +7,8 @@ import random
 from dataclasses import dataclass
 
 from openrlaif.config import ConfigError
-from openrlaif.data.jsonl import check_prompt_length, read_jsonl
+from openrlaif.data.jsonl import check_prompt_length
+from openrlaif.data.rows import read_rows
 
 DEMO_PROMPTS = os.path.join(os.path.dirname(__file__), "demo_prompts.jsonl")
 DEMO_EVAL_PROMPTS = os.path.join(os.path.dirname(__file__), "demo_eval_prompts.jsonl")   # held out: eval.prompts=demo
@@ -44,13 +45,16 @@ def _messages(row, where: str, system_prompt: str) -> list[dict]:
 
 
 def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: str = "",
-                 key: str = "data.prompts", env=None) -> list[Prompt]:
+                 key: str = "data.prompts", env=None, columns: dict | None = None,
+                 overlong: str = "error") -> list[Prompt]:
     """`env`: a callable returning a new environment, whose reset(row) gives the conversation to answer (a tool
-    environment adds its system prompt); without one, the row's own conversation."""
+    environment adds its system prompt); without one, the row's own conversation. `columns`: data.columns.
+    `overlong` (data.overlong), for a templated prompt over max_prompt_tokens: error (stop at start-up, naming the
+    row), filter (leave it out; the count is printed), truncate_left (keep its last max_prompt_tokens tokens)."""
     shipped = {"demo": DEMO_EVAL_PROMPTS if key == "eval.prompts" else DEMO_PROMPTS, "calculator": DEMO_CALCULATOR}
     path = shipped.get(path, path)
-    prompts = []
-    for where, row in read_jsonl(path, key, '{"prompt": ...} or {"messages": [...]}'):
+    prompts, filtered, truncated = [], 0, 0
+    for where, row in read_rows(path, key, '{"prompt": ...} or {"messages": [...]}', columns):
         messages = _messages(row, where, system_prompt)
         row = {**row, "messages": messages}
         tools = None
@@ -65,8 +69,21 @@ def load_prompts(path: str, tokenizer, max_prompt_tokens: int, system_prompt: st
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                             **({"tools": tools} if tools else {}))
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if len(ids) > max_prompt_tokens and overlong != "error":
+            if overlong == "filter":
+                filtered += 1
+                continue
+            ids = ids[-max_prompt_tokens:]   # truncate_left: the end of the prompt, where the question is
+            truncated += 1
         check_prompt_length(where, len(ids), max_prompt_tokens)
         prompts.append(Prompt(messages[-1]["content"], ids, messages, row))
+    if filtered or truncated:
+        print(f"[openrlaif] {key}: {filtered or truncated} of {filtered + len(prompts)} prompts were over "
+              f"data.max_prompt_tokens={max_prompt_tokens}: {'left out' if filtered else 'cut on the left'} "
+              f"(data.overlong={overlong})", flush=True)
+    if not prompts and filtered:
+        raise ConfigError(f"{key}={path!r}: every prompt is over data.max_prompt_tokens={max_prompt_tokens}, so "
+                          "data.overlong=filter left none. Fix: raise data.max_prompt_tokens.")
     if not prompts:
         raise ConfigError(f"{key}={path!r} holds no prompts. Fix: add {{\"prompt\": ...}} rows, one per line.")
     return prompts

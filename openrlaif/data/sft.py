@@ -8,17 +8,19 @@ import torch
 
 from openrlaif.batch import Batch
 from openrlaif.config import ConfigError
-from openrlaif.data.jsonl import check_prompt_length, read_jsonl
+from openrlaif.data.jsonl import check_prompt_length
+from openrlaif.data.rows import read_rows
 from openrlaif.data.pairs import encode_response, split_conversation
 
 DEMO_SFT = os.path.join(os.path.dirname(__file__), "demo_sft.jsonl")
 
 
-def load_sft(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int) -> Batch:
+def load_sft(path: str, tokenizer, max_prompt_tokens: int, max_response_tokens: int,
+             columns: dict | None = None) -> Batch:
     """A Batch of examples with per-sample token lists in meta: prompt_ids, response_ids."""
     path = DEMO_SFT if path == "demo" else path
     prompts, responses = [], []
-    for where, row in read_jsonl(path, "data.sft", '{"prompt", "response"} or {"messages": [...]}'):
+    for where, row in read_rows(path, "data.sft", '{"prompt", "response"} or {"messages": [...]}', columns):
         if isinstance(row, dict) and "messages" in row:
             prompt_messages, response = split_conversation(row["messages"], where, "messages")
         elif isinstance(row, dict) and all(isinstance(row.get(k), str) and row[k].strip()

@@ -51,7 +51,8 @@ def prepare_eval(cfg: Config, tokenizer) -> EvalInputs | None:
     from openrlaif.data import load_prompts
     from openrlaif.envs import env_factory
     prompts = load_prompts(ev.prompts, tokenizer, cfg.data.max_prompt_tokens, cfg.data.system_prompt,
-                           key="eval.prompts", env=env_factory(cfg.env))   # env.*: held-out episodes
+                           key="eval.prompts", env=env_factory(cfg.env), columns=cfg.data.columns,
+                           overlong=cfg.data.overlong)   # env.*: held-out episodes
     inputs = EvalInputs(prompts)
     fb = ev.feedback
     if fb.source == "function":

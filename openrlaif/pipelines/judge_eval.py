@@ -8,7 +8,7 @@ import os
 
 from openrlaif.checkpointing import RunError
 from openrlaif.config import Config, ConfigError, cache_dir, validate_judge
-from openrlaif.data.jsonl import read_jsonl
+from openrlaif.data.rows import read_rows
 from openrlaif.data.pairs import DEMO_PAIRS, split_conversation
 from openrlaif.models import resolve_model_path
 from openrlaif.pipelines.common import prepare_output_dir, release
@@ -16,12 +16,12 @@ from openrlaif.roles import threads_per_worker
 from openrlaif.runtime import ray_session
 
 
-def load_labelled_pairs(path: str) -> list[tuple[str, str, str, list[dict] | None]]:
+def load_labelled_pairs(path: str, columns: dict | None = None) -> list[tuple[str, str, str, list[dict] | None]]:
     """(prompt, chosen, rejected, conversation): message-style rows give the judge their whole conversation (the
     prompt text is its last user message)."""
     path = DEMO_PAIRS if path == "demo" else path
     out = []
-    for where, row in read_jsonl(path, "data.pairs", '{"prompt", "chosen", "rejected"}'):
+    for where, row in read_rows(path, "data.pairs", '{"prompt", "chosen", "rejected"}', columns):
         if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
             raise ConfigError(f"{where}: each row needs \"chosen\" and \"rejected\" (and \"prompt\").")
         if isinstance(row["chosen"], list):
@@ -47,7 +47,7 @@ def cell(value, width: int) -> str:
 
 def train(cfg: Config) -> dict:
     from openrlaif.roles import start_judge
-    pairs = load_labelled_pairs(cfg.data.pairs)
+    pairs = load_labelled_pairs(cfg.data.pairs, cfg.data.columns)
     judge_cfg = cfg.feedback.judge
     judge_path = None
     if judge_cfg.backend == "local":

@@ -82,10 +82,10 @@ def load_examples(cfg: Config, tokenizer) -> list:
     data, loss = cfg.data, cfg.algorithm.loss
     if loss in UNPAIRED_LOSSES:
         return load_unpaired(data.pairs, tokenizer, data.max_prompt_tokens, data.max_response_tokens,
-                             with_mismatched=loss == "kto")
+                             with_mismatched=loss == "kto", columns=data.columns)
     if loss in LISTWISE_LOSSES:
-        return load_ranked(data.pairs, tokenizer, data.max_prompt_tokens, data.max_response_tokens)
-    return load_pairs(data.pairs, tokenizer, data.max_prompt_tokens, data.max_response_tokens)
+        return load_ranked(data.pairs, tokenizer, data.max_prompt_tokens, data.max_response_tokens, data.columns)
+    return load_pairs(data.pairs, tokenizer, data.max_prompt_tokens, data.max_response_tokens, columns=data.columns)
 
 
 def add_reference_logps(cfg: Config, model_path: str, examples: list, pad_id: int) -> None:

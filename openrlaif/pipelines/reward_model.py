@@ -29,7 +29,7 @@ def train(cfg: Config) -> dict:
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
     tokenizer = load_tokenizer(model_path, cfg)
     pairs = load_pairs(cfg.data.pairs, tokenizer, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens,
-                       default_margin=cfg.algorithm.margin)
+                       default_margin=cfg.algorithm.margin, columns=cfg.data.columns)
     train_pairs, eval_pairs = held_out_split(pairs, cfg.data.eval_fraction, cfg.seed)
     out_dir = prepare_output_dir(cfg)
     resources = cfg.actor.resources

@@ -22,7 +22,8 @@ def train(cfg: Config, continuing: bool = False) -> dict:
     `continuing`: the SFT phase of a run that already holds output.dir (pipeline=constitutional)."""
     model_path = resolve_model_path(cfg.model.path, cache_dir(cfg.model))
     tokenizer = load_tokenizer(model_path, cfg)
-    examples = load_sft(cfg.data.sft, tokenizer, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+    examples = load_sft(cfg.data.sft, tokenizer, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens,
+                        cfg.data.columns)
     out_dir = prepare_output_dir(cfg, continuing)
     resources = cfg.actor.resources
     with ray_session(cfg.cluster, resources.num_cpus * resources.num_workers):
