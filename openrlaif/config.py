@@ -311,7 +311,9 @@ class EvalConfig:
 @dataclass
 class LabelConfig:
     """How a sampled group of responses per prompt becomes preference pairs (pipeline=label, online_dpo)."""
-    pairs: str = "best_worst"             # best_worst (one pair per prompt) | all (every pair of distinct rewards)
+    # best_worst (one pair per prompt) | best_vs_rest (the best against each other response) | all (every pair of
+    # distinct rewards). online_dpo: each prompt gets room for as many pairs as the mode can make (1, n-1, n(n-1)/2)
+    pairs: str = "best_worst"
     min_gap: float = 0.0                  # keep a pair only if the rewards differ by more than this (ties carry no label)
     # listwise judge (Repeat Ranking): keep only this share of the prompts, those whose rankings agree most
     # (highest Kendall's W); the paper's best was 0.5. 1.0 keeps every prompt.
@@ -563,11 +565,21 @@ def response_budget(cfg: Config) -> int:
     return cfg.env.max_total_tokens if cfg.env.name else cfg.rollout.max_new_tokens
 
 
+PAIR_MODES = ("best_worst", "best_vs_rest", "all")
+
+
+def pairs_per_prompt(mode: str, samples: int) -> int:
+    """The most pairs label.pairs=`mode` makes from a group of `samples` responses."""
+    return {"best_worst": 1, "best_vs_rest": samples - 1, "all": samples * (samples - 1) // 2}.get(mode, 1)
+
+
 def step_batch_size(cfg: Config) -> int:
-    """What one actor update consumes: every sample (online RL), one pair per prompt (online DPO), or
-    `data.prompts_per_step` examples (offline pipelines)."""
+    """What one actor update consumes: every sample (online RL), the pairs each prompt has room for (online DPO:
+    label.pairs), or `data.prompts_per_step` examples (offline pipelines)."""
     if cfg.pipeline == "online_rl":
         return cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
+    if cfg.pipeline == "online_dpo":
+        return cfg.data.prompts_per_step * pairs_per_prompt(cfg.label.pairs, cfg.rollout.samples_per_prompt)
     return cfg.data.prompts_per_step
 
 

@@ -21,7 +21,8 @@ def select_pairs(group_ids: list[int], rewards: list[float], valid: list[bool], 
     """Pairs from each group's valid (scored) responses, and why groups or pairs were skipped.
 
     best_worst: the highest- against the lowest-rewarded response of the group (ties: earliest vs latest row), as in
-    iterative / self-rewarding DPO. all: every two responses of different text, the higher-rewarded one chosen.
+    iterative / self-rewarding DPO. best_vs_rest: the highest-rewarded response against each of the others.
+    all: every two responses of different text, the higher-rewarded one chosen.
     A pair is kept only if the rewards differ by more than `min_gap`: equal rewards say nothing about which is
     better. Skip reasons: too_few_scored (under 2 valid responses), tie (gap <= min_gap), identical (same text).
     """
@@ -39,6 +40,9 @@ def select_pairs(group_ids: list[int], rewards: list[float], valid: list[bool], 
             best = max(scored, key=lambda row: (rewards[row], -row))
             worst = min(scored, key=lambda row: (rewards[row], -row))   # ties: the latest row
             candidates = [(best, worst)]
+        elif mode == "best_vs_rest":
+            best = max(scored, key=lambda row: (rewards[row], -row))
+            candidates = [(best, row) for row in scored if row != best]
         else:
             candidates = [(a, b) if rewards[a] >= rewards[b] else (b, a) for a, b in combinations(scored, 2)]
         for chosen, rejected in candidates:

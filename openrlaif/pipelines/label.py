@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from openrlaif.checkpointing import FailedSteps
-from openrlaif.config import Config, ConfigError, check_choice, check_positive, validate_feedback_source
+from openrlaif.config import PAIR_MODES, Config, ConfigError, check_choice, check_positive, validate_feedback_source
 from openrlaif.data.labelling import most_consistent, pair_row, select_pairs
 from openrlaif.metrics import MetricsLogger, feedback_metrics, timer
 from openrlaif.pipelines.common import release
@@ -137,7 +137,7 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
 def validate(cfg: Config) -> None:
     """pipeline=label's own checks, and the pair-building half of online_dpo's: a group per prompt, scored, best
     vs worst."""
-    check_choice("label.pairs", cfg.label.pairs, {"best_worst", "all"})
+    check_choice("label.pairs", cfg.label.pairs, set(PAIR_MODES))
     check_positive("label.min_gap", cfg.label.min_gap, allow_zero=True)
     if not 0 < cfg.label.keep_top_fraction <= 1:
         raise ConfigError(f"label.keep_top_fraction={cfg.label.keep_top_fraction} must be in (0, 1]: the share of "

@@ -1,14 +1,16 @@
 """Online / iterative DPO: every step samples a group of responses per prompt from the current policy, scores
 them with the feedback (an AI judge, pointwise or pairwise; a reward model; rules), trains a DPO-family loss on
-each prompt's best-vs-worst pair, and syncs the new weights into the engines (and into the judge when it follows
-the policy: self-rewarding). Same roles and phases as online RL; only the update differs."""
+each prompt's pairs (label.pairs: best-vs-worst, best-vs-rest or all; actor.epochs passes over them), and syncs
+the new weights into the engines (and into the judge when it follows the policy: self-rewarding). Same roles and
+phases as online RL; only the update differs."""
 from __future__ import annotations
 
 import ray
 import torch
 
 from openrlaif.batch import Batch
-from openrlaif.config import Config, ConfigError, check_choice, step_batch_size, validate_preference_loss, validate_trained
+from openrlaif.config import (Config, check_choice, pairs_per_prompt, step_batch_size, validate_preference_loss,
+                              validate_trained)
 from openrlaif.data import PromptStream
 from openrlaif.data.labelling import most_consistent, select_pairs
 from openrlaif.data.pairs import both_sides
@@ -38,12 +40,13 @@ def one_round(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, s
     with timer(metrics, "feedback"):       # 2. score them; failed verdicts leave their response out
         feedback = online_rl.score(roles, batch)
     pairs, skipped = select_pairs(batch["group_ids"].tolist(), feedback.rewards.tolist(), feedback.valid.tolist(),
-                                  batch.meta["response"], "best_worst", cfg.label.min_gap)
+                                  batch.meta["response"], cfg.label.pairs, cfg.label.min_gap)
     if cfg.label.keep_top_fraction < 1:    # listwise judge: only this step's most consistently ranked prompts
         kept = most_consistent(feedback.consistency, cfg.label.keep_top_fraction)
         skipped["low_consistency"] += sum(pair.group not in kept for pair in pairs)
         pairs = [pair for pair in pairs if pair.group in kept]
-    pair_batch = pairs_from_rollout(batch, pairs, len(prompts))   # 3. one pair per prompt (masked: none)
+    pair_batch = pairs_from_rollout(batch, pairs, len(prompts),   # 3. the prompts' pairs (masked where fewer)
+                                    pairs_per_prompt(cfg.label.pairs, cfg.rollout.samples_per_prompt))
     with timer(metrics, "logprobs"):       # 4. reference log-probs of both answers
         add_reference_logps(roles, pair_batch)
     with timer(metrics, "update"):         # 5. one DeepSpeed update of the DPO-family loss
@@ -55,32 +58,37 @@ def one_round(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, s
     metrics |= {key: value for key, value in preference_metrics(per_rank, metrics["time/update_s"]).items()
                 if key != "time/step_s"}
     metrics |= feedback_metrics(feedback, response_tokens, metrics["time/feedback_s"])
-    metrics |= {"label/pairs": float(len(pairs)), "label/pair_fraction": len(pairs) / len(prompts),
+    metrics |= {"label/pairs": float(len(pairs)), "label/pair_fraction": len({p.group for p in pairs}) / len(prompts),
+                "label/pairs_per_prompt": len(pairs) / len(prompts),
                 "label/reward_gap_mean": sum(p.gap for p in pairs) / len(pairs) if pairs else float("nan"),
                 "response/length_mean": response_tokens / len(batch),
                 "throughput/rollout_tokens_per_s": response_tokens / max(metrics["time/rollout_s"], 1e-9)}
     metrics |= {f"label/skipped/{reason}": float(count) for reason, count in skipped.items()}
 
 
-def pairs_from_rollout(batch: Batch, pairs: list, num_prompts: int) -> Batch:
+def pairs_from_rollout(batch: Batch, pairs: list, num_prompts: int, per_prompt: int = 1) -> Batch:
     """The layout pairs_to_batch gives, cut from the rollout rows as sampled (no re-tokenisation). Every prompt
-    gets a row, so every rank runs the same number of micro-steps; a prompt without a pair has pair_mask 0."""
-    by_group = {pair.group: pair for pair in pairs}
+    gets `per_prompt` rows (the most pairs label.pairs can make of a group), so every rank runs the same number
+    of micro-steps whatever the rewards; a row without a pair has pair_mask 0."""
+    by_group: dict[int, list] = {}
+    for pair in pairs:
+        by_group.setdefault(pair.group, []).append(pair)
     first_rows = {}
     for row, group in enumerate(batch["group_ids"].tolist()):
         first_rows.setdefault(group, []).append(row)
     chosen, rejected, mask = [], [], []
     for group in range(num_prompts):
-        pair = by_group.get(group)
-        rows = first_rows[group]
-        chosen.append(pair.chosen if pair else rows[0])
-        rejected.append(pair.rejected if pair else rows[-1])
-        mask.append(1.0 if pair else 0.0)
+        found, rows = by_group.get(group, [])[:per_prompt], first_rows[group]
+        for slot in range(per_prompt):
+            pair = found[slot] if slot < len(found) else None
+            chosen.append(pair.chosen if pair else rows[0])
+            rejected.append(pair.rejected if pair else rows[-1])
+            mask.append(1.0 if pair else 0.0)
     tensors = {}
     for side, rows in (("chosen", chosen), ("rejected", rejected)):
         for name in ("input_ids", "attention_mask", "response_mask"):
             tensors[f"{side}_{name}"] = batch[name][rows]
-    zeros = torch.zeros(num_prompts)
+    zeros = torch.zeros(len(mask))
     return Batch(tensors | {"ref_chosen_logps": zeros, "ref_rejected_logps": zeros.clone(), "margin": zeros.clone(),
                             "pair_mask": torch.tensor(mask)})
 
@@ -104,6 +112,6 @@ def validate(cfg: Config) -> None:
     check_choice("algorithm.loss", cfg.algorithm.loss, PREFERENCE_LOSSES)
     validate_preference_loss(cfg.algorithm)
     label.validate(cfg)
-    if cfg.label.pairs != "best_worst":
-        raise ConfigError("pipeline=online_dpo trains on one pair per prompt: label.pairs=best_worst.")
-    validate_trained("actor", cfg.actor, step_batch_size(cfg), "data.prompts_per_step, one pair per prompt")
+    validate_trained("actor", cfg.actor, step_batch_size(cfg),
+                     f"data.prompts_per_step × {pairs_per_prompt(cfg.label.pairs, cfg.rollout.samples_per_prompt)} "
+                     f"pairs per prompt (label.pairs={cfg.label.pairs})")

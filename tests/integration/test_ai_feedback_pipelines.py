@@ -121,17 +121,19 @@ def test_label_with_a_strict_pairwise_judge_keeps_only_consistent_verdicts(ray_c
 
 
 def test_online_dpo_with_a_rule_learns_from_its_own_samples(ray_cluster, tiny_model, tmp_path):
-    """Three passes (actor.epochs=3) over each round's own labelled pairs: the first pass starts at policy ==
+    """Three passes (actor.epochs=3) over each round's own labelled pairs, the best answer against each of the
+    others (label.pairs=best_vs_rest: up to 3 pairs per prompt of 4 samples): the first pass starts at policy ==
     reference (loss ln 2, margin 0), so a round's mean loss below ln 2 with a positive implicit-reward margin and
     accuracy means the updates moved the policy toward the chosen answers it sampled itself."""
-    cfg = sampling_config(tiny_model, tmp_path, "online_dpo", BREVITY, steps=3,
+    cfg = sampling_config(tiny_model, tmp_path, "online_dpo", BREVITY, steps=3, label=LabelConfig(pairs="best_vs_rest"),
                           actor=ActorConfig(zero_stage=3, lr=1e-3, micro_batch_size=1, epochs=3,
                                             resources=RoleResources(num_workers=2)))
     result = run(cfg)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3]
+    assert any(row["label/pairs_per_prompt"] > 1 for row in rows)   # several pairs per prompt, at most 3
     for row in rows:
-        assert row["label/pairs"] + sum(v for k, v in row.items() if k.startswith("label/skipped/")) == 4
+        assert row["label/pairs"] <= 12 and row["label/pairs_per_prompt"] <= 3
         for phase in ("rollout", "feedback", "logprobs", "update", "sync"):
             assert row[f"time/{phase}_s"] > 0
     for row in rows:

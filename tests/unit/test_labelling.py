@@ -90,8 +90,14 @@ def test_validation_of_the_ai_feedback_pipelines():
         validate(Config(pipeline="label", feedback=rule, rollout=RolloutConfig(samples_per_prompt=1)))
     with pytest.raises(ConfigError, match="label.pairs"):
         validate(Config(pipeline="label", feedback=rule, label=LabelConfig(pairs="most")))
-    with pytest.raises(ConfigError, match="online_dpo trains on one pair per prompt"):
-        validate(Config(pipeline="online_dpo", feedback=rule, label=LabelConfig(pairs="all")))
+    from openrlaif.config import ActorConfig, step_batch_size
+    all_pairs = Config(pipeline="online_dpo", feedback=rule, label=LabelConfig(pairs="all"))
+    validate(all_pairs)   # 4 samples: room for 6 pairs per prompt, 4 prompts
+    assert step_batch_size(all_pairs) == 24
+    assert step_batch_size(Config(pipeline="online_dpo", label=LabelConfig(pairs="best_vs_rest"))) == 12
+    with pytest.raises(ConfigError, match=r"gets 12 samples per optimizer step.*micro_batch_size=5"):
+        validate(Config(pipeline="online_dpo", feedback=rule, label=LabelConfig(pairs="best_vs_rest"),
+                        actor=ActorConfig(micro_batch_size=5)))
     with pytest.raises(ConfigError, match="algorithm.loss"):
         from openrlaif.config import AlgorithmConfig
         validate(Config(pipeline="online_dpo", feedback=rule, algorithm=AlgorithmConfig(loss="kto")))
@@ -137,3 +143,17 @@ def test_validation_of_listwise_judging_and_its_filter():
         validate(Config(pipeline="label", feedback=FeedbackConfig(judge=JudgeConfig(chain_of_thought=True))))
     validate(Config(pipeline="label", feedback=FeedbackConfig(judge=JudgeConfig(chain_of_thought=True,
                                                                                  max_new_tokens=256))))
+
+
+def test_best_vs_rest_pairs_the_best_with_each_other_response_and_the_batch_has_room_for_them():
+    pairs, skipped = select_pairs([0, 0, 0, 0, 1, 1], [0.2, 0.9, 0.5, 0.9, 1.0, 1.0], [True] * 6,
+                                  ["a", "b", "c", "d", "e", "f"], "best_vs_rest")
+    # group 0: the best is row 1 (0.9, the earlier of the tie), against rows 0 and 2; row 3 ties it
+    assert [(p.chosen, p.rejected) for p in pairs] == [(1, 0), (1, 2)]
+    assert skipped == {"tie": 2}   # row 3 in group 0, and group 1's only other answer
+    batch = Batch({"input_ids": torch.arange(6).unsqueeze(-1), "attention_mask": torch.ones(6, 1),
+                   "response_mask": torch.ones(6, 1), "group_ids": torch.tensor([0, 0, 0, 0, 1, 1])})
+    pair_batch = pairs_from_rollout(batch, pairs, 2, per_prompt=3)
+    assert len(pair_batch) == 6 and pair_batch["pair_mask"].tolist() == [1, 1, 0, 0, 0, 0]
+    assert pair_batch["chosen_input_ids"][:2, 0].tolist() == [1, 1]
+    assert pair_batch["rejected_input_ids"][:2, 0].tolist() == [0, 2]
