@@ -118,6 +118,9 @@ class CriticConfig(ActorConfig):
 @dataclass
 class ReferenceConfig:
     micro_batch_size: int = 8
+    # pipeline=online_dpo (iterative DPO, Self-Rewarding): every this many rounds the reference becomes the current
+    # policy; its weights then travel in each resumable checkpoint. 0 = the starting policy throughout
+    update_every: int = 0
     resources: RoleResources = field(default_factory=RoleResources)
 
 
@@ -534,6 +537,10 @@ def validate(cfg: Config) -> None:
     _validate_loggers(cfg.output)
     _validate_colocation(cfg)
     validate_data(cfg.data)
+    if cfg.reference.update_every and cfg.pipeline != "online_dpo":
+        raise ConfigError(f"reference.update_every={cfg.reference.update_every} refreshes the reference between "
+                          f"rounds of pipeline=online_dpo (iterative DPO); pipeline={cfg.pipeline} keeps its "
+                          "reference. Fix: reference.update_every=0.")
     if cfg.env.name and cfg.pipeline != "online_rl":
         raise ConfigError(f"env.name={cfg.env.name!r}: multi-turn episodes run in pipeline=online_rl; pipeline="
                           f"{cfg.pipeline} samples single turns. Fix: env.name='' (or pipeline=online_rl).")

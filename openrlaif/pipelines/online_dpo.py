@@ -9,8 +9,8 @@ import ray
 import torch
 
 from openrlaif.batch import Batch
-from openrlaif.config import (Config, check_choice, pairs_per_prompt, step_batch_size, validate_preference_loss,
-                              validate_trained)
+from openrlaif.config import (Config, ConfigError, check_choice, check_positive, pairs_per_prompt, step_batch_size,
+                              validate_preference_loss, validate_trained)
 from openrlaif.data import PromptStream
 from openrlaif.data.labelling import most_consistent, select_pairs
 from openrlaif.data.pairs import both_sides
@@ -54,6 +54,8 @@ def one_round(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, s
                                            pair_batch.split(len(roles.actor))))
     with timer(metrics, "sync"):           # 6. the new weights into the engines (and a self-judge)
         metrics |= sync_weights(roles, cfg, step)
+        if cfg.reference.update_every and step % cfg.reference.update_every == 0:   # 7. iterative DPO
+            metrics |= refresh_reference(roles, cfg)
     response_tokens = float(batch["response_mask"].sum())
     metrics |= {key: value for key, value in preference_metrics(per_rank, metrics["time/update_s"]).items()
                 if key != "time/step_s"}
@@ -93,6 +95,14 @@ def pairs_from_rollout(batch: Batch, pairs: list, num_prompts: int, per_prompt: 
                             "pair_mask": torch.tensor(mask)})
 
 
+def refresh_reference(roles: Roles, cfg: Config) -> dict[str, float]:
+    """The reference becomes the current policy (reference.update_every; iterative DPO and Self-Rewarding start
+    each iteration from the last one's model): the weight sync's buckets, in float32, into the reference workers."""
+    from openrlaif.rollout.weight_sync import sync_bucket
+    seconds = sum(sync_bucket(roles, [roles.reference], names, "float32") for names in roles.sync_plan)
+    return {"reference/refreshed": 1.0, "reference/load_s": seconds}
+
+
 def add_reference_logps(roles: Roles, pair_batch: Batch) -> None:
     """Σ log π_ref of every chosen and rejected answer (skipped for reference-free losses: SimPO, ORPO)."""
     if roles.reference is None:
@@ -108,10 +118,14 @@ def add_reference_logps(roles: Roles, pair_batch: Batch) -> None:
 
 def validate(cfg: Config) -> None:
     """pipeline=online_dpo's own checks: a pairwise loss, pairs built as pipeline=label builds them."""
-    from openrlaif.algorithms.preference import PREFERENCE_LOSSES
+    from openrlaif.algorithms.preference import PREFERENCE_LOSSES, REFERENCE_FREE
     check_choice("algorithm.loss", cfg.algorithm.loss, PREFERENCE_LOSSES)
     validate_preference_loss(cfg.algorithm)
     label.validate(cfg)
+    check_positive("reference.update_every", cfg.reference.update_every, allow_zero=True)
+    if cfg.reference.update_every and cfg.algorithm.loss in REFERENCE_FREE:
+        raise ConfigError(f"reference.update_every={cfg.reference.update_every} refreshes the reference, but "
+                          f"algorithm.loss={cfg.algorithm.loss} has none. Fix: reference.update_every=0.")
     validate_trained("actor", cfg.actor, step_batch_size(cfg),
                      f"data.prompts_per_step × {pairs_per_prompt(cfg.label.pairs, cfg.rollout.samples_per_prompt)} "
                      f"pairs per prompt (label.pairs={cfg.label.pairs})")

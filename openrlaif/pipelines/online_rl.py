@@ -129,6 +129,8 @@ class Progress:
         self.cfg, self.run, self.roles, self.stream = cfg, run, roles, stream
         self.checkpointer = Checkpointer(run.out_dir, cfg.output.checkpoint_every, cfg.output.keep_last)
         self.trained = {"actor": roles.actor} | ({"critic": roles.critic} if roles.critic is not None else {})
+        if cfg.reference.update_every and roles.reference is not None:   # a refreshed reference is state too
+            self.trained["reference"] = roles.reference
 
     def resume(self) -> int:
         """The first step to run: 1, or the step after the newest checkpoint (resume=true)."""

@@ -43,7 +43,7 @@ def test_unknown_command():
     (["+data.promts=my.jsonl"], "data.promts is not a configuration key. Did you mean data.prompts?"),
     (["model=tiny", "data.max_prompt_tokens=100000"], "tokens, more than the 1024 positions of model.path="),
     (["algorithm.kl_coef=inf"], "algorithm.kl_coef=inf must be a finite number"),
-    (["algorithm.clip_eps=-1"], "algorithm.clip_eps=-1.0 must be in (0, 1)"),
+    (["algorithm.clip_eps=-1"], "algorithm.clip_eps=-1.0 must be in (0, 1]"),
     (["feedback=judge_http", "feedback.judge.base_url=ftp://judge:8000/v1"], "is not an http:// or https:// URL"),
     (["model=tiny", "feedback=function", "feedback.function=tests.unit.test_models_and_rules:half_known",
       "+feedback.function_kwargs.target_words=20"], "cannot be called as half_known(prompts, responses, target_words"),

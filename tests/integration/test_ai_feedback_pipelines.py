@@ -146,6 +146,32 @@ def test_online_dpo_with_a_rule_learns_from_its_own_samples(ray_cluster, tiny_mo
     assert any(not torch.equal(initial[name], trained[name]) for name in initial)
 
 
+def test_iterative_dpo_refreshes_the_reference_to_the_policy_each_round(ray_cluster, tiny_model, tmp_path):
+    """reference.update_every=1: each round starts with policy == reference, so its one optimizer step sees the
+    DPO loss at exactly ln 2 (margin 0), which a frozen reference would not give in round 2; the reference's
+    weights travel in each checkpoint, the last equal to the final policy."""
+    from openrlaif.config import ReferenceConfig
+    runs = {}
+    for every in (1, 0):
+        out = tmp_path / f"every-{every}"
+        cfg = sampling_config(tiny_model, out, "online_dpo", BREVITY,
+                              rollout=RolloutConfig(engine="hf", samples_per_prompt=4, max_new_tokens=8),
+                              reference=ReferenceConfig(update_every=every),
+                              output=OutputConfig(dir=str(out), checkpoint_every=1))
+        run(cfg)
+        runs[every] = read_jsonl(out / "metrics.jsonl")
+    refreshed, frozen = runs[1], runs[0]
+    assert [row.get("reference/refreshed") for row in refreshed] == [1.0, 1.0]
+    for row in refreshed:
+        assert row["train/loss"] == pytest.approx(math.log(2), abs=1e-5) and abs(row["train/reward_margin"]) < 1e-5
+    assert abs(frozen[1]["train/loss"] - math.log(2)) > 1e-4   # round 2 against the starting policy
+    saved = load_file(os.path.join(tmp_path, "every-1", "checkpoints", "step_000002", "reference",
+                                   "model.safetensors"))
+    final = load_file(os.path.join(tmp_path, "every-1", "checkpoint", "model.safetensors"))
+    assert all(torch.equal(saved[name], final[name]) for name in final)
+    assert not os.path.exists(os.path.join(tmp_path, "every-0", "checkpoints", "step_000002", "reference"))
+
+
 def test_self_rewarding_online_dpo_the_judge_follows_the_policy(ray_cluster, tiny_model, tmp_path):
     """Pairwise self-judging on a vLLM judge: after the run the judge group answers exactly like a fresh judge
     loaded from the final checkpoint, so every weight sync reached it."""
