@@ -324,6 +324,13 @@ class LabelConfig:
 
 
 @dataclass
+class RejectionConfig:
+    """pipeline=rejection_sampling (best-of-N SFT): each round keeps every prompt's best response when it scores at
+    least `threshold` (null: always), and fine-tunes on those."""
+    threshold: Optional[float] = None
+
+
+@dataclass
 class Principle:
     critique: str                         # asks the judge to critique the response against the principle
     revision: str                         # asks it to rewrite the response given its critique
@@ -427,6 +434,7 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
     constitution: ConstitutionConfig = field(default_factory=ConstitutionConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -530,8 +538,9 @@ def validate(cfg: Config) -> None:
                               f"values. Fix: {role}.resources.node_labels={{pool: rollout}}.")
     check_positive("output.checkpoint_every", cfg.output.checkpoint_every, allow_zero=True)
     check_positive("output.keep_last", cfg.output.keep_last, allow_zero=True)
-    if (cfg.resume or cfg.output.checkpoint_every) and cfg.pipeline not in ("online_rl", "online_dpo"):
-        raise ConfigError(f"resume / output.checkpoint_every work for pipeline=online_rl and online_dpo; "
+    if (cfg.resume or cfg.output.checkpoint_every) and cfg.pipeline not in ONLINE_PIPELINES:
+        raise ConfigError(f"resume / output.checkpoint_every work for pipeline=online_rl, online_dpo and "
+                          "rejection_sampling; "
                           f"pipeline={cfg.pipeline} runs start over (the offline ones are short, and label and "
                           "constitutional reuse the judge's verdict cache).")
     _validate_loggers(cfg.output)
@@ -564,7 +573,8 @@ def validate(cfg: Config) -> None:
 
 
 # Pipelines that sample from the policy with the rollout engines.
-SAMPLING_PIPELINES = {"online_rl", "online_dpo", "label", "constitutional", "eval"}
+SAMPLING_PIPELINES = {"online_rl", "online_dpo", "rejection_sampling", "label", "constitutional", "eval"}
+ONLINE_PIPELINES = ("online_rl", "online_dpo", "rejection_sampling")   # they train on their own samples
 
 
 def response_budget(cfg: Config) -> int:

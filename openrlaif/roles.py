@@ -12,7 +12,8 @@ import ray
 
 from openrlaif.algorithms.advantages import CRITIC
 from openrlaif.checkpointing import RunError
-from openrlaif.config import Config, RoleResources, cache_dir, judge_engine, response_budget, step_batch_size
+from openrlaif.config import (ONLINE_PIPELINES, Config, RoleResources, cache_dir, judge_engine, response_budget,
+                              step_batch_size)
 from openrlaif.data import load_prompts
 from openrlaif.feedback import Feedback
 from openrlaif.models import resolve_model_path
@@ -131,7 +132,7 @@ def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
     where the loss uses it, no judge for rules, a critic only for estimators that need values. A judge that follows
     the policy is the policy's weights in a group of its own."""
     plan = {"rollout": cfg.rollout.resources}
-    if cfg.pipeline in ("online_rl", "online_dpo"):
+    if cfg.pipeline in ONLINE_PIPELINES:
         plan["actor"] = cfg.actor.resources
     if needs_reference(cfg):
         plan["reference"] = cfg.reference.resources

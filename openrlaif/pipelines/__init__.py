@@ -5,7 +5,7 @@ PIPELINES = {"online_rl": "openrlaif.pipelines.online_rl", "preference": "openrl
              "sft": "openrlaif.pipelines.sft", "reward_model": "openrlaif.pipelines.reward_model",
              "judge_eval": "openrlaif.pipelines.judge_eval", "online_dpo": "openrlaif.pipelines.online_dpo",
              "label": "openrlaif.pipelines.label", "constitutional": "openrlaif.pipelines.constitutional",
-             "eval": "openrlaif.pipelines.evaluation"}
+             "eval": "openrlaif.pipelines.evaluation", "rejection_sampling": "openrlaif.pipelines.rejection_sampling"}
 
 
 def run(cfg) -> dict:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm import tqdm
 
-from openrlaif.config import Config, ConfigError, RoleResources, cache_dir
+from openrlaif.config import ONLINE_PIPELINES, Config, ConfigError, RoleResources, cache_dir
 from openrlaif.models import resolve_model_path
 
 
@@ -390,8 +390,9 @@ def validate_eval(cfg: Config) -> None:
     if ev.baseline:
         raise ConfigError("eval.baseline is for `openrlaif eval <model> eval.baseline=<model>` (pipeline=eval); in a "
                           "training run the policy is measured against its own start at step 0.")
-    if (ev.prompts or fb.source) and cfg.pipeline not in ("online_rl", "online_dpo"):
-        raise ConfigError(f"eval.* runs in the loop of pipeline=online_rl and online_dpo; pipeline={cfg.pipeline} "
+    if (ev.prompts or fb.source) and cfg.pipeline not in ONLINE_PIPELINES:
+        raise ConfigError("eval.* runs in the loop of pipeline=online_rl, online_dpo and rejection_sampling; "
+                          f"pipeline={cfg.pipeline} "
                           "has none. Fix: score its checkpoint with `openrlaif eval <checkpoint> eval.prompts=...`.")
     if fb.source and not ev.prompts:
         raise ConfigError("eval.feedback is set but eval.prompts is empty: nothing would be evaluated. Fix: "

@@ -172,6 +172,29 @@ def test_iterative_dpo_refreshes_the_reference_to_the_policy_each_round(ray_clus
     assert not os.path.exists(os.path.join(tmp_path, "every-0", "checkpoints", "step_000002", "reference"))
 
 
+def test_rejection_sampling_fine_tunes_on_each_prompts_best_answer(ray_cluster, tiny_model, tmp_path):
+    """pipeline=rejection_sampling (best-of-N SFT): two rounds of 4 samples per prompt scored by the brevity rule;
+    each round keeps the prompts whose best answer reaches the threshold, trains on those answers, and the
+    weights move; a threshold no answer reaches keeps none and leaves every weight as it was."""
+    from openrlaif.config import RejectionConfig
+    results = {}
+    for name, threshold in (("kept", None), ("none", 2.0)):   # brevity rewards lie in [0, 1]
+        out = tmp_path / name
+        cfg = sampling_config(tiny_model, out, "rejection_sampling", BREVITY,
+                              rollout=RolloutConfig(engine="hf", samples_per_prompt=4, max_new_tokens=8),
+                              rejection=RejectionConfig(threshold=threshold))
+        results[name] = (run(cfg), read_jsonl(out / "metrics.jsonl"))
+    initial = load_file(os.path.join(tiny_model, "model.safetensors"))
+    (kept_result, kept_rows), (none_result, none_rows) = results["kept"], results["none"]
+    assert [row["rejection/kept"] for row in kept_rows] == [4.0, 4.0] and all(row["train/loss"] > 0 for row in kept_rows)
+    assert all(0 <= row["rejection/kept_reward_mean"] <= 1 for row in kept_rows)
+    trained = load_file(os.path.join(kept_result["checkpoint"], "model.safetensors"))
+    assert any(not torch.equal(initial[name], trained[name]) for name in initial)
+    assert [row["rejection/kept"] for row in none_rows] == [0.0, 0.0] and all(row["train/loss"] == 0 for row in none_rows)
+    untouched = load_file(os.path.join(none_result["checkpoint"], "model.safetensors"))
+    assert all(torch.equal(initial[name], untouched[name]) for name in initial)
+
+
 def test_self_rewarding_online_dpo_the_judge_follows_the_policy(ray_cluster, tiny_model, tmp_path):
     """Pairwise self-judging on a vLLM judge: after the run the judge group answers exactly like a fresh judge
     loaded from the final checkpoint, so every weight sync reached it."""

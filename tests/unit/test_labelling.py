@@ -157,3 +157,16 @@ def test_best_vs_rest_pairs_the_best_with_each_other_response_and_the_batch_has_
     assert len(pair_batch) == 6 and pair_batch["pair_mask"].tolist() == [1, 1, 0, 0, 0, 0]
     assert pair_batch["chosen_input_ids"][:2, 0].tolist() == [1, 1]
     assert pair_batch["rejected_input_ids"][:2, 0].tolist() == [0, 2]
+
+
+def test_best_of_n_keeps_each_prompts_best_answer_above_the_threshold_and_empties_the_rest():
+    from openrlaif.batch import prompt_response_layout
+    from openrlaif.pipelines.rejection_sampling import best_of_n
+    layout = prompt_response_layout([[1, 2], [1, 2], [3], [3]], [[10, 11], [12], [13], [14, 15]], pad_id=0)
+    batch = Batch(layout | {"group_ids": torch.tensor([0, 0, 1, 1])})
+    examples, kept = best_of_n(batch, [0.2, 0.9, 0.1, 0.3], [True, True, True, False], 2, threshold=None)
+    assert examples.meta["prompt_ids"] == [[1, 2], [3]]
+    assert examples.meta["response_ids"] == [[12], [13]]     # group 1: the better answer's verdict failed
+    assert kept == [0.9, 0.1]
+    examples, kept = best_of_n(batch, [0.2, 0.9, 0.1, 0.3], [True, True, True, False], 2, threshold=0.5)
+    assert examples.meta["response_ids"] == [[12], []] and kept == [0.9, None]   # no loss, the same row count
