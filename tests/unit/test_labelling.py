@@ -170,3 +170,19 @@ def test_best_of_n_keeps_each_prompts_best_answer_above_the_threshold_and_emptie
     assert kept == [0.9, 0.1]
     examples, kept = best_of_n(batch, [0.2, 0.9, 0.1, 0.3], [True, True, True, False], 2, threshold=0.5)
     assert examples.meta["response_ids"] == [[12], []] and kept == [0.9, None]   # no loss, the same row count
+
+
+def test_rejection_sampling_and_reference_refresh_settings_are_checked():
+    from openrlaif.config import AlgorithmConfig, ReferenceConfig
+    from openrlaif.roles import role_plan
+    rule = FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity")
+    validate(Config(pipeline="rejection_sampling", feedback=rule))
+    assert sorted(role_plan(Config(pipeline="rejection_sampling", feedback=rule), None)) == ["actor", "rollout"]
+    with pytest.raises(ConfigError, match="best-of-N needs N >= 2"):
+        validate(Config(pipeline="rejection_sampling", feedback=rule, rollout=RolloutConfig(samples_per_prompt=1)))
+    validate(Config(pipeline="online_dpo", feedback=rule, reference=ReferenceConfig(update_every=2)))
+    with pytest.raises(ConfigError, match="pipeline=online_rl keeps its reference"):
+        validate(Config(feedback=rule, reference=ReferenceConfig(update_every=2)))
+    with pytest.raises(ConfigError, match="algorithm.loss=simpo has none"):
+        validate(Config(pipeline="online_dpo", feedback=rule, reference=ReferenceConfig(update_every=2),
+                        algorithm=AlgorithmConfig(loss="simpo", beta=2.0)))
