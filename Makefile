@@ -15,7 +15,7 @@ demo: install
 
 # The whole suite: unit (seconds), integration (Ray + DeepSpeed + vLLM on tiny models), e2e (the CLI).
 test: install
-	$(PYTEST) tests -q -rs
+	$(PYTEST) tests -q -rfEs
 
 test-fast: install
 	$(PYTEST) tests/unit -q
