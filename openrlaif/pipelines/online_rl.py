@@ -380,6 +380,10 @@ def shaped_rewards(batch: Batch, feedback: FeedbackResult, cfg: Config,
         truncated = ~batch["finished"]
         mask = mask * (~truncated).float()
         metrics["reward/truncated_masked"] = float(truncated.sum())
+        if bool(truncated.all()):   # nothing left to learn from: say so rather than train on nothing quietly
+            tqdm.write("[openrlaif] every sample ran to rollout.max_new_tokens, and algorithm.mask_truncated=true "
+                       "masks them all: this step learns nothing. Fix: raise rollout.max_new_tokens, or "
+                       "algorithm.mask_truncated=false.")
     return rewards, mask
 
 

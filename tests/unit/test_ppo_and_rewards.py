@@ -101,7 +101,7 @@ def test_dapo_overlong_penalty_ramps_over_the_buffer_hand_computed():
     assert overlong_penalty(lengths, 20, 8, factor=0.5).tolist() == pytest.approx([0.0, 0.0, -0.0625, -0.25, -0.5])
 
 
-def test_shaped_rewards_add_the_penalty_and_mask_truncated_samples():
+def test_shaped_rewards_add_the_penalty_and_mask_truncated_samples(capsys):
     from openrlaif.batch import Batch
     from openrlaif.config import AlgorithmConfig, Config, RolloutConfig
     from openrlaif.feedback import FeedbackResult
@@ -118,5 +118,8 @@ def test_shaped_rewards_add_the_penalty_and_mask_truncated_samples():
     assert rewards.tolist() == pytest.approx([1.0, 0.25, 0.0])       # 9 tokens: (6 − 9) / 4 = −0.75
     assert sample_mask.tolist() == [1.0, 1.0, 0.0]                    # the one cut off at 10 tokens: no loss
     assert metrics["reward/truncated_masked"] == 1.0
+    all_cut = Batch({"response_mask": mask, "finished": torch.tensor([False, False, False])})
+    shaped_rewards(all_cut, feedback, cfg, {})
+    assert "masks them all: this step learns nothing" in capsys.readouterr().out
     off = shaped_rewards(batch, feedback, Config(), {})
     assert off[0].tolist() == [1.0, 1.0, 1.0] and off[1].tolist() == [1.0, 1.0, 1.0]
