@@ -60,18 +60,25 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
         advantages = advantages.unsqueeze(-1)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(logprobs - old_logprobs)
+    return clipped_surrogate(ratio, logprobs, advantages, mask, 1.0 - clip_eps, 1.0 + high, dual_clip, is_weights,
+                             loss_agg, num_tokens, ref_logprobs, kl_coef, kl_estimator, entropy, entropy_coef)
+
+
+def clipped_surrogate(ratio: Tensor, logprobs: Tensor, advantages: Tensor, mask: Tensor, low: float, high: float,
+                      dual_clip: float | None, is_weights: Tensor | None, loss_agg: str, num_tokens,
+                      ref_logprobs: Tensor | None, kl_coef: float, kl_estimator: str, entropy: Tensor | None,
+                      entropy_coef: float) -> PolicyLossOutput:
+    """−min(ρA, clip(ρ, low, high)A) per token (with dual-clip and importance weights), aggregated, plus β·KL and
+    the entropy bonus: PPO-clip's objective for any ratio ρ (the token ratio; GSPO's sequence ratio)."""
     unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * advantages
+    clipped = ratio.clamp(low, high) * advantages
     per_token = -torch.minimum(unclipped, clipped)
     if dual_clip is not None:
         per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)
     if is_weights is not None:
         per_token = per_token * is_weights.detach()
     policy_loss = aggregate(per_token, mask, loss_agg, num_tokens)
-    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-    kl = aggregate(KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs), mask, loss_agg, num_tokens) \
-        if ref_logprobs is not None else zero
-    mean_entropy = aggregate(entropy, mask, loss_agg, num_tokens) if entropy is not None else zero
+    kl, mean_entropy = _extras(logprobs, mask, loss_agg, num_tokens, ref_logprobs, kl_estimator, entropy)
     loss = policy_loss + kl_coef * kl - entropy_coef * mean_entropy
     with torch.no_grad():
         # the clip is active where the clipped term wins the min (PPO's clipfrac)
@@ -111,20 +118,9 @@ def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     log_seq_ratio = ((logprobs - old_logprobs) * maskf).sum(-1) / lengths          # (B,)
     # value exp(log s_i) at every token, gradient that of log π_θ(y_t)
     log_ratio = logprobs - logprobs.detach() + log_seq_ratio.detach().clamp(max=10.0).unsqueeze(-1)
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
-    if is_weights is not None:
-        per_token = per_token * is_weights.detach()
-    policy_loss = aggregate(per_token, mask, loss_agg, num_tokens)
-    kl, mean_entropy = _extras(logprobs, mask, loss_agg, num_tokens, ref_logprobs, kl_estimator, entropy)
-    loss = policy_loss + kl_coef * kl - entropy_coef * mean_entropy
-    with torch.no_grad():
-        clip_fraction = masked_mean((clipped < unclipped).to(logprobs.dtype), mask)
-        ratio_mean = masked_mean(ratio, mask)
-    return PolicyLossOutput(loss, policy_loss.detach(), kl.detach(), mean_entropy.detach(), clip_fraction,
-                            ratio_mean)
+    return clipped_surrogate(torch.exp(log_ratio), logprobs, advantages, mask, 1.0 - clip_eps, 1.0 + high, None,
+                             is_weights, loss_agg, num_tokens, ref_logprobs, kl_coef, kl_estimator, entropy,
+                             entropy_coef)
 
 
 def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 1.0,

@@ -55,8 +55,12 @@ def weight_sync_path(cfg: Config) -> str:
     else the object store, which measured faster on CPU (benchmarks/weight_sync.py)."""
     if cfg.rollout.weight_sync != "auto":
         return cfg.rollout.weight_sync
-    on_gpus = cfg.actor.resources.num_gpus > 0 and cfg.rollout.resources.num_gpus > 0
-    return "collective" if on_gpus else "object_store"
+    return "collective" if on_gpus(cfg) else "object_store"
+
+
+def on_gpus(cfg: Config) -> bool:
+    """The trainer and the engines hold GPUs: the weight-sync group can be NCCL's."""
+    return cfg.actor.resources.num_gpus > 0 and cfg.rollout.resources.num_gpus > 0
 
 
 def join_sync_group(roles: Roles, targets: list, cfg: Config) -> None:
@@ -65,7 +69,7 @@ def join_sync_group(roles: Roles, targets: list, cfg: Config) -> None:
     if roles.sync_group_size:
         return
     engines = [worker for group in targets for worker in group.workers]
-    device = "cuda" if cfg.actor.resources.num_gpus > 0 and cfg.rollout.resources.num_gpus > 0 else "cpu"
+    device = "cuda" if on_gpus(cfg) else "cpu"
     rank0 = roles.actor.workers[0]
     address, port = ray.get(rank0.open_weight_sync.remote())
     world = 1 + len(engines)
