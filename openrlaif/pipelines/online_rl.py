@@ -477,12 +477,12 @@ def step_metrics(batch: Batch, feedback, train: dict[str, float], times: dict[st
         "train/clip_fraction": train["clip_fraction_x_tokens"] / max(train["valid_tokens"], 1.0),
         "train/ratio_mean": train["ratio_x_tokens"] / max(train["valid_tokens"], 1.0),
         **({"train/is_weight_mean": train["is_weight_x_tokens"] / max(train["valid_tokens"], 1.0),
-            "train/is_truncated_fraction": train["is_truncated_x_tokens"] / max(train["valid_tokens"], 1.0),
-            "train/behaviour_kl": train["behaviour_kl_x_tokens"] / max(train["valid_tokens"], 1.0)}
+            "train/is_truncated_fraction": train["is_truncated_x_tokens"] / max(train["valid_tokens"], 1.0)}
            if train.get("is_weight_x_tokens") else {}),
-        **({"train/mis_dropped_fraction": train["mis_dropped"] / train["behaviour_sequences"],
-            "train/behaviour_kl": train["behaviour_kl_x_tokens"] / max(train["valid_tokens"], 1.0)}
+        **({"train/mis_dropped_fraction": train["mis_dropped"] / train["behaviour_sequences"]}
            if train.get("behaviour_sequences") else {}),
+        **({"train/behaviour_kl": train["behaviour_kl_x_tokens"] / max(train["valid_tokens"], 1.0)}
+           if train.get("is_weight_x_tokens") or train.get("behaviour_sequences") else {}),
         "train/grad_norm": train["grad_norm"],
         **({"rollout/logprob_mismatch_mean": train["mismatch_abs_x_tokens"] / train["mismatch_tokens"],
             "rollout/logprob_mismatch_max": train["mismatch_max"],
