@@ -15,7 +15,7 @@ demo: install
 
 # The whole suite: unit (seconds), integration (Ray + DeepSpeed + vLLM on tiny models), e2e (the CLI).
 test: install
-	$(PYTEST) tests -q -rfEs
+	$(PYTEST) tests -q -rfEs --durations=40
 
 test-fast: install
 	$(PYTEST) tests/unit -q

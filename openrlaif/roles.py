@@ -5,7 +5,9 @@ Every pipeline that samples or trains starts its roles through here."""
 from __future__ import annotations
 
 import os
+import random
 import socket
+import time
 from dataclasses import dataclass
 
 import ray
@@ -340,6 +342,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+RAY_WORKER_PORTS_END = 20000   # Ray's workers listen on 10002-19999 by default
+
+
+def rendezvous_port(address: str = "127.0.0.1") -> int:
+    """A free port for a rendezvous that another process (rank 0) binds later. Not one the OS hands out (bind to
+    port 0): those come from the ephemeral range that outgoing connections also take their local ports from, so in
+    the seconds before rank 0 binds it, one of Ray's connections could take it (seen in CI: EADDRINUSE at rank 0's
+    bind). Ports between Ray's worker ports and the ephemeral range are taken only by explicit binds."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_start = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_start = 32768
+    if ephemeral_start - RAY_WORKER_PORTS_END < 1000:
+        return free_port()
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(200):
+        port = rng.randrange(RAY_WORKER_PORTS_END, ephemeral_start)
+        with socket.socket() as sock:
+            try:
+                sock.bind((address, port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 def threads_per_worker(cfg: Config, num_workers: int) -> int:
     """Roles run one after another, so each may use every core unless the config says otherwise."""
     return cfg.cluster.threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
@@ -371,9 +400,10 @@ def start_trainer(cfg: Config, role: str, worker_class, train_cfg, step_batch_si
     resources = train_cfg.resources
     backend = cfg.cluster.dist_backend if cfg.cluster.dist_backend != "auto" else (
         "nccl" if resources.num_gpus > 0 else "gloo")
-    master_addr, master_port = "127.0.0.1", free_port()
+    master_addr = "127.0.0.1"
     if cfg.cluster.address:   # multi-node: rank 0's node must be reachable by the others
         master_addr = ray.util.get_node_ip_address()
+    master_port = rendezvous_port(master_addr)
     return WorkerGroup(role, worker_class, resources, lambda rank: dict(
         cfg=train_cfg, rank=rank, world_size=resources.num_workers, master_addr=master_addr,
         master_port=master_port, backend=backend, dtype=cfg.model.dtype, step_batch_size=step_batch_size,

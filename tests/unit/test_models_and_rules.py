@@ -116,3 +116,18 @@ def test_a_start_up_error_is_the_exception_not_a_trailing_url():
     assert message.startswith("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig")
     assert "max_model_len 100048 > max_position_embeddings 1024" in message
     assert startup_error(RuntimeError("plain words")) == "plain words"
+
+
+def test_a_rendezvous_port_is_never_one_the_os_hands_to_outgoing_connections():
+    """The DeepSpeed rendezvous port is chosen by the driver and bound seconds later by rank 0: a port from the
+    ephemeral range could meanwhile be taken as the local port of an outgoing connection (CI: EADDRINUSE)."""
+    import socket
+
+    from openrlaif.roles import RAY_WORKER_PORTS_END, rendezvous_port
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_start = int(f.read().split()[0])
+    ports = {rendezvous_port() for _ in range(50)}
+    assert len(ports) > 40   # drawn at random, not one fixed port two runs would share
+    assert all(RAY_WORKER_PORTS_END <= port < ephemeral_start for port in ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", rendezvous_port()))   # free when handed out
