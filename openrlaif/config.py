@@ -92,6 +92,22 @@ class RolloutConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA (Hu et al. 2021) via peft: only the low-rank adapters train, W + (alpha / rank)·B·A, B starting at 0."""
+    rank: int = 0                         # 0 = off (full fine-tuning)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # the linear layers that get adapters: module names (q_proj, ...) or [all-linear] (every linear layer but the
+    # LM head, peft's resolution)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # how the policy reaches the engines: adapter (only the adapters, as a new vLLM LoRA adapter per sync; the base
+    # weights never move), merged (W + scaling·B·A in full, for engines that take no adapters: HF, a self-judge),
+    # auto (adapter for vLLM rollouts without a policy-following judge, else merged)
+    sync: str = "auto"
+    save_merged: bool = False             # also write <output.dir>/checkpoint-merged, an HF folder of merged weights
+
+
+@dataclass
 class ActorConfig:
     """The trained policy: DeepSpeed ZeRO engines, one per worker (data parallel)."""
     zero_stage: int = 2                   # one worker without offload runs stage 0: nothing to partition
@@ -104,6 +120,7 @@ class ActorConfig:
     epochs: int = 1                       # passes over each step's batch
     gradient_checkpointing: bool = False
     keep_dropout: bool = False            # false: dropout off while training (as TRL); the on-policy ratio is then 1
+    lora: LoraSettings = field(default_factory=LoraSettings)
     resources: RoleResources = field(default_factory=RoleResources)
 
 
@@ -121,6 +138,9 @@ class ReferenceConfig:
     # pipeline=online_dpo (iterative DPO, Self-Rewarding): every this many rounds the reference becomes the current
     # policy; its weights then travel in each resumable checkpoint. 0 = the starting policy throughout
     update_every: int = 0
+    # with actor.lora: the reference is the actor's own base model, its adapters switched off for the pass (no
+    # reference role, one model copy less). null = true with LoRA; false = a reference role as without LoRA
+    from_actor_base: Optional[bool] = None
     resources: RoleResources = field(default_factory=RoleResources)
 
 
@@ -546,6 +566,7 @@ def validate(cfg: Config) -> None:
     _validate_loggers(cfg.output)
     _validate_colocation(cfg)
     validate_data(cfg.data)
+    validate_lora(cfg)
     if cfg.reference.update_every and cfg.pipeline != "online_dpo":
         raise ConfigError(f"reference.update_every={cfg.reference.update_every} refreshes the reference between "
                           f"rounds of pipeline=online_dpo (iterative DPO); pipeline={cfg.pipeline} keeps its "
@@ -744,6 +765,63 @@ def validate_tensor_parallel(role: str, tp: int, engine: str, resources: RoleRes
     if tp > 1 and resources.num_gpus and resources.num_gpus != tp:
         raise ConfigError(f"{key}={tp} needs {tp} GPUs per engine, but {role}.resources.num_gpus="
                           f"{resources.num_gpus}. Fix: {role}.resources.num_gpus={tp}.")
+
+
+def lora_sync(cfg: Config) -> str:
+    """How a LoRA policy reaches the rollout engines: `adapter` (vLLM takes the adapters alone) or `merged` (full
+    weights, W + scaling·B·A); `none` without LoRA. actor.lora.sync=auto picks adapter for vLLM rollouts unless a
+    judge follows the policy (its engine takes full weights)."""
+    lora = cfg.actor.lora
+    if not lora.rank:
+        return "none"
+    if lora.sync != "auto":
+        return lora.sync
+    return "adapter" if cfg.rollout.engine == "vllm" and not cfg.feedback.judge.follow_policy else "merged"
+
+
+def reference_from_actor(cfg: Config) -> bool:
+    """log π_ref from the actor's base model, adapters off (reference.from_actor_base; the default with LoRA)."""
+    return bool(cfg.actor.lora.rank) and cfg.reference.from_actor_base is not False
+
+
+def validate_lora(cfg: Config) -> None:
+    """actor.lora / critic.lora: peft installed, sizes in range, an adapter sync only where an engine takes one."""
+    import importlib.util
+    for role, lora in (("actor", cfg.actor.lora), ("critic", cfg.critic.lora)):
+        check_positive(f"{role}.lora.rank", lora.rank, allow_zero=True)
+        if not lora.rank:
+            continue
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError(f"{role}.lora.rank={lora.rank} trains LoRA adapters with peft, which is not installed. "
+                              f"Fix: make install (or pip install peft==0.21.2), or {role}.lora.rank=0.")
+        check_positive(f"{role}.lora.alpha", lora.alpha)
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError(f"{role}.lora.dropout={lora.dropout} must be in [0, 1).")
+        if not lora.target_modules or not all(isinstance(m, str) and m for m in lora.target_modules):
+            raise ConfigError(f"{role}.lora.target_modules={list(lora.target_modules)} must name the linear layers "
+                              "to adapt. Fix: [all-linear], or e.g. [q_proj,k_proj,v_proj,o_proj].")
+        check_choice(f"{role}.lora.sync", lora.sync, {"auto", "adapter", "merged"})
+    if cfg.reference.from_actor_base and not cfg.actor.lora.rank:
+        raise ConfigError("reference.from_actor_base=true reads log π_ref from the actor with its LoRA adapters off, "
+                          "but actor.lora.rank=0 (no adapters: the actor's weights are the policy's). Fix: "
+                          "actor.lora.rank=8 (or more), or reference.from_actor_base=null.")
+    if reference_from_actor(cfg) and cfg.reference.update_every:
+        raise ConfigError(f"reference.update_every={cfg.reference.update_every} refreshes a reference role to the "
+                          "policy, but with actor.lora the reference is the actor's own base model "
+                          "(reference.from_actor_base). Fix: reference.from_actor_base=false (a reference role "
+                          "that takes the merged policy), or reference.update_every=0.")
+    lora = cfg.actor.lora
+    if lora_sync(cfg) == "adapter" and cfg.pipeline in SAMPLING_PIPELINES:
+        if cfg.rollout.engine != "vllm":
+            raise ConfigError(f"actor.lora.sync=adapter sends only the LoRA adapters, which the vLLM engine takes; "
+                              f"rollout.engine={cfg.rollout.engine} takes full weights. Fix: actor.lora.sync=auto "
+                              "(merged weights for it), or rollout.engine=vllm.")
+        if cfg.feedback.judge.follow_policy:
+            raise ConfigError("actor.lora.sync=adapter: a judge that follows the policy (feedback.judge.follow_policy)"
+                              " takes full weights. Fix: actor.lora.sync=auto (merged weights for both).")
+        if lora.rank > 512:
+            raise ConfigError(f"actor.lora.rank={lora.rank}: vLLM takes adapters of rank 512 at most. Fix: a lower "
+                              "rank, or actor.lora.sync=merged.")
 
 
 def judge_engine(judge: JudgeConfig, rollout_engine: str) -> str:

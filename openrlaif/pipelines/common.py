@@ -160,16 +160,22 @@ def load_tokenizer(model_path: str, cfg: Config):
     return tokenizer
 
 
-def save_checkpoint(actor: WorkerGroup, out_dir: str, tokenizer_path: str, name: str = "checkpoint") -> str:
-    """HF folder at <out>/<name>, written to a temp folder first so a crash never leaves half a checkpoint."""
-    final = os.path.join(out_dir, name)
-    staging = final + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    ray.get(actor.call(lambda w: w.save_hf.remote(staging, tokenizer_path)))
-    if os.path.exists(final):   # consent was checked at start-up (output.overwrite)
-        shutil.rmtree(final)
-    os.rename(staging, final)
-    return final
+def save_checkpoint(actor: WorkerGroup, out_dir: str, tokenizer_path: str, name: str = "checkpoint",
+                    lora=None) -> str:
+    """HF folder at <out>/<name>, written to a temp folder first so a crash never leaves half a checkpoint. A LoRA
+    policy (`lora`: the role's LoraSettings with rank > 0) writes its peft adapter folder there instead, and with
+    lora.save_merged also the merged weights as an HF folder at <out>/<name>-merged."""
+    adapter = bool(lora is not None and lora.rank)
+    folders = [(name, not adapter)] + ([(name + "-merged", True)] if adapter and lora.save_merged else [])
+    for folder, merged in folders:
+        final = os.path.join(out_dir, folder)
+        staging = final + ".tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        ray.get(actor.call(lambda w: w.save_hf.remote(staging, tokenizer_path, merged)))
+        if os.path.exists(final):   # consent was checked at start-up (output.overwrite)
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    return os.path.join(out_dir, name)
 
 
 def finish(checkpoint: str | None, metrics_path: str, metrics: dict[str, float], out_dir: str) -> dict:

@@ -9,8 +9,8 @@ import ray
 import torch
 
 from openrlaif.batch import Batch
-from openrlaif.config import (Config, ConfigError, check_choice, check_positive, pairs_per_prompt, step_batch_size,
-                              validate_preference_loss, validate_trained)
+from openrlaif.config import (Config, ConfigError, check_choice, check_positive, pairs_per_prompt, reference_from_actor,
+                              step_batch_size, validate_preference_loss, validate_trained)
 from openrlaif.data import PromptStream
 from openrlaif.data.labelling import most_consistent, select_pairs
 from openrlaif.data.pairs import both_sides
@@ -48,7 +48,7 @@ def one_round(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, s
     pair_batch = pairs_from_rollout(batch, pairs, len(prompts),   # 3. the prompts' pairs (masked where fewer)
                                     pairs_per_prompt(cfg.label.pairs, cfg.rollout.samples_per_prompt))
     with timer(metrics, "logprobs"):       # 4. reference log-probs of both answers
-        add_reference_logps(roles, pair_batch)
+        add_reference_logps(roles, pair_batch, cfg)
     with timer(metrics, "update"):         # 5. one DeepSpeed update of the DPO-family loss
         per_rank = ray.get(roles.actor.map(lambda w, shard: w.preference_step.remote(shard),
                                            pair_batch.split(len(roles.actor))))
@@ -103,13 +103,19 @@ def refresh_reference(roles: Roles, cfg: Config) -> dict[str, float]:
     return {"reference/refreshed": 1.0, "reference/load_s": seconds}
 
 
-def add_reference_logps(roles: Roles, pair_batch: Batch) -> None:
-    """Σ log π_ref of every chosen and rejected answer (skipped for reference-free losses: SimPO, ORPO)."""
-    if roles.reference is None:
-        return
+def add_reference_logps(roles: Roles, pair_batch: Batch, cfg: Config) -> None:
+    """Σ log π_ref of every chosen and rejected answer, from the reference role or, with LoRA, the actor's base
+    model (skipped for reference-free losses: SimPO, ORPO)."""
+    from openrlaif.algorithms.preference import REFERENCE_FREE
     rows = both_sides(pair_batch)
-    shards = rows.split(min(len(roles.reference), len(rows)))
-    sequence_logps = torch.cat(ray.get(roles.reference.map(lambda w, shard: w.logprobs.remote(shard), shards))).sum(-1)
+    if roles.reference is not None:
+        shards = rows.split(min(len(roles.reference), len(rows)))
+        refs = roles.reference.map(lambda w, shard: w.logprobs.remote(shard), shards)
+    elif reference_from_actor(cfg) and cfg.algorithm.loss not in REFERENCE_FREE:
+        refs = roles.actor.map(lambda w, shard: w.reference_logprobs.remote(shard), rows.split(len(roles.actor)))
+    else:
+        return
+    sequence_logps = torch.cat(ray.get(refs)).sum(-1)
     size = len(pair_batch)
     pair_batch["ref_chosen_logps"], pair_batch["ref_rejected_logps"] = sequence_logps[:size], sequence_logps[size:]
 

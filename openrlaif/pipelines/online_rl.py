@@ -20,7 +20,8 @@ from openrlaif.algorithms.rewards import overlong_penalty
 from openrlaif.batch import Batch, concat_rollouts
 from openrlaif.checkpointing import (Checkpointer, FailedSteps, RunError, dead_workers, non_finite_stop, resume_hint,
                                      role_died, stop_on_non_finite, truncate_metrics)
-from openrlaif.config import Config, ConfigError, check_choice, check_positive, step_batch_size, validate_feedback_source, validate_trained
+from openrlaif.config import (Config, ConfigError, check_choice, check_positive, reference_from_actor, step_batch_size,
+                              validate_feedback_source, validate_trained)
 from openrlaif.data import PromptStream
 from openrlaif.envs import EnvReward
 from openrlaif.feedback import Feedback, FeedbackResult
@@ -96,7 +97,7 @@ def train_loop(cfg: Config, run: RunInputs, roles: Roles, step_fn=None) -> tuple
     checkpoint = None
     if cfg.output.save_final:
         with stop_on_non_finite(cfg.steps, progress.checkpointer):
-            checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path)
+            checkpoint = save_checkpoint(roles.actor, run.out_dir, run.model_path, lora=cfg.actor.lora)
             if roles.critic is not None:
                 save_checkpoint(roles.critic, run.out_dir, run.model_path, name="critic")
     return checkpoint, metrics, logger.path
@@ -418,6 +419,9 @@ def add_logprobs(roles: Roles, batch: Batch, cfg: Config) -> None:
     if roles.reference is not None:
         ref_refs = roles.reference.map(lambda w, shard: w.logprobs.remote(shard),
                                        model_inputs.split(min(len(roles.reference), len(batch))))
+    elif reference_from_actor(cfg) and cfg.algorithm.kl_coef > 0:   # LoRA: the actor's base model, adapters off
+        ref_refs = roles.actor.map(lambda w, shard: w.reference_logprobs.remote(shard),
+                                   model_inputs.split(len(roles.actor)))
     old_refs = []
     if not on_policy(cfg) or cfg.algorithm.kl_in_reward:   # KL in the reward needs log π_old before the update
         old_refs = roles.actor.map(lambda w, shard: w.logprobs.remote(shard), model_inputs.split(len(roles.actor)))

@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 
 import ray
+import torch
 from tqdm import tqdm
 
 from openrlaif.algorithms.preference import LISTWISE_LOSSES, PREFERENCE_LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES
 from openrlaif.checkpointing import stop_on_non_finite
-from openrlaif.config import Config, cache_dir, check_choice, validate_offline_training, validate_preference_loss
+from openrlaif.config import (Config, cache_dir, check_choice, reference_from_actor, validate_offline_training,
+                              validate_preference_loss)
 from openrlaif.data import PromptStream
 from openrlaif.data.lists import ListExample, lists_to_batch, load_ranked, load_unpaired
 from openrlaif.data.pairs import both_sides, load_pairs, pairs_to_batch
@@ -38,14 +40,17 @@ def train(cfg: Config) -> dict:
     list_size = 2 if pairwise else len(examples[0].responses)
     out_dir = prepare_output_dir(cfg)
     needs_reference = cfg.algorithm.loss not in REFERENCE_FREE
-    plan = {"actor": cfg.actor.resources} | ({"reference": cfg.reference.resources} if needs_reference else {})
+    from_actor = needs_reference and reference_from_actor(cfg)   # LoRA: the actor's base model is the reference
+    plan = {"actor": cfg.actor.resources} | ({"reference": cfg.reference.resources}
+                                             if needs_reference and not from_actor else {})
     cpus = sum(r.num_cpus * r.num_workers for r in plan.values())
     with ray_session(cfg.cluster, cpus):
         check_cluster_fits(plan)
         actor = start_actor(cfg, model_path, cfg.data.prompts_per_step)
         try:
             if needs_reference:                  # 1. reference log-probs of every pair (held-out ones too), once
-                add_reference_logps(cfg, model_path, examples + held_out, tokenizer.pad_token_id)
+                add_reference_logps(cfg, model_path, examples + held_out, tokenizer.pad_token_id,
+                                    actor if from_actor else None)
             ray.get(actor.call(lambda w: w.ready.remote()))
             stream = PromptStream(examples, cfg.data.prompts_per_step, cfg.seed, cfg.data.shuffle)
             logger = MetricsLogger(out_dir, cfg)
@@ -71,7 +76,7 @@ def train(cfg: Config) -> dict:
                 tqdm.write(summary_line(step, metrics))
             logger.close()
             with stop_on_non_finite(cfg.steps):
-                checkpoint = save_checkpoint(actor, out_dir, model_path) if cfg.output.save_final else None
+                checkpoint = save_checkpoint(actor, out_dir, model_path, lora=cfg.actor.lora) if cfg.output.save_final else None
         finally:
             actor.shutdown()
     return finish(checkpoint, logger.path, metrics, out_dir)
@@ -88,21 +93,28 @@ def load_examples(cfg: Config, tokenizer) -> list:
     return load_pairs(data.pairs, tokenizer, data.max_prompt_tokens, data.max_response_tokens, columns=data.columns)
 
 
-def add_reference_logps(cfg: Config, model_path: str, examples: list, pad_id: int) -> None:
-    """Σ log π_ref of every answer, from the reference role, written into the examples."""
-    from openrlaif.workers.reference import ReferenceWorker
-    resources = cfg.reference.resources
-    reference = WorkerGroup("reference", ReferenceWorker, resources, lambda rank: dict(
-        model_path=model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.reference.micro_batch_size,
-        temperature=1.0, threads=threads_per_worker(cfg, resources.num_workers), seed=cfg.seed,
-        trust_remote_code=cfg.model.trust_remote_code))
+def add_reference_logps(cfg: Config, model_path: str, examples: list, pad_id: int, actor=None) -> None:
+    """Σ log π_ref of every answer, from the reference role (or, given the LoRA `actor`, its base model with the
+    adapters off), written into the examples."""
     pairwise = not isinstance(examples[0], ListExample)
-    try:
-        rows = both_sides(pairs_to_batch(examples, pad_id)) if pairwise else lists_to_batch(examples, pad_id)
-        shards = rows.split(min(len(reference), len(rows)))
-        token_logps = ray.get(reference.map(lambda w, shard: w.logprobs.remote(shard), shards))
-    finally:
-        reference.shutdown()   # the reference is not needed again: free its resources for the run
+    rows = both_sides(pairs_to_batch(examples, pad_id)) if pairwise else lists_to_batch(examples, pad_id)
+    if actor is not None:   # every rank an equal share (a collective forward under ZeRO-3), the last row repeated
+        size = len(rows)
+        padded = rows.select(list(range(size)) + [size - 1] * (-size % len(actor)))
+        token_logps = ray.get(actor.map(lambda w, shard: w.reference_logprobs.remote(shard), padded.split(len(actor))))
+        token_logps = [torch.cat(token_logps)[:size]]
+    else:
+        from openrlaif.workers.reference import ReferenceWorker
+        resources = cfg.reference.resources
+        reference = WorkerGroup("reference", ReferenceWorker, resources, lambda rank: dict(
+            model_path=model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.reference.micro_batch_size,
+            temperature=1.0, threads=threads_per_worker(cfg, resources.num_workers), seed=cfg.seed,
+            trust_remote_code=cfg.model.trust_remote_code))
+        try:
+            token_logps = ray.get(reference.map(lambda w, shard: w.logprobs.remote(shard),
+                                                rows.split(min(len(reference), len(rows)))))
+        finally:
+            reference.shutdown()   # the reference is not needed again: free its resources for the run
     sequence_logps = [float(v) for shard in token_logps for v in shard.sum(-1)]
     if pairwise:               # chosen rows, then rejected rows
         for index, pair in enumerate(examples):

@@ -50,7 +50,7 @@ def train(cfg: Config, continuing: bool = False) -> dict:
                 tqdm.write(summary_line(step, metrics))
             logger.close()
             with stop_on_non_finite(cfg.steps):
-                checkpoint = save_checkpoint(actor, out_dir, model_path) if cfg.output.save_final else None
+                checkpoint = save_checkpoint(actor, out_dir, model_path, lora=cfg.actor.lora) if cfg.output.save_final else None
         finally:
             actor.shutdown()
     return finish(checkpoint, logger.path, metrics, out_dir)

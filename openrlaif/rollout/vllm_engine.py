@@ -43,11 +43,12 @@ class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 1024, seed: int = 0,
                  kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
                  trust_remote_code: bool = False, cpu_kv: dict | None = None, tensor_parallel_size: int = 1,
-                 sleep_level: int = 0, **llm_kwargs) -> None:
+                 sleep_level: int = 0, lora_rank: int = 0, **llm_kwargs) -> None:
         """`llm_kwargs` go to vllm.LLM as they are (the judge: prefix caching, max_logprobs); `cpu_kv` only on CPU
         (the judge's smaller KV blocks). tensor_parallel_size > 1: vLLM's multiprocess executor runs a shard per
         device (on CPU, per share of this process's cores: VLLM_CPU_OMP_THREADS_BIND, unless it is set).
-        sleep_level 1|2 (GPU): the engine can sleep between rollouts (rollout.sleep_between_steps)."""
+        sleep_level 1|2 (GPU): the engine can sleep between rollouts (rollout.sleep_between_steps). lora_rank > 0:
+        the policy arrives as LoRA adapters of at most that rank (load_adapter), the base weights stay."""
         # In-process engine: 2 s start instead of 15-40 s, and weights can be handed over as tensors.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
@@ -63,6 +64,10 @@ class VLLMEngine:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tensor_parallel_size))
         if sleep_level:
             llm_kwargs["enable_sleep_mode"] = True
+        if lora_rank:   # vLLM takes ranks up to one of its sizes; one adapter (the policy's newest) at a time
+            size = next(size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= lora_rank)
+            llm_kwargs |= {"enable_lora": True, "max_lora_rank": size, "max_loras": 1, "max_cpu_loras": 2}
+        self.lora_request, self.adapter_dir = None, None
         self.sleep_level, self.sleeping = sleep_level, False
         with own_rendezvous_file() as rendezvous:
             self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
@@ -81,7 +86,7 @@ class VLLMEngine:
                                  seed=None if spec.seed is None else spec.seed * 100_003 + index)
                   for index in range(len(prompt_ids))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self.lora_request)
         completions = []
         for prompt_index, output in enumerate(outputs):
             for sample in output.outputs:
@@ -104,11 +109,35 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Stop the engine core and its executor (a tensor-parallel engine's worker processes and their shared
-        memory, which a killed actor would leave in /dev/shm)."""
+        memory, which a killed actor would leave in /dev/shm), and remove the adapters' folders."""
+        if self.adapter_dir is not None:
+            import shutil
+            shutil.rmtree(self.adapter_dir, ignore_errors=True)
         try:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:   # noqa: BLE001 - best effort on the way out
             pass
+
+    def load_adapter(self, named_tensors: list[tuple[str, torch.Tensor]], config: dict) -> None:
+        """The policy as a new LoRA adapter over the unchanged base weights (actor.lora.sync=adapter): written as a
+        peft folder on this engine's node, loaded under a new id (vLLM keys adapters by id), the previous one
+        removed. Every later generate samples with it."""
+        import shutil
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from openrlaif.workers.lora import write_adapter
+        if self.adapter_dir is None:
+            self.adapter_dir = tempfile.mkdtemp(prefix="openrlaif_lora_")
+        version = 1 + (self.lora_request.lora_int_id if self.lora_request is not None else 0)
+        folder = write_adapter(os.path.join(self.adapter_dir, f"v{version}"), named_tensors, config)
+        previous = self.lora_request
+        self.lora_request = LoRARequest(f"policy-v{version}", version, folder)
+        self.llm.llm_engine.add_lora(self.lora_request)
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
 
     def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})

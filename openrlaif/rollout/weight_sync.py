@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from openrlaif.config import Config
+from openrlaif.config import Config, lora_sync
 
 if TYPE_CHECKING:
     from openrlaif.roles import Roles
@@ -28,6 +28,14 @@ def sync_weights(roles: Roles, cfg: Config, step: int) -> dict[str, float]:
     targets = [roles.rollout]
     if cfg.feedback.judge.follow_policy and roles.judge is not None:
         targets.append(roles.judge)
+    if lora_sync(cfg) == "adapter":   # LoRA: only the adapters travel, one small piece
+        adapter_refs = roles.actor.call(lambda w: w.packed_adapter.remote(cfg.rollout.dtype))
+        load_refs = roles.rollout.call(lambda w: w.update_adapter.remote(adapter_refs[0]))
+        results = ray.get(adapter_refs[1:] + load_refs)
+        peak, sent = ray.get(roles.actor.call(lambda w: w.take_sync_bytes.remote()))[0]
+        return {"sync/engine_s": max(results[len(adapter_refs) - 1:]), "sync/buckets": 1.0,
+                "sync/gathered_mib_peak": peak / 2 ** 20, "sync/mib": sent / 2 ** 20, "sync/collective": 0.0,
+                "sync/adapter": 1.0}
     if weight_sync_path(cfg) == "collective":
         join_sync_group(roles, targets, cfg)
         seconds = sum(broadcast_bucket(roles, targets, names, cfg.rollout.dtype) for names in roles.sync_plan)

@@ -22,12 +22,25 @@ class ActorWorker(DeepSpeedWorker):
     def __init__(self, model_path: str, cfg: ActorConfig, algo: AlgorithmConfig, *, temperature: float,
                  trust_remote_code: bool = False, **engine_kwargs) -> None:
         super().__init__(cfg, **engine_kwargs)
-        self.algo, self.temperature = algo, temperature
-        self.build_engine(load_causal_lm(model_path, "float32", trust_remote_code))
+        self.algo, self.temperature, self.model_path = algo, temperature, model_path
+        model = load_causal_lm(model_path, "float32", trust_remote_code)
+        if cfg.lora.rank:   # only the adapters train (actor.lora)
+            from openrlaif.workers.lora import add_lora
+            model = add_lora(model, cfg.lora)
+        self.build_engine(model)
 
     def logprobs(self, batch: Batch) -> torch.Tensor:
         self.engine.eval()
         return batched_response_logprobs(self.engine, batch, self.cfg.micro_batch_size, self.device, self.temperature)
+
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """log π_ref from this actor's own base model, its LoRA adapters off for the pass
+        (reference.from_actor_base): the starting policy without a reference role. Collective under ZeRO-3."""
+        from openrlaif.workers.lora import adapters_off
+        self.engine.eval()
+        with adapters_off(self.engine.module):
+            return batched_response_logprobs(self.engine, batch, self.cfg.micro_batch_size, self.device,
+                                             self.temperature)
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """All epochs and optimizer steps on this worker's shard of one step's batch.
@@ -274,6 +287,16 @@ class ActorWorker(DeepSpeedWorker):
         self.count_sync_bytes(state)
         return PackedWeights(state)
 
+    def packed_adapter(self, dtype: str = "float32") -> tuple[PackedWeights, dict] | None:
+        """The LoRA adapters alone (peft's names) and their adapter_config, for engines that take adapters
+        (actor.lora.sync=adapter): rank 0's, None elsewhere. Collective under ZeRO-3."""
+        from openrlaif.workers.lora import adapter_config, adapter_weights
+        state = dict(adapter_weights(self.engine.module, self.gathered, getattr(torch, dtype)))
+        if self.rank != 0:
+            return None
+        self.count_sync_bytes(state)
+        return PackedWeights(state), adapter_config(self.engine.module, self.model_path)
+
     def sync_plan(self, dtype: str, bucket_mb: float) -> list[list[str]]:
         """The weight sync's buckets: whole decoder layers, about rollout.sync_bucket_mb each (0: one bucket)."""
         return weight_buckets(self.weight_sizes(self.engine.module, dtype), int(bucket_mb * 2 ** 20))
@@ -314,13 +337,27 @@ class ActorWorker(DeepSpeedWorker):
         self.sync_peak_bytes = self.sync_sent_bytes = 0
         return taken
 
-    def save_hf(self, path: str, tokenizer_path: str) -> str | None:
-        """Write an HF folder (config, safetensors, tokenizer) that transformers and vLLM load. Collective."""
-        state = self.full_state_dict("float32")
+    def save_hf(self, path: str, tokenizer_path: str, merged: bool = True) -> str | None:
+        """Write an HF folder (config, safetensors, tokenizer) that transformers and vLLM load; with LoRA and
+        `merged=False`, a peft adapter folder (adapter_config.json, adapter_model.safetensors, the tokenizer)
+        over the starting model instead. Collective."""
+        from transformers import AutoTokenizer
+
+        from openrlaif.workers.lora import adapter_config, adapter_weights, has_lora, write_adapter
+        module = self.engine.module
         self.check_weights_finite()   # a final checkpoint is never written from NaN weights
+        if has_lora(module) and not merged:
+            weights = list(adapter_weights(module, self.gathered))
+            if self.rank == 0:
+                write_adapter(path, weights, adapter_config(module, self.model_path))
+                AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+            return path if self.rank == 0 else None
+        state = self.full_state_dict("float32")
         if self.rank != 0:
             return None
-        from transformers import AutoTokenizer
-        self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+        if has_lora(module):   # merged weights under the base model's names: a shell of the base model writes them
+            from openrlaif.workers.lora import base_model_shell
+            module = base_model_shell(module)
+        module.save_pretrained(path, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
         return path

@@ -36,6 +36,9 @@ class CriticWorker(DeepSpeedWorker):
                  **engine_kwargs) -> None:
         super().__init__(cfg, **engine_kwargs)
         self.backbone = load_scalar_model(model_path, "float32", trust_remote_code, pad_token_id)
+        if cfg.lora.rank:   # adapters on the backbone; the value head trains whole
+            from openrlaif.workers.lora import add_lora
+            self.backbone = add_lora(self.backbone, cfg.lora, keep_trainable=("score",))
         self.build_engine(TokenValues(self.backbone))
 
     @torch.no_grad()
@@ -108,13 +111,17 @@ class CriticWorker(DeepSpeedWorker):
             out.append(torch.stack([scores[:len(micro)], scores[len(micro):]], dim=-1))
         return torch.cat(out)
 
-    def save_hf(self, path: str, tokenizer_path: str) -> str | None:
-        """The critic as a one-label SequenceClassification folder (loads as a reward model too). Collective."""
+    def save_hf(self, path: str, tokenizer_path: str, merged: bool = True) -> str | None:
+        """The critic as a one-label SequenceClassification folder (loads as a reward model too); with LoRA, its
+        adapters merged (a reward model is always written whole). Collective."""
         state = self.gathered_state_dict(self.engine.module.model)
         self.check_weights_finite()   # a final checkpoint is never written from NaN weights
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer
-        self.backbone.save_pretrained(path, state_dict=state, safe_serialization=True)
+
+        from openrlaif.workers.lora import base_model_shell, has_lora
+        model = base_model_shell(self.backbone) if has_lora(self.backbone) else self.backbone
+        model.save_pretrained(path, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
         return path

@@ -9,6 +9,7 @@ import torch
 from openrlaif.config import ActorConfig, ConfigError
 from openrlaif.rollout.collective import local_interface
 from openrlaif.workers.common import setup_process
+from openrlaif.workers.lora import has_lora, hf_name, merged_weights
 
 
 def effective_zero_stage(cfg: ActorConfig, world_size: int) -> int:
@@ -128,13 +129,17 @@ class DeepSpeedWorker:
             disable_dropout(model)
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+            if self.cfg.lora.rank and hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()   # frozen embeddings: checkpointed blocks still need a grad path
+        # LoRA (add_lora froze the rest): the optimizer holds the adapters (and a value head) only
+        trainable = [param for param in model.parameters() if param.requires_grad]
         cpu_adam = self.cfg.offload and self.zero_stage > 0 and torch.cuda.is_available()
         if cpu_adam:   # ZeRO-Offload's C++ Adam steps the fp32 states on the host (JIT-built once per machine)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            optimizer = DeepSpeedCPUAdam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+            optimizer = DeepSpeedCPUAdam(trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
                                          adamw_mode=True)
         else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            optimizer = torch.optim.AdamW(trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.engine, *_ = self._deepspeed.initialize(
             model=model, optimizer=optimizer,
             config=deepspeed_config(self.cfg, self.world_size, self.cfg.micro_batch_size, self.accumulation,
@@ -240,6 +245,9 @@ class DeepSpeedWorker:
         them by either name. Below ZeRO-3, a tensor already on the CPU in `dtype` is the live parameter itself (no
         copy): use the state before the next update (returning it from a Ray method copies it)."""
         target = getattr(torch, dtype)
+        if has_lora(module):   # the base model's names, adapted layers merged
+            state = dict(merged_weights(module, self.gathered, names, target))
+            return state if self.rank == 0 else None
         wanted = None if names is None else set(names)
         state = {}
         for name, param in module.named_parameters():
@@ -252,6 +260,14 @@ class DeepSpeedWorker:
             elif self.rank == 0:
                 state[name] = param.data.detach().to("cpu", target)
         return state if self.rank == 0 else None
+
+    def gathered(self, params):
+        """A context in which `params` are whole on every rank: ZeRO-3 gathers them (collective), below it they
+        are."""
+        from contextlib import nullcontext
+        if self.zero_stage == 3:
+            return self._deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return nullcontext()
 
     def reset_peak_memory(self) -> float:
         """Reset this process's peak resident memory (VmHWM) to its current RSS; the RSS in MiB (benchmarks)."""
@@ -266,8 +282,8 @@ class DeepSpeedWorker:
     def weight_sizes(self, module, dtype: str = "float32") -> list[tuple[str, int]]:
         """(name, bytes in `dtype`) of every parameter, in named_parameters order (full sizes under ZeRO-3)."""
         size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        return [(name, int(getattr(param, "ds_numel", param.numel())) * size)
-                for name, param in module.named_parameters()]
+        return [(hf_name(name), int(getattr(param, "ds_numel", param.numel())) * size)
+                for name, param in module.named_parameters() if ".lora_" not in name]
 
 
 def process_memory_mib(field: str) -> float:

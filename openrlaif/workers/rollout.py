@@ -15,7 +15,7 @@ from openrlaif.workers.remote import remote
 @remote
 class RolloutWorker(WeightReceiver):
     def __init__(self, model_path: str, cfg: RolloutConfig, *, max_model_len: int, threads: int, seed: int,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, lora_rank: int = 0) -> None:
         setup_process(threads, seed)
         if cfg.engine == "vllm":
             from openrlaif.rollout.vllm_engine import VLLMEngine
@@ -23,7 +23,7 @@ class RolloutWorker(WeightReceiver):
                                      kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization,
                                      enforce_eager=cfg.enforce_eager, trust_remote_code=trust_remote_code,
                                      tensor_parallel_size=cfg.tensor_parallel_size,
-                                     sleep_level=cfg.sleep_between_steps)
+                                     sleep_level=cfg.sleep_between_steps, lora_rank=lora_rank)
         else:
             from openrlaif.rollout.hf_engine import HFEngine
             self.engine = HFEngine(model_path, dtype=cfg.dtype, trust_remote_code=trust_remote_code)
@@ -47,6 +47,13 @@ class RolloutWorker(WeightReceiver):
 
     def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> list[Completion]:
         return self.engine.generate(prompt_ids, spec)
+
+    def update_adapter(self, adapter: tuple) -> float:
+        """Load the policy's LoRA adapters (packed weights, adapter_config) as its new version; the seconds it took."""
+        start = time.perf_counter()
+        weights, config = adapter
+        self.engine.load_adapter(named_tensors(weights), config)
+        return time.perf_counter() - start
 
     def update_weights(self, weights: Weights) -> float:
         """Load new weights in place (no restart); returns the seconds it took."""

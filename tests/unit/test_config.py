@@ -1,3 +1,4 @@
+import re
 import os
 
 import pytest
@@ -400,3 +401,34 @@ def test_weight_sync_options_are_checked_at_start_up():
     assert weight_sync_path(cfg) == "object_store"
     cfg.actor.resources.num_gpus = cfg.rollout.resources.num_gpus = 1
     assert weight_sync_path(cfg) == "collective"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["actor.lora.rank=-1"], "actor.lora.rank"),
+    (["actor.lora.rank=8", "actor.lora.dropout=1.0"], "actor.lora.dropout"),
+    (["actor.lora.rank=8", "actor.lora.target_modules=[]"], "actor.lora.target_modules"),
+    (["actor.lora.rank=8", "actor.lora.sync=lazy"], "actor.lora.sync"),
+    (["actor.lora.rank=8", "actor.lora.sync=adapter", "rollout.engine=hf"], "rollout.engine=hf takes full weights"),
+    (["actor.lora.rank=8", "actor.lora.sync=adapter", "pipeline=online_dpo", "feedback=self_judge"],
+     "follows the policy"),
+    (["actor.lora.rank=1024", "actor.lora.sync=adapter"], "rank 512 at most"),
+    (["reference.from_actor_base=true"], "actor.lora.rank=0"),
+    (["actor.lora.rank=8", "pipeline=online_dpo", "reference.update_every=2"], "reference.from_actor_base=false"),
+])
+def test_lora_settings_are_checked_at_start_up(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate(composed(*overrides))
+
+
+def test_lora_picks_adapters_for_vllm_and_merged_weights_elsewhere_and_drops_the_reference_role():
+    from openrlaif.config import lora_sync, reference_from_actor
+    from openrlaif.roles import needs_reference
+    assert lora_sync(composed()) == "none" and needs_reference(composed())
+    lora = composed("actor.lora.rank=8")
+    validate(lora)
+    assert lora_sync(lora) == "adapter" and reference_from_actor(lora) and not needs_reference(lora)
+    assert lora_sync(composed("actor.lora.rank=8", "rollout.engine=hf")) == "merged"
+    assert lora_sync(composed("actor.lora.rank=8", "pipeline=online_dpo", "feedback=self_judge")) == "merged"
+    kept = composed("actor.lora.rank=8", "reference.from_actor_base=false")
+    validate(kept)
+    assert not reference_from_actor(kept) and needs_reference(kept)
