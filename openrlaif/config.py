@@ -71,8 +71,8 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0             # vLLM KV-cache size on CPU
     gpu_memory_utilization: float = 0.5   # vLLM on GPU
     enforce_eager: bool = True            # skip CUDA graphs / torch.compile (slow start, little gain for small models)
-    # 0: sample, then train on the samples. 1: one-step-off: the engines sample step t+1's batch while the actor
-    # trains on step t's (the bound on staleness: samples are at most one update old; see algorithm.is_cap)
+    # 0: sample, then train on the samples. k >= 1: batches are sampled up to k steps ahead, while the actor trains
+    # (1 = one-step-off); a batch is at most k updates old, corrected by importance weights (algorithm.is_cap)
     async_steps: int = 0
     # weight sync, trainer -> engines, in buckets of whole decoder layers of about this many MiB: rank 0 gathers
     # (under ZeRO-3) and holds one bucket at a time, never the whole model. 0 = the whole model in one piece.
@@ -145,6 +145,15 @@ class ReferenceConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """On-policy distillation's teacher (algorithm.distill_coef > 0): a local model that scores the student's own
+    samples token by token. It must share the student's tokenizer (checked at start-up)."""
+    model: str = ""                       # an HF folder or short name
+    micro_batch_size: int = 8
+    resources: RoleResources = field(default_factory=RoleResources)
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "grpo"
     advantage: str = "grpo"               # key of algorithms.ADVANTAGE_ESTIMATORS
@@ -176,6 +185,10 @@ class AlgorithmConfig:
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     mask_truncated: bool = False
+    # on-policy distillation (algorithm=distill): each response token's advantage gains
+    # distill_coef · (log π_teacher − log π_old), the per-token negative reverse KL to the teacher role (teacher.*),
+    # added to the feedback's own advantage (feedback=none: distillation alone). 0 = off
+    distill_coef: float = 0.0
     gamma: float = 1.0                    # ppo: GAE discount γ
     lam: float = 0.95                     # ppo: GAE λ
     # pipeline=preference
@@ -289,7 +302,7 @@ class CascadeConfig:
 
 @dataclass
 class FeedbackConfig:
-    source: str = "judge"                 # judge | function | reward_model
+    source: str = "judge"                 # judge | function | reward_model | env | none (distillation alone)
     function: str = ""                    # "package.module:callable" taking (prompts, responses, **kwargs) -> list[float | None]
     function_kwargs: dict[str, Any] = field(default_factory=dict)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -450,6 +463,7 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -543,7 +557,7 @@ def validate(cfg: Config) -> None:
         check_positive(key, value)
     for role, res in (("rollout", cfg.rollout.resources), ("actor", cfg.actor.resources),
                       ("critic", cfg.critic.resources), ("reference", cfg.reference.resources),
-                      ("feedback.judge", cfg.feedback.judge.resources),
+                      ("teacher", cfg.teacher.resources), ("feedback.judge", cfg.feedback.judge.resources),
                       ("feedback.reward_model", cfg.feedback.reward_model.resources),
                       ("env.user_sim", cfg.env.user_sim.resources)):
         check_positive(f"{role}.resources.num_workers", res.num_workers)
@@ -712,7 +726,14 @@ def validate_trained(role: str, train: ActorConfig, step_batch: int, what: str) 
 def validate_feedback_source(cfg: Config) -> None:
     """The feedback that scores sampled responses: a judge, a reward model or rule/user functions."""
     fb = cfg.feedback
-    check_choice("feedback.source", fb.source, {"judge", "function", "reward_model", "env"})
+    check_choice("feedback.source", fb.source, {"judge", "function", "reward_model", "env", "none"})
+    if fb.source == "none" and not (cfg.pipeline == "online_rl" and cfg.algorithm.distill_coef > 0):
+        raise ConfigError("feedback.source=none gives no reward at all; it is for on-policy distillation alone, "
+                          "where the teacher's log-probs are the signal. Fix: algorithm=distill "
+                          "teacher.model=<folder>, or a feedback source (feedback=judge, function, ...).")
+    if fb.source == "none" and (fb.extra_functions or fb.transform != "none" or fb.cascade.source):
+        raise ConfigError("feedback.source=none has nothing to combine with feedback.extra_functions, "
+                          "feedback.transform or feedback.cascade. Fix: leave them unset, or name a source.")
     if fb.source == "function" and ":" not in fb.function:
         raise ConfigError(f"feedback.function={fb.function!r} must name a callable as 'package.module:name' "
                           "when feedback.source=function. Fix: feedback.function=openrlaif.feedback.rules:brevity")
@@ -722,17 +743,22 @@ def validate_feedback_source(cfg: Config) -> None:
 
 
 def _validate_async(cfg: Config) -> None:
-    if cfg.rollout.async_steps not in (0, 1):
-        raise ConfigError(f"rollout.async_steps={cfg.rollout.async_steps} must be 0 (synchronous) or 1 (one-step-off).")
-    if not cfg.rollout.async_steps:
+    k = cfg.rollout.async_steps
+    if not isinstance(k, int) or k < 0:
+        raise ConfigError(f"rollout.async_steps={k} must be 0 (synchronous), 1 (one-step-off) or more (batches "
+                          "sampled up to that many updates ahead).")
+    if not k:
         return
     if cfg.pipeline != "online_rl":
-        raise ConfigError(f"rollout.async_steps=1 is for pipeline=online_rl; pipeline={cfg.pipeline} samples from "
+        raise ConfigError(f"rollout.async_steps={k} is for pipeline=online_rl; pipeline={cfg.pipeline} samples from "
                           "the current policy. Fix: rollout.async_steps=0.")
     if cfg.rollout.temperature != 1.0 or cfg.rollout.top_p != 1.0:
-        raise ConfigError("rollout.async_steps=1 weighs each token by π_old / π_behaviour with the engine's "
+        raise ConfigError(f"rollout.async_steps={k} weighs each token by π_old / π_behaviour with the engine's "
                           "log-probs, which are those of the untempered, untruncated model. Fix: "
                           "rollout.temperature=1.0 rollout.top_p=1.0, or rollout.async_steps=0.")
+    if k > 1 and cfg.env.name == "agent":
+        raise ConfigError(f"rollout.async_steps={k}: black-box agents (env=agent) play one step ahead at most (their "
+                          "sessions run in one thread beside the update). Fix: rollout.async_steps=1.")
     check_positive("algorithm.is_cap", cfg.algorithm.is_cap)
 
 
@@ -751,7 +777,8 @@ def validate_sleep(cfg: Config) -> None:
                           "rollout.sleep_between_steps=0 on CPU, or give the rollout GPUs.")
     if cfg.rollout.async_steps:
         raise ConfigError(f"rollout.sleep_between_steps={level} puts the engines to sleep while the actor trains, "
-                          "but rollout.async_steps=1 samples the next batch then. Fix: one of them off.")
+                          f"but rollout.async_steps={cfg.rollout.async_steps} samples the next batches then. Fix: "
+                          "one of them off.")
 
 
 def validate_tensor_parallel(role: str, tp: int, engine: str, resources: RoleResources) -> None:

@@ -8,13 +8,14 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import ray
 
 from openrlaif.algorithms.advantages import CRITIC
 from openrlaif.checkpointing import RunError
-from openrlaif.config import (ONLINE_PIPELINES, Config, RoleResources, cache_dir, judge_engine, lora_sync,
+from openrlaif.config import (ONLINE_PIPELINES, Config, ConfigError, RoleResources, cache_dir, judge_engine, lora_sync,
                               reference_from_actor, response_budget, step_batch_size)
 from openrlaif.data import load_prompts
 from openrlaif.feedback import Feedback
@@ -36,6 +37,7 @@ class RunInputs:
     cpus_needed: float
     eval: object | None = None         # evaluation.EvalInputs when eval.prompts is set
     user_sim_path: str | None = None   # env.user_sim.model, resolved: a local model plays simulated_user's user
+    teacher_path: str | None = None    # teacher.model, resolved (on-policy distillation)
 
 
 @dataclass
@@ -49,16 +51,19 @@ class Roles:
     reward_model: WorkerGroup | None = None
     judge_client: object | None = None   # the Judge (every backend) when the feedback or pipeline uses one
     shared: SharedPlacement | None = None  # the placement group of cluster.colocate's roles
-    pending_rollout: object | None = None  # rollout.async_steps=1: the next step's PendingRollout, in flight
+    # rollout.async_steps=k: (step launched at, PendingRollout) of the next steps' batches in flight, oldest first
+    pending_rollouts: deque = field(default_factory=deque)
     eval: object | None = None             # evaluation.EvalRoles: the measuring feedback of eval.*
     user_sim: WorkerGroup | None = None    # env.user_sim.model: the local model playing the user
     user_backend: object | None = None     # its backend, handed to every simulated_user episode
+    teacher: WorkerGroup | None = None     # on-policy distillation's teacher (algorithm.distill_coef > 0)
     sync_plan: list | None = None          # the weight sync's buckets of tensor names (rollout/weight_sync.py)
     sync_group_size: int = 0               # rollout.weight_sync=collective: members of the group, once joined
 
     def groups(self) -> dict[str, WorkerGroup]:
         named = {"actor": self.actor, "reference": self.reference, "rollout": self.rollout, "judge": self.judge,
-                 "critic": self.critic, "reward_model": self.reward_model, "user_sim": self.user_sim}
+                 "critic": self.critic, "reward_model": self.reward_model, "user_sim": self.user_sim,
+                 "teacher": self.teacher}
         named |= self.eval.groups if self.eval is not None else {}
         return {name: group for name, group in named.items() if group is not None}
 
@@ -107,6 +112,10 @@ def prepare_run(cfg: Config) -> RunInputs:
                           "data.max_prompt_tokens + " + ("env.max_total_tokens" if cfg.env.name
                                                          else "rollout.max_new_tokens"))
     tokenizer = load_tokenizer(model_path, cfg)
+    teacher_path = None
+    if cfg.pipeline == "online_rl" and cfg.algorithm.distill_coef > 0:
+        teacher_path = resolve_model_path(cfg.teacher.model, cache_dir(cfg.model), key="teacher.model")
+        check_same_tokenizer(tokenizer, teacher_path)
     from openrlaif.envs import env_factory
     env = env_factory(cfg.env)   # its reset(row) gives each prompt's conversation
     if cfg.env.name:
@@ -123,10 +132,23 @@ def prepare_run(cfg: Config) -> RunInputs:
     plan = role_plan(cfg, judge_path) | eval_plan(cfg, evaluation)
     if user_sim_path:
         plan["user_sim"] = cfg.env.user_sim.resources
+    if teacher_path:
+        plan["teacher"] = cfg.teacher.resources
     colocated_plan(plan, cfg.cluster.colocate)   # unequal worker counts fail here, before Ray starts
     cpus = reserved_cpus(plan, cfg.cluster.colocate)
     return RunInputs(out_dir, model_path, judge_path, critic_path, reward_model_path, tokenizer, prompts, plan, cpus,
-                     evaluation, user_sim_path)
+                     evaluation, user_sim_path, teacher_path)
+
+
+def check_same_tokenizer(tokenizer, teacher_path: str) -> None:
+    """Distillation compares the teacher's and the student's log-probs of the same token ids: one vocabulary."""
+    from transformers import AutoTokenizer
+    teacher = AutoTokenizer.from_pretrained(teacher_path)
+    if teacher.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"teacher.model={teacher_path!r} has another tokenizer than model.path ({len(teacher)} vs "
+                          f"{len(tokenizer)} tokens, or the same count with other ids): on-policy distillation scores "
+                          "the student's token ids with the teacher. Fix: a teacher of the same model family "
+                          "(the same tokenizer).")
 
 
 def role_plan(cfg: Config, judge_path: str | None) -> dict[str, RoleResources]:
@@ -234,6 +256,9 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
     elif cfg.feedback.source == "env":
         from openrlaif.envs import EnvReward
         objectives["env"] = EnvReward()
+    elif cfg.feedback.source == "none":   # distillation alone: the teacher is the signal
+        from openrlaif.feedback.rules import NoReward
+        objectives["none"] = NoReward()
     else:
         objectives[function_name(cfg.feedback.function)] = FunctionFeedback(cfg.feedback.function,
                                                                             cfg.feedback.function_kwargs)
@@ -250,13 +275,19 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
     evaluation = start_eval(cfg, run.eval, run.out_dir, threads, shared)   # eval.feedback: measures, never trains
     for group in evaluation.groups.values() if evaluation is not None else []:
         keep(group)
+    teacher = None
+    if "teacher" in plan:   # on-policy distillation: a frozen model scoring the samples, the reference's worker
+        teacher = keep(WorkerGroup("teacher", ReferenceWorker, cfg.teacher.resources, lambda rank: dict(
+            model_path=run.teacher_path, dtype=cfg.model.dtype, micro_batch_size=cfg.teacher.micro_batch_size,
+            temperature=temperature, threads=threads("teacher"), seed=cfg.seed, trust_remote_code=trust),
+            shared=shared))
     user_sim = user_backend = None
     if "user_sim" in plan:
         user_sim, user_backend = start_user_sim(cfg, run.user_sim_path, threads("user_sim"), shared)
         keep(user_sim)
     wait_until_ready(started)
     return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, judge_client, shared,
-                 eval=evaluation, user_sim=user_sim, user_backend=user_backend)
+                 eval=evaluation, user_sim=user_sim, user_backend=user_backend, teacher=teacher)
 
 
 def wait_until_ready(groups: list[WorkerGroup]) -> None:

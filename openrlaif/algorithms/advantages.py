@@ -172,6 +172,17 @@ def turn_advantages(name: str, turn_rewards: Tensor, turn_scored: Tensor, turn_o
     return torch.gather(to_go, 1, index) * policy * valid.unsqueeze(-1).to(policy.dtype)
 
 
+def distillation_advantages(advantages: Tensor, student_logprobs: Tensor, teacher_logprobs: Tensor,
+                            token_mask: Tensor, coef: float) -> Tensor:
+    """On-policy distillation (Agarwal et al. 2024, GKD; Lu & Thinking Machines 2025): each sampled token's
+    advantage gains coef·(log π_teacher(y_t) − log π_student(y_t)), the negative per-token reverse KL to the
+    teacher (discount 0), on top of the feedback's advantages (B,) or (B, T). Returns (B, T), 0 off the mask."""
+    mask = token_mask.to(student_logprobs.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1) * mask
+    return advantages + coef * (teacher_logprobs - student_logprobs) * mask
+
+
 # What the online loop calls, by `algorithm.advantage`. Each takes keyword inputs from the step's batch
 # (rewards, group_ids, valid, token_mask, kl, kl_coef, normalize_std) and ignores what it does not need;
 # outcome estimators return (B,), token-level ones (B, T). remax reads baseline_rewards (the greedy response's

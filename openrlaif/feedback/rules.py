@@ -60,6 +60,14 @@ def as_score(value) -> float | None:
     return float(value)
 
 
+class NoReward:
+    """feedback.source=none: every sample scored 0 and valid (on-policy distillation alone: the teacher's per-token
+    term is the whole advantage)."""
+
+    def score(self, prompts: list[str], responses: list[str], group_ids=None, conversations=None) -> FeedbackResult:
+        return FeedbackResult.from_scores([0.0] * len(responses))
+
+
 class FunctionFeedback:
     def __init__(self, spec: str, kwargs: dict) -> None:
         self.spec, self.fn, self.kwargs = spec, load_function(spec, kwargs), dict(kwargs)

@@ -98,8 +98,8 @@ def pairs_from_rollout(batch: Batch, pairs: list, num_prompts: int, per_prompt: 
 def refresh_reference(roles: Roles, cfg: Config) -> dict[str, float]:
     """The reference becomes the current policy (reference.update_every; iterative DPO and Self-Rewarding start
     each iteration from the last one's model): the weight sync's buckets, in float32, into the reference workers."""
-    from openrlaif.rollout.weight_sync import sync_bucket
-    seconds = sum(sync_bucket(roles, [roles.reference], names, "float32") for names in roles.sync_plan)
+    from openrlaif.rollout.weight_sync import bucket_plan, sync_bucket
+    seconds = sum(sync_bucket(roles, [roles.reference], names, "float32") for names in bucket_plan(roles, cfg))
     return {"reference/refreshed": 1.0, "reference/load_s": seconds}
 
 

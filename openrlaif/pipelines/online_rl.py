@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from openrlaif.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
-from openrlaif.algorithms.advantages import CRITIC, GREEDY_BASELINE, GROUP_BASELINES, TOKEN_LEVEL, turn_advantages
+from openrlaif.algorithms.advantages import (CRITIC, GREEDY_BASELINE, GROUP_BASELINES, TOKEN_LEVEL,
+                                             distillation_advantages, turn_advantages)
 from openrlaif.algorithms.policy_loss import LOSS_AGGREGATIONS
 from openrlaif.algorithms.rewards import overlong_penalty
 from openrlaif.batch import Batch, concat_rollouts
@@ -116,6 +117,8 @@ def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, st
         add_logprobs(roles, batch, cfg)
     with timer(metrics, "advantage"):      # 4. advantages (group baselines, KL-shaped returns), on the driver
         batch["advantages"] = compute_advantages(batch, feedback.valid, cfg)
+    if "teacher_logprobs" in batch:
+        metrics |= distill_metrics(batch)
     with timer(metrics, "update"):         # 5. DeepSpeed updates of the actor (and critic), side by side
         train_metrics = update_actor(roles, batch, cfg)
     with timer(metrics, "sync"):           # 6. push the new weights into the rollout engines
@@ -161,8 +164,8 @@ class Progress:
             self.save(step)
 
     def save(self, step: int) -> None:
-        # a prefetched batch (one-step-off) is not trained yet: a resume samples it again
-        prefetched = self.cfg.data.prompts_per_step if self.roles.pending_rollout is not None else 0
+        # batches in flight (rollout.async_steps) are not trained yet: a resume samples their prompts again
+        prefetched = self.cfg.data.prompts_per_step * len(self.roles.pending_rollouts)
         state = {"stream_position": self.stream.position - prefetched}
         if getattr(self.roles.feedback, "references", None) is not None:
             state["references"] = self.roles.feedback.references
@@ -404,7 +407,20 @@ def compute_advantages(batch: Batch, valid: torch.Tensor, cfg: Config) -> torch.
         out = ADVANTAGE_ESTIMATORS[algo.advantage](rewards=batch["rewards"], **inputs)
     if algo.advantage in CRITIC:
         out, batch["returns"] = out
+    if algo.distill_coef > 0:   # on-policy distillation: the teacher's per-token term on top
+        out = distillation_advantages(out, batch["old_logprobs"], batch["teacher_logprobs"], batch["response_mask"],
+                                      algo.distill_coef)
     return out
+
+
+def distill_metrics(batch: Batch) -> dict[str, float]:
+    """The student's reverse KL to the teacher on its own samples, Σ_t log π_old − log π_teacher per response
+    (mean over the unmasked samples), and per token."""
+    mask = batch["response_mask"] * batch["sample_mask"].unsqueeze(-1)
+    gap = (batch["old_logprobs"] - batch["teacher_logprobs"]) * mask
+    samples = float((batch["sample_mask"] > 0).sum())
+    return {"distill/reverse_kl": float(gap.sum()) / max(samples, 1.0),
+            "distill/reverse_kl_per_token": float(gap.sum()) / max(float(mask.sum()), 1.0)}
 
 
 def on_policy(cfg: Config) -> bool:
@@ -423,18 +439,21 @@ def add_logprobs(roles: Roles, batch: Batch, cfg: Config) -> None:
         ref_refs = roles.actor.map(lambda w, shard: w.reference_logprobs.remote(shard),
                                    model_inputs.split(len(roles.actor)))
     old_refs = []
-    if not on_policy(cfg) or cfg.algorithm.kl_in_reward:   # KL in the reward needs log π_old before the update
+    # KL in the reward and distillation's per-token term need log π_old before the update
+    if not on_policy(cfg) or cfg.algorithm.kl_in_reward or cfg.algorithm.distill_coef > 0:
         old_refs = roles.actor.map(lambda w, shard: w.logprobs.remote(shard), model_inputs.split(len(roles.actor)))
     value_refs = []
     if roles.critic is not None:
         value_refs = roles.critic.map(lambda w, shard: w.values.remote(shard), model_inputs.split(len(roles.critic)))
-    results = ray.get(ref_refs + old_refs + value_refs)
-    if ref_refs:
-        batch["ref_logprobs"] = torch.cat(results[:len(ref_refs)])
-    if old_refs:
-        batch["old_logprobs"] = torch.cat(results[len(ref_refs):len(ref_refs) + len(old_refs)])
-    if value_refs:
-        batch["values"] = torch.cat(results[len(ref_refs) + len(old_refs):])
+    teacher_refs = []
+    if roles.teacher is not None:   # on-policy distillation: the teacher scores the student's samples
+        teacher_refs = roles.teacher.map(lambda w, shard: w.logprobs.remote(shard),
+                                         model_inputs.split(min(len(roles.teacher), len(batch))))
+    results = iter(ray.get(ref_refs + old_refs + value_refs + teacher_refs))
+    for key, refs in (("ref_logprobs", ref_refs), ("old_logprobs", old_refs), ("values", value_refs),
+                      ("teacher_logprobs", teacher_refs)):
+        if refs:
+            batch[key] = torch.cat([next(results) for _ in refs])
 
 
 def update_actor(roles: Roles, batch: Batch, cfg: Config) -> dict[str, float]:
@@ -531,6 +550,19 @@ def validate(cfg: Config) -> None:
     if algo.clip_eps_high is not None and algo.clip_eps_high < 0:
         raise ConfigError(f"algorithm.clip_eps_high={algo.clip_eps_high} must be >= 0, or null.")
     check_positive("algorithm.entropy_coef", algo.entropy_coef, allow_zero=True)
+    check_positive("algorithm.distill_coef", algo.distill_coef, allow_zero=True)
+    if algo.distill_coef > 0:
+        if not cfg.teacher.model:
+            raise ConfigError(f"algorithm.distill_coef={algo.distill_coef} distils a teacher into the policy, but "
+                              "teacher.model is unset. Fix: teacher.model=<an HF folder or short name> that shares "
+                              "the policy's tokenizer, or algorithm.distill_coef=0.")
+        check_positive("teacher.micro_batch_size", cfg.teacher.micro_batch_size)
+        if cfg.feedback.per_turn or algo.advantage in GREEDY_BASELINE:
+            raise ConfigError("algorithm.distill_coef > 0 adds the teacher's per-token term to the advantages; with "
+                              "feedback.per_turn or a greedy baseline (ReMax) it is not built. Fix: turn one off.")
+    elif cfg.teacher.model:
+        raise ConfigError(f"teacher.model={cfg.teacher.model!r} is read only with algorithm.distill_coef > 0 "
+                          "(algorithm=distill). Fix: algorithm=distill, or teacher.model=''.")
     check_positive("algorithm.kl_coef", algo.kl_coef, allow_zero=True)
     if not 0 < algo.clip_eps <= 1:
         raise ConfigError(f"algorithm.clip_eps={algo.clip_eps} must be in (0, 1]: the ratio is clipped to "

@@ -108,19 +108,22 @@ def collect_rollout(pending: PendingRollout, tokenizer) -> Batch:
 
 def next_rollout(roles: Roles, stream: PromptStream, cfg: Config, tokenizer, step: int,
                  metrics: dict[str, float]) -> Batch:
-    """This step's samples. One-step-off (rollout.async_steps=1): take the batch launched during the previous step
-    and launch the next one before this one trains, so the engines sample while the actor updates. That batch
-    comes from the weights before this step's update (one update stale); the actor corrects for it with
-    truncated importance weights against the engine's log-probs (algorithm.is_cap). Episodes (env.*): their first
-    turns are what is launched ahead; the later turns are sampled when the batch is collected, by the weights of
-    then, and every token's importance weight uses its own behaviour log-prob."""
-    pending, roles.pending_rollout = roles.pending_rollout, None
-    metrics["rollout/staleness"] = float(pending is not None)
-    if pending is None:
-        pending = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step)
-    if cfg.rollout.async_steps and step < cfg.steps:
-        roles.pending_rollout = launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step + 1,
-                                               tokenizer)
+    """This step's samples. Asynchronous (rollout.async_steps=k >= 1): batches are launched up to k steps ahead, so
+    the engines sample while the actor updates; this step takes the oldest in flight, launched at step j by the
+    weights of then (after j - 1 updates), k or fewer updates stale (`rollout/staleness` = step - j), and tops the
+    queue up to step + k. The actor corrects for the staleness with importance weights against each token's
+    behaviour log-prob, the engine's (algorithm.mismatch, is_cap). Prompts and seeds are those of a synchronous run:
+    batch t is the stream's t-th, seeded by t. Episodes (env.*): their first turns are what is launched ahead; the
+    later turns are sampled when the batch is collected, by the weights of then, and every token's importance
+    weight uses its own behaviour log-prob."""
+    queue = roles.pending_rollouts   # (step launched at, PendingRollout) for steps step, step + 1, ..., oldest first
+    if queue:
+        launched, pending = queue.popleft()
+    else:
+        launched, pending = step, launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + step)
+    metrics["rollout/staleness"] = float(step - launched)
+    for target in range(step + len(queue) + 1, min(step + cfg.rollout.async_steps, cfg.steps) + 1):
+        queue.append((step, launch_rollout(roles, stream.next_batch(), cfg, cfg.seed * 10_000 + target, tokenizer)))
     batch = collect_rollout(pending, tokenizer)
     if cfg.rollout.sleep_between_steps:   # the engines' GPU memory to the trainers until the weight sync
         ray.get(roles.rollout.call(lambda w: w.sleep.remote()))

@@ -20,9 +20,7 @@ def sync_weights(roles: Roles, cfg: Config, step: int) -> dict[str, float]:
     are cached per policy version. Metrics: the engines' load seconds summed over the buckets (sync/engine_s), the
     buckets, the most gathered MiB rank 0 held at once (sync/gathered_mib_peak), the MiB sent (sync/mib), and whether
     the collective path carried them (sync/collective)."""
-    if roles.sync_plan is None:   # the buckets' names, once per run
-        roles.sync_plan = ray.get(roles.actor.call(
-            lambda w: w.sync_plan.remote(cfg.rollout.dtype, cfg.rollout.sync_bucket_mb))[0])
+    plan = bucket_plan(roles, cfg)
     if cfg.rollout.sleep_between_steps:   # asleep since the rollout; level 2's weights come with this sync
         ray.get(roles.rollout.call(lambda w: w.wake_up.remote()))
     targets = [roles.rollout]
@@ -38,15 +36,23 @@ def sync_weights(roles: Roles, cfg: Config, step: int) -> dict[str, float]:
                 "sync/adapter": 1.0}
     if weight_sync_path(cfg) == "collective":
         join_sync_group(roles, targets, cfg)
-        seconds = sum(broadcast_bucket(roles, targets, names, cfg.rollout.dtype) for names in roles.sync_plan)
+        seconds = sum(broadcast_bucket(roles, targets, names, cfg.rollout.dtype) for names in plan)
     else:
-        seconds = sum(sync_bucket(roles, targets, names, cfg.rollout.dtype) for names in roles.sync_plan)
+        seconds = sum(sync_bucket(roles, targets, names, cfg.rollout.dtype) for names in plan)
     if len(targets) > 1:
         roles.judge_client.set_policy_version(step)
     peak, sent = ray.get(roles.actor.call(lambda w: w.take_sync_bytes.remote()))[0]
-    return {"sync/engine_s": seconds, "sync/buckets": float(len(roles.sync_plan)),
+    return {"sync/engine_s": seconds, "sync/buckets": float(len(plan)),
             "sync/gathered_mib_peak": peak / 2 ** 20, "sync/mib": sent / 2 ** 20,
             "sync/collective": float(weight_sync_path(cfg) == "collective")}
+
+
+def bucket_plan(roles: Roles, cfg: Config) -> list[list[str]]:
+    """The buckets' tensor names (whole decoder layers, about rollout.sync_bucket_mb each), asked once per run."""
+    if roles.sync_plan is None:
+        roles.sync_plan = ray.get(roles.actor.call(
+            lambda w: w.sync_plan.remote(cfg.rollout.dtype, cfg.rollout.sync_bucket_mb))[0])
+    return roles.sync_plan
 
 
 def sync_bucket(roles: Roles, targets: list, names: list[str], dtype: str) -> float:

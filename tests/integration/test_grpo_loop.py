@@ -157,23 +157,53 @@ def test_colocated_actor_reference_and_rollout_share_bundles_rank_by_rank(ray_cl
     assert not any(name.startswith("openrlaif-") for name in names)   # the shared group is gone after the run
 
 
-def test_one_step_off_trains_on_samples_one_update_old_with_importance_weights(ray_cluster, tiny_model, tmp_path):
-    """rollout.async_steps=1: step 1 samples now; steps 2 and 3 take the batch sampled while the previous step
-    trained, i.e. by the weights before that update. So KL(behaviour || π_old) is ~0 at step 1 (same weights;
-    engine and trainer agree) and clearly above 0 afterwards; the checkpoint keeps the prompt stream before the
-    prefetched batch, so a resume samples it again."""
-    cfg = loop_config(tiny_model, tmp_path / "async", "hf", 2,
-                      FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
-                                     function_kwargs={"target_words": 2}),
-                      AlgorithmConfig(kl_coef=0.05))
-    cfg.steps, cfg.rollout.async_steps, cfg.output.checkpoint_every = 3, 1, 2
-    validate(cfg)
-    train(cfg)
-    rows = [json.loads(line) for line in open(tmp_path / "async" / "metrics.jsonl")]
-    assert [row["rollout/staleness"] for row in rows] == [0.0, 1.0, 1.0]
-    # KL(behaviour || π_old): ~0 where the engine had the trainer's weights, clearly above it one update later
+def test_two_steps_ahead_trains_on_stale_samples_with_importance_weights_and_resumes_every_prompt_once(
+        ray_cluster, tiny_model, tmp_path, monkeypatch):
+    """rollout.async_steps=2: step 1 samples now and launches steps 2 and 3; each later step takes the oldest batch
+    in flight and launches the one two steps ahead. So the batches are 0, 1, 2, 2 updates old, and
+    KL(behaviour || π_old) is ~0 only at step 1 (same weights; engine and trainer agree). Step 2's checkpoint keeps
+    the prompt stream before the two batches in flight, so a run resumed from it samples their prompts again: the
+    resumed steps 3 and 4 train on exactly the prompts of the uninterrupted run's, none lost, none twice."""
+    import shutil
+
+    from openrlaif.pipelines import online_rl
+    from openrlaif.rollout.launch import next_rollout
+    trained: dict[str, list] = {}
+
+    def recording(folder):
+        def wrapped(roles, stream, cfg, tokenizer, step, metrics):
+            batch = next_rollout(roles, stream, cfg, tokenizer, step, metrics)
+            trained.setdefault(folder, []).append(sorted(set(batch.meta["prompt"])))
+            return batch
+        return wrapped
+
+    def config(folder, resume=False):
+        cfg = loop_config(tiny_model, tmp_path / folder, "hf", 2,
+                          FeedbackConfig(source="function", function="openrlaif.feedback.rules:brevity",
+                                         function_kwargs={"target_words": 2}),
+                          AlgorithmConfig(kl_coef=0.05))
+        cfg.steps, cfg.rollout.async_steps, cfg.output.checkpoint_every, cfg.resume = 4, 2, 2, resume
+        validate(cfg)
+        return cfg
+
+    monkeypatch.setattr(online_rl, "next_rollout", recording("run"))
+    train(config("run"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [row["rollout/staleness"] for row in rows] == [0.0, 1.0, 2.0, 2.0]
+    # KL(behaviour || π_old): ~0 where the engine had the trainer's weights, clearly above it once updates passed
     assert rows[0]["train/behaviour_kl"] < 1e-6
     assert all(row["train/behaviour_kl"] > 100 * max(rows[0]["train/behaviour_kl"], 1e-7) for row in rows[1:])
-    assert all(0 < row["train/is_weight_mean"] <= cfg.algorithm.is_cap for row in rows)
-    driver = json.load(open(tmp_path / "async" / "checkpoints" / "step_000002" / "driver.json"))
-    assert driver["stream_position"] == 2 * cfg.data.prompts_per_step      # not 3: step 3's batch was in flight
+    assert all(0 < row["train/is_weight_mean"] <= 2.0 for row in rows)
+    driver = json.load(open(tmp_path / "run" / "checkpoints" / "step_000002" / "driver.json"))
+    assert driver["stream_position"] == 2 * 4      # not 4 batches: steps 3 and 4 were in flight
+    assert len({prompt for step in trained["run"] for prompt in step}) == 4 * 4   # 16 different prompts
+
+    resumed = tmp_path / "resumed"   # the run as it was at step 2's checkpoint
+    shutil.copytree(tmp_path / "run", resumed)
+    for folder in ("checkpoint", "checkpoints/step_000004"):
+        shutil.rmtree(resumed / folder)
+    monkeypatch.setattr(online_rl, "next_rollout", recording("resumed"))
+    train(config("resumed", resume=True))
+    assert trained["resumed"] == trained["run"][2:]
+    again = [json.loads(line) for line in open(resumed / "metrics.jsonl")]
+    assert [row["rollout/staleness"] for row in again[2:]] == [0.0, 1.0]   # resampled on resume

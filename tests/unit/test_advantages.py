@@ -119,3 +119,21 @@ def test_reinforce_pp_baseline_subtracts_the_group_mean_first():
                                   baseline=True)
     # centred rewards [-1, 1, 0, 0], then whitened: std over the 4 tokens = sqrt(0.5)
     assert torch.allclose(adv.squeeze(-1), torch.tensor([-1.0, 1.0, 0.0, 0.0]) / 0.5 ** 0.5, atol=1e-4)
+
+
+def test_distillation_adds_the_negative_per_token_reverse_kl_to_the_advantages():
+    """A_t = A + coef·(log π_teacher(y_t) − log π_student(y_t)) on response tokens, 0 elsewhere; sequence-level
+    advantages are broadcast over their tokens first."""
+    from openrlaif.algorithms.advantages import distillation_advantages
+    student = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]])
+    teacher = torch.tensor([[-0.5, -4.0, -0.5], [-0.2, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    out = distillation_advantages(torch.tensor([1.0, -1.0]), student, teacher, mask, coef=0.5)
+    expected = torch.tensor([[1.0 + 0.25, 1.0 - 1.0, 1.0 + 0.0], [-1.0 - 0.05, -1.0 + 1.0, 0.0]])
+    assert torch.allclose(out, expected)
+    token_level = torch.tensor([[0.3, 0.2, 0.1], [0.0, 0.5, 0.0]])
+    assert torch.allclose(distillation_advantages(token_level, student, teacher, mask, coef=1.0),
+                          token_level + torch.tensor([[0.5, -2.0, 0.0], [-0.1, 2.0, 0.0]]))
+    # distillation alone (no feedback: zero advantages): a token the teacher likes more than the student is pushed up
+    alone = distillation_advantages(torch.zeros(2), student, teacher, mask, coef=1.0)
+    assert alone[0, 0] > 0 > alone[0, 1] and alone[1, 2] == 0

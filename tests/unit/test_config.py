@@ -28,7 +28,9 @@ def shipped_groups() -> list[list[str]]:
              "feedback=judge_http": ["feedback.judge.base_url=http://127.0.0.1:8000/v1"],
              "feedback=env": ["env=tool_use"],
              "env=simulated_user": ["env.kwargs.base_url=http://127.0.0.1:8000/v1"],
-             "env=agent": ["env.agent=tests.integration.agents:openai_agent"]}
+             "env=agent": ["env.agent=tests.integration.agents:openai_agent"],
+             "algorithm=distill": ["teacher.model=tiny-random-llama"],
+             "feedback=none": ["algorithm=distill", "teacher.model=tiny-random-llama"]}
     offline = {"dpo", "cdpo", "robust_dpo", "ipo", "simpo", "orpo", "kto", "bco", "lipo"}
     cases = []
     for group in sorted(os.listdir(CONFIG_DIR)):
@@ -214,7 +216,9 @@ def test_colocation_validation_names_the_fix(colocate, pipeline, needle):
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    ({"rollout.async_steps": 2}, "must be 0 \\(synchronous\\) or 1"),
+    ({"rollout.async_steps": -1}, "must be 0 \\(synchronous\\), 1 \\(one-step-off\\) or more"),
+    ({"rollout.async_steps": 2, "env.name": "agent", "env.agent": "tests.integration.agents:openai_agent"},
+     "play one step ahead at most"),
     ({"rollout.async_steps": 1, "rollout.temperature": 0.7}, "rollout.temperature=1.0 rollout.top_p=1.0"),
     ({"rollout.async_steps": 1, "algorithm.is_cap": 0.0}, "algorithm.is_cap=0.0 must be > 0"),
     ({"rollout.async_steps": 1, "pipeline": "label", "rollout.samples_per_prompt": 2}, "is for pipeline=online_rl"),
@@ -432,3 +436,29 @@ def test_lora_picks_adapters_for_vllm_and_merged_weights_elsewhere_and_drops_the
     kept = composed("actor.lora.rank=8", "reference.from_actor_base=false")
     validate(kept)
     assert not reference_from_actor(kept) and needs_reference(kept)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["algorithm=distill"], "teacher.model is unset"),
+    (["teacher.model=tiny-random-llama"], "read only with algorithm.distill_coef > 0"),
+    (["feedback=none"], "feedback.source=none gives no reward at all"),
+    (["algorithm=distill", "teacher.model=tiny-random-llama", "algorithm.distill_coef=-1"], "algorithm.distill_coef"),
+    (["algorithm=distill", "teacher.model=tiny-random-llama", "algorithm.advantage=remax"], "greedy baseline"),
+    (["algorithm=distill", "feedback=none", "teacher.model=tiny-random-llama",
+      "feedback.extra_functions=[openrlaif.feedback.rules:brevity]"], "nothing to combine"),
+])
+def test_distillation_settings_are_checked_at_start_up(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate(composed(*overrides))
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_naming_it(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from openrlaif.models.tiny import build_tokenizer
+    from openrlaif.roles import check_same_tokenizer
+    check_same_tokenizer(AutoTokenizer.from_pretrained(tiny_model), tiny_model)
+    other = build_tokenizer(vocab_size=400)
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="another tokenizer than model.path"):
+        check_same_tokenizer(AutoTokenizer.from_pretrained(tiny_model), str(tmp_path))
