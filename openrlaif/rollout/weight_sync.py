@@ -19,8 +19,8 @@ def sync_weights(roles: Roles, cfg: Config, step: int) -> dict[str, float]:
     model with sync_bucket_mb=0). A judge that follows the policy (self-rewarding) loads them too, and its verdicts
     are cached per policy version. Metrics: the engines' load seconds summed over the buckets (sync/engine_s), the
     buckets, the most gathered MiB rank 0 held at once (sync/gathered_mib_peak), the MiB sent (sync/mib), and whether
-    the collective path carried them (sync/collective)."""
-    plan = bucket_plan(roles, cfg)
+    the collective path carried them (sync/collective). A LoRA policy sends vLLM its adapters alone, in one piece
+    (actor.lora.sync=adapter, sync/adapter)."""
     if cfg.rollout.sleep_between_steps:   # asleep since the rollout; level 2's weights come with this sync
         ray.get(roles.rollout.call(lambda w: w.wake_up.remote()))
     targets = [roles.rollout]
@@ -34,6 +34,7 @@ def sync_weights(roles: Roles, cfg: Config, step: int) -> dict[str, float]:
         return {"sync/engine_s": max(results[len(adapter_refs) - 1:]), "sync/buckets": 1.0,
                 "sync/gathered_mib_peak": peak / 2 ** 20, "sync/mib": sent / 2 ** 20, "sync/collective": 0.0,
                 "sync/adapter": 1.0}
+    plan = bucket_plan(roles, cfg)
     if weight_sync_path(cfg) == "collective":
         join_sync_group(roles, targets, cfg)
         seconds = sum(broadcast_bucket(roles, targets, names, cfg.rollout.dtype) for names in plan)

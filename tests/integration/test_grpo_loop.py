@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from openrlaif.config import (ActorConfig, AlgorithmConfig, ClusterConfig, Config, DataConfig, FeedbackConfig,
-                              JudgeConfig, ModelConfig, OutputConfig, RoleResources, RolloutConfig, validate)
+                              JudgeConfig, LoraSettings, ModelConfig, OutputConfig, RoleResources, RolloutConfig,
+                              validate)
 from openrlaif.pipelines.online_rl import train
 from openrlaif.rollout.types import SamplingSpec
 from openrlaif.workers.group import WorkerGroup
@@ -64,7 +65,11 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, case):
     engine, stage, feedback, algorithm = CASES[case]
-    result = train(loop_config(tiny_model, tmp_path / case, engine, stage, feedback, algorithm))
+    cfg = loop_config(tiny_model, tmp_path / case, engine, stage, feedback, algorithm)
+    if algorithm.advantage == "gae":   # the critic with LoRA adapters on its backbone, its value head whole
+        cfg.critic.lora = LoraSettings(rank=4, alpha=8.0)
+        validate(cfg)
+    result = train(cfg)
 
     rows = [json.loads(line) for line in open(tmp_path / case / "metrics.jsonl")]
     assert [row["step"] for row in rows] == [1, 2]
@@ -91,7 +96,11 @@ def test_two_grpo_steps_update_the_policy(ray_cluster, tiny_model, tmp_path, cas
         assert all(row["reward/mean"] <= 0 and "feedback/objective/keyword_raw_mean" in row for row in rows)
     if algorithm.advantage == "gae":
         assert all(math.isfinite(row["critic/value_loss"]) for row in rows)
-        assert (tmp_path / case / "critic" / "model.safetensors").exists()
+        critic = load_file(os.path.join(tmp_path / case / "critic", "model.safetensors"))   # written merged
+        initial = load_file(os.path.join(tiny_model, "model.safetensors"))
+        assert torch.equal(critic["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])   # frozen
+        assert not torch.equal(critic["model.layers.0.self_attn.q_proj.weight"],
+                               initial["model.layers.0.self_attn.q_proj.weight"])   # adapted, merged
     if algorithm.dynamic_sampling:   # every step trained on 4 groups, informative ones first (refilled as needed)
         assert all(row["rollout/informative_groups"] <= 4 and row["rollout/resample_rounds"] <= 4 for row in rows)
         assert any(row["rollout/resample_rounds"] >= 1 for row in rows), [r["rollout/informative_groups"] for r in rows]
