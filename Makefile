@@ -13,9 +13,10 @@ install:
 demo: install
 	$(VENV)/bin/openrlaif demo $(ARGS)
 
-# The whole suite: unit (seconds), integration (Ray + DeepSpeed + vLLM on tiny models), e2e (the CLI).
+# The whole suite: unit (seconds), integration (Ray + DeepSpeed + vLLM on tiny models), e2e (the CLI); e2e runs
+# as a second pytest stream beside the others (scripts/test.sh says why).
 test: install
-	$(PYTEST) tests -q -rfEs --durations=40
+	PY=$(PY) bash scripts/test.sh
 
 test-fast: install
 	$(PYTEST) tests/unit -q

@@ -81,12 +81,13 @@ def test_zero2_and_zero3_agree(zero_runs):
 
 def test_the_step_in_bf16_keeps_the_losses_to_a_bf16_tolerance(zero_runs):
     """model.dtype=bfloat16: DeepSpeed bf16 compute with fp32 master weights, here under ZeRO-3, gives the losses
-    of the float32 ZeRO-2 run to bf16's precision (8 bits of mantissa: ~0.4% per rounding), and trains every
-    weight; the fp32 master weights end within a few bf16 roundings of the float32 run's."""
+    of the float32 ZeRO-2 run to bf16's precision (8 bits of mantissa: ~0.4% per rounding), and moves every weight
+    matrix as the float32 run does. (The module's weights are bf16 copies of the fp32 masters: a norm weight near 1
+    moves by less than bf16's step there, 2^-8, so only the matrices, ~0.02 in size, are compared.)"""
     (before, after32, losses32, *_), (_, after16, losses16, *_) = zero_runs[2], zero_runs["bf16"]
     assert losses16 == pytest.approx(losses32, rel=3e-2, abs=3e-3)
     assert losses16 != pytest.approx(losses32, rel=1e-6, abs=1e-7)   # it really ran in bf16
-    for name in after32:
+    for name in [name for name in after32 if after32[name].dim() == 2]:
         moved = (after32[name] - before[name]).abs().mean()
         assert float((after16[name] - before[name]).abs().mean()) > 0.5 * float(moved), name
         assert float((after16[name] - after32[name]).abs().mean()) < 0.25 * float(moved), name
