@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--prompts", default="demo", help="data.prompts: the prompts to answer and judge")
     parser.add_argument("--with-generate", action="store_true", help="also time a generate-readout judge")
     parser.add_argument("--strategies", action="store_true",
                         help="also every pairwise strategy with Bradley-Terry rewards (vLLM judge), and each one's "
@@ -60,6 +61,7 @@ def main() -> None:
         for name, extra in modes.items():
             with tempfile.TemporaryDirectory() as out_dir:
                 run(config(["pipeline=label", f"model.path={args.model}", "data.prompts_per_step=4",
+                            f"data.prompts={args.prompts}",
                             f"rollout.samples_per_prompt={args.samples}", f"rollout.max_new_tokens={args.max_new_tokens}",
                             "feedback.judge.cache=false", "cluster.threads_per_worker=0", f"output.dir={out_dir}",
                             # cost, not quality: every verdict counts, also a weak judge's (the tiny model's)
@@ -111,7 +113,8 @@ def main() -> None:
                 + ([("requests_vs_all", "requests vs all", ".2f"), ("kendall_tau_vs_all", "tau vs all", ".2f")]
                    if args.strategies else []))
     write_report(args.report, {"model": args.model, "samples_per_prompt": args.samples,
-                                "max_new_tokens": args.max_new_tokens, "prompts": "demo (17)",
+                                "max_new_tokens": args.max_new_tokens,
+                                "prompts": "demo (17)" if args.prompts == "demo" else args.prompts,
                                 "command": "benchmarks/judge_cost.py " + " ".join(sys.argv[1:]), "rows": rows})
 
 

@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="samples per step, all ranks together")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--response-len", type=int, default=32)
+    parser.add_argument("--stages", nargs="+", type=int, default=[0, 1, 2, 3], help="the ZeRO stages beside DDP")
     args = parser.parse_args()
     import ray
 
@@ -169,7 +170,7 @@ def main() -> None:
     init_local_ray(num_cpus=WORLD * 2)
     rows = []
     try:
-        for stage in (0, 1, 2, 3):
+        for stage in args.stages:
             runs[f"zero-{stage} (deepspeed, gloo)"] = lambda stage=stage: run_zero(model_path, stage, batch, args.steps)
         for name, fn in runs.items():
             times = fn()[args.warmup:]
