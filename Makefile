@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/judge_cost.py
 	$(PY) benchmarks/multi_turn.py
 	$(PY) benchmarks/weight_sync.py
+	$(PY) benchmarks/async_steps.py
 	$(PY) benchmarks/vs_trl.py
 
 # The GPU check (scripts/gpu_check.sh) runs where Ray and vLLM are not; what it needs that such a machine lacks

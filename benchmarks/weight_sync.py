@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--warm-up", action="store_true", help="measure the second sync, not the first")
     parser.add_argument("--lora-rank", type=int, default=16, help="the rank of the lora_* paths' adapters")
+    parser.add_argument("--report", default="weight_sync", help="the JSON's name in the results folder")
     parser.add_argument("--setting", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--worker", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -109,7 +110,7 @@ def main() -> None:
                        ("rss_growth_vs_whole", "vs whole", ".2f"), ("sync_s", "sync s", ".2f"),
                        ("time_vs_whole", "time vs whole", ".2f"), ("time_vs_object_store", "vs object store", ".2f"),
                        ("bytes_vs_object_store", "MiB vs object store", ".3f")])
-    write_report("weight_sync", {"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows})
+    write_report(args.report, {"settings": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows})
 
 
 if __name__ == "__main__":

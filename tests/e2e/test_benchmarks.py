@@ -104,3 +104,9 @@ def test_weight_sync(bench):
         assert row["buckets"] == 4 and 0.4 < row["gathered_mib_peak"] < 0.6   # embeddings, 2 layers, the head
         assert 1.5 < row["sent_mib"] < 1.7 and row["sync_s"] > 0 and row["rank0_rss_growth_mib"] >= 0
     assert rows["object_store"]["time_vs_object_store"] == 1.0 and rows["collective"]["time_vs_object_store"] > 0
+
+def test_async_steps(bench):
+    """One setting (two steps ahead, two steps) keeps the script working; the table compares 0, 1 and 2."""
+    report = bench("async_steps.py", "--model", "tiny", "--engine", "hf", "--ks", "2", "--steps", "3")
+    (row,) = report["rows"]
+    assert row["async_steps"] == 2 and row["staleness"] == 2.0 and row["step_s"] > 0 and row["is_weight"] > 0
