@@ -146,10 +146,17 @@ class ReferenceConfig:
 
 @dataclass
 class TeacherConfig:
-    """On-policy distillation's teacher (algorithm.distill_coef > 0): a local model that scores the student's own
-    samples token by token. It must share the student's tokenizer (checked at start-up)."""
-    model: str = ""                       # an HF folder or short name
+    """On-policy distillation's teacher (algorithm.distill_coef > 0): a local model in a role of its own, or an
+    endpoint, that scores the student's own samples token by token. It must share the student's tokenizer (checked
+    at start-up for a local teacher)."""
+    model: str = ""                       # an HF folder or short name; with base_url, the model the endpoint serves
     micro_batch_size: int = 8
+    # an OpenAI-compatible /v1/completions endpoint that returns prompt log-probs (echo + logprobs, as `vllm serve`)
+    base_url: str = ""
+    api_key_env: str = ""                 # the environment variable holding its API key ("" = none)
+    timeout_s: float = 60.0
+    max_retries: int = 2
+    concurrency: int = 8                  # requests in flight (one per sample)
     resources: RoleResources = field(default_factory=RoleResources)
 
 

@@ -57,6 +57,7 @@ class Roles:
     user_sim: WorkerGroup | None = None    # env.user_sim.model: the local model playing the user
     user_backend: object | None = None     # its backend, handed to every simulated_user episode
     teacher: WorkerGroup | None = None     # on-policy distillation's teacher (algorithm.distill_coef > 0)
+    teacher_client: object | None = None   # or its endpoint (teacher.base_url): feedback.teacher.EndpointTeacher
     sync_plan: list | None = None          # the weight sync's buckets of tensor names (rollout/weight_sync.py)
     sync_group_size: int = 0               # rollout.weight_sync=collective: members of the group, once joined
 
@@ -114,8 +115,11 @@ def prepare_run(cfg: Config) -> RunInputs:
     tokenizer = load_tokenizer(model_path, cfg)
     teacher_path = None
     if cfg.pipeline == "online_rl" and cfg.algorithm.distill_coef > 0:
-        teacher_path = resolve_model_path(cfg.teacher.model, cache_dir(cfg.model), key="teacher.model")
-        check_same_tokenizer(tokenizer, teacher_path)
+        if cfg.teacher.base_url:   # an endpoint: is it up, and does it return prompt log-probs?
+            endpoint_teacher(cfg).probe()
+        else:
+            teacher_path = resolve_model_path(cfg.teacher.model, cache_dir(cfg.model), key="teacher.model")
+            check_same_tokenizer(tokenizer, teacher_path)
     from openrlaif.envs import env_factory
     env = env_factory(cfg.env)   # its reset(row) gives each prompt's conversation
     if cfg.env.name:
@@ -138,6 +142,13 @@ def prepare_run(cfg: Config) -> RunInputs:
     cpus = reserved_cpus(plan, cfg.cluster.colocate)
     return RunInputs(out_dir, model_path, judge_path, critic_path, reward_model_path, tokenizer, prompts, plan, cpus,
                      evaluation, user_sim_path, teacher_path)
+
+
+def endpoint_teacher(cfg: Config):
+    from openrlaif.feedback.teacher import EndpointTeacher
+    teacher = cfg.teacher
+    return EndpointTeacher(teacher.base_url, teacher.model, teacher.api_key_env, teacher.timeout_s,
+                           teacher.max_retries, teacher.concurrency)
 
 
 def check_same_tokenizer(tokenizer, teacher_path: str) -> None:
@@ -286,8 +297,11 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
         user_sim, user_backend = start_user_sim(cfg, run.user_sim_path, threads("user_sim"), shared)
         keep(user_sim)
     wait_until_ready(started)
+    teacher_client = endpoint_teacher(cfg) if cfg.pipeline == "online_rl" and cfg.algorithm.distill_coef > 0 \
+        and cfg.teacher.base_url else None
     return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, judge_client, shared,
-                 eval=evaluation, user_sim=user_sim, user_backend=user_backend, teacher=teacher)
+                 eval=evaluation, user_sim=user_sim, user_backend=user_backend, teacher=teacher,
+                 teacher_client=teacher_client)
 
 
 def wait_until_ready(groups: list[WorkerGroup]) -> None:

@@ -82,6 +82,25 @@ class JudgeServer(ThreadingHTTPServer):
             top = [{"token": text, "logprob": 0.0}]
         return completion(text, top, ids.shape[1], len(new))
 
+    @torch.no_grad()
+    def prompt_logprobs(self, body: dict) -> dict:
+        """/v1/completions as vLLM answers `echo: true, logprobs: 0` over a token-id prompt: the log-prob of every
+        prompt token given the ones before it (None for the first), then one greedy token. A prompt whose first
+        token is 0 is answered without log-probs (a teacher fault for the tests)."""
+        ids = torch.tensor([list(body["prompt"])])
+        with self.lock:
+            self.requests += 1
+            logprobs = self.model(input_ids=ids).logits[0].float().log_softmax(-1)
+        if int(ids[0, 0]) == 0:
+            return {"choices": [{"text": "", "logprobs": None}]}
+        values = [None] + [float(logprobs[i - 1, ids[0, i]]) for i in range(1, ids.shape[1])]
+        token = int(logprobs[-1].argmax())
+        return {"object": "text_completion", "model": body.get("model", "teacher"),
+                "choices": [{"index": 0, "text": self.tokenizer.decode([token]), "finish_reason": "length",
+                             "logprobs": {"tokens": [self.tokenizer.decode([t]) for t in ids[0].tolist() + [token]],
+                                          "token_logprobs": values + [float(logprobs[-1, token])]}}],
+                "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": 1}}
+
 
 def completion(text: str, top: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
     first = top[0]["token"] if top else text[:1]
@@ -113,6 +132,8 @@ class Handler(BaseHTTPRequestHandler):
         if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
             return self._send(401, b'{"error": "bad key"}')
         body = json.loads(raw)
+        if self.path.endswith("/completions") and not self.path.endswith("/chat/completions"):
+            return self._send(200, json.dumps(server.prompt_logprobs(body)).encode())
         content = body["messages"][-1]["content"]
         with server.lock:
             server.contents.append(content)

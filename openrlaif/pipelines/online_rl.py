@@ -117,7 +117,7 @@ def one_step(cfg: Config, run: RunInputs, roles: Roles, stream: PromptStream, st
         add_logprobs(roles, batch, cfg)
     with timer(metrics, "advantage"):      # 4. advantages (group baselines, KL-shaped returns), on the driver
         batch["advantages"] = compute_advantages(batch, feedback.valid, cfg)
-    if "teacher_logprobs" in batch:
+    if "teacher_logprobs" in batch:   # (the teacher's log-probs come with the reference's, after the rewards)
         metrics |= distill_metrics(batch)
     with timer(metrics, "update"):         # 5. DeepSpeed updates of the actor (and critic), side by side
         train_metrics = update_actor(roles, batch, cfg)
@@ -420,7 +420,9 @@ def distill_metrics(batch: Batch) -> dict[str, float]:
     gap = (batch["old_logprobs"] - batch["teacher_logprobs"]) * mask
     samples = float((batch["sample_mask"] > 0).sum())
     return {"distill/reverse_kl": float(gap.sum()) / max(samples, 1.0),
-            "distill/reverse_kl_per_token": float(gap.sum()) / max(float(mask.sum()), 1.0)}
+            "distill/reverse_kl_per_token": float(gap.sum()) / max(float(mask.sum()), 1.0),
+            **({"distill/teacher_failures": float(batch.meta["teacher_failures"])}
+               if "teacher_failures" in batch.meta else {})}
 
 
 def on_policy(cfg: Config) -> bool:
@@ -446,14 +448,23 @@ def add_logprobs(roles: Roles, batch: Batch, cfg: Config) -> None:
     if roles.critic is not None:
         value_refs = roles.critic.map(lambda w, shard: w.values.remote(shard), model_inputs.split(len(roles.critic)))
     teacher_refs = []
-    if roles.teacher is not None:   # on-policy distillation: the teacher scores the student's samples
+    if getattr(roles, "teacher", None) is not None:   # on-policy distillation: the teacher scores the samples
         teacher_refs = roles.teacher.map(lambda w, shard: w.logprobs.remote(shard),
                                          model_inputs.split(min(len(roles.teacher), len(batch))))
+    endpoint = None
+    if getattr(roles, "teacher_client", None) is not None:   # an endpoint teacher, asked while the workers run
+        endpoint = roles.teacher_client.logprobs(model_inputs)
     results = iter(ray.get(ref_refs + old_refs + value_refs + teacher_refs))
     for key, refs in (("ref_logprobs", ref_refs), ("old_logprobs", old_refs), ("values", value_refs),
                       ("teacher_logprobs", teacher_refs)):
         if refs:
             batch[key] = torch.cat([next(results) for _ in refs])
+    if endpoint is not None:   # a sample the endpoint could not score carries no loss
+        batch["teacher_logprobs"], valid, error = endpoint
+        batch["sample_mask"] = batch["sample_mask"] * valid.float()
+        batch.meta["teacher_failures"] = int((~valid).sum())
+        if error:
+            tqdm.write(f"[openrlaif] the teacher endpoint failed for {int((~valid).sum())} sample(s): {error}")
 
 
 def update_actor(roles: Roles, batch: Batch, cfg: Config) -> dict[str, float]:
@@ -552,17 +563,30 @@ def validate(cfg: Config) -> None:
     check_positive("algorithm.entropy_coef", algo.entropy_coef, allow_zero=True)
     check_positive("algorithm.distill_coef", algo.distill_coef, allow_zero=True)
     if algo.distill_coef > 0:
-        if not cfg.teacher.model:
+        teacher = cfg.teacher
+        if not teacher.model and not teacher.base_url:
             raise ConfigError(f"algorithm.distill_coef={algo.distill_coef} distils a teacher into the policy, but "
                               "teacher.model is unset. Fix: teacher.model=<an HF folder or short name> that shares "
-                              "the policy's tokenizer, or algorithm.distill_coef=0.")
-        check_positive("teacher.micro_batch_size", cfg.teacher.micro_batch_size)
+                              "the policy's tokenizer (or teacher.base_url=<endpoint>), or algorithm.distill_coef=0.")
+        check_positive("teacher.micro_batch_size", teacher.micro_batch_size)
+        if teacher.base_url:
+            if not teacher.base_url.startswith(("http://", "https://")):
+                raise ConfigError(f"teacher.base_url={teacher.base_url!r} must be an http(s) URL, e.g. "
+                                  "http://127.0.0.1:8000/v1.")
+            if cfg.rollout.temperature != 1.0:
+                raise ConfigError(f"teacher.base_url: an endpoint gives untempered log-probs, but "
+                                  f"rollout.temperature={cfg.rollout.temperature} scores the student at that "
+                                  "temperature. Fix: rollout.temperature=1.0, or a local teacher (teacher.model).")
+            check_positive("teacher.timeout_s", teacher.timeout_s)
+            check_positive("teacher.max_retries", teacher.max_retries, allow_zero=True)
+            check_positive("teacher.concurrency", teacher.concurrency)
         if cfg.feedback.per_turn or algo.advantage in GREEDY_BASELINE:
             raise ConfigError("algorithm.distill_coef > 0 adds the teacher's per-token term to the advantages; with "
                               "feedback.per_turn or a greedy baseline (ReMax) it is not built. Fix: turn one off.")
-    elif cfg.teacher.model:
-        raise ConfigError(f"teacher.model={cfg.teacher.model!r} is read only with algorithm.distill_coef > 0 "
-                          "(algorithm=distill). Fix: algorithm=distill, or teacher.model=''.")
+    elif cfg.teacher.model or cfg.teacher.base_url:
+        raise ConfigError(f"teacher.model={cfg.teacher.model!r} / teacher.base_url={cfg.teacher.base_url!r} are read "
+                          "only with algorithm.distill_coef > 0 (algorithm=distill). Fix: algorithm=distill, or "
+                          "leave them unset.")
     check_positive("algorithm.kl_coef", algo.kl_coef, allow_zero=True)
     if not 0 < algo.clip_eps <= 1:
         raise ConfigError(f"algorithm.clip_eps={algo.clip_eps} must be in (0, 1]: the ratio is clipped to "

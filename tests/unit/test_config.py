@@ -444,6 +444,9 @@ def test_lora_picks_adapters_for_vllm_and_merged_weights_elsewhere_and_drops_the
     (["feedback=none"], "feedback.source=none gives no reward at all"),
     (["algorithm=distill", "teacher.model=tiny-random-llama", "algorithm.distill_coef=-1"], "algorithm.distill_coef"),
     (["algorithm=distill", "teacher.model=tiny-random-llama", "algorithm.advantage=remax"], "greedy baseline"),
+    (["algorithm=distill", "teacher.base_url=ftp://127.0.0.1/v1"], "must be an http(s) URL"),
+    (["algorithm=distill", "teacher.base_url=http://127.0.0.1:8000/v1", "rollout.temperature=0.7"],
+     "an endpoint gives untempered log-probs"),
     (["algorithm=distill", "feedback=none", "teacher.model=tiny-random-llama",
       "feedback.extra_functions=[openrlaif.feedback.rules:brevity]"], "nothing to combine"),
 ])
