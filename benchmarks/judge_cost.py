@@ -44,6 +44,9 @@ def main() -> None:
                         help="also every pairwise strategy with Bradley-Terry rewards (vLLM judge), and each one's "
                              "Kendall tau with all-pairs Bradley-Terry on the same responses")
     parser.add_argument("--only-strategies", action="store_true", help="--strategies without the engine rows")
+    parser.add_argument("--rollout-engine", default="vllm", choices=["vllm", "hf"],
+                        help="the policy's sampler (the judge's engine is each row's own); the e2e smoke takes hf, "
+                             "which starts faster on the tiny model")
     parser.add_argument("--report", default="judge_cost", help="the JSON's name in the results folder")
     args = parser.parse_args()
     args.strategies = args.strategies or args.only_strategies
@@ -61,7 +64,7 @@ def main() -> None:
         for name, extra in modes.items():
             with tempfile.TemporaryDirectory() as out_dir:
                 run(config(["pipeline=label", f"model.path={args.model}", "data.prompts_per_step=4",
-                            f"data.prompts={args.prompts}",
+                            f"data.prompts={args.prompts}", f"rollout.engine={args.rollout_engine}",
                             f"rollout.samples_per_prompt={args.samples}", f"rollout.max_new_tokens={args.max_new_tokens}",
                             "feedback.judge.cache=false", "cluster.threads_per_worker=0", f"output.dir={out_dir}",
                             # cost, not quality: every verdict counts, also a weak judge's (the tiny model's)
@@ -113,6 +116,7 @@ def main() -> None:
                 + ([("requests_vs_all", "requests vs all", ".2f"), ("kendall_tau_vs_all", "tau vs all", ".2f")]
                    if args.strategies else []))
     write_report(args.report, {"model": args.model, "samples_per_prompt": args.samples,
+                                "rollout_engine": args.rollout_engine,
                                 "max_new_tokens": args.max_new_tokens,
                                 "prompts": "demo (17)" if args.prompts == "demo" else args.prompts,
                                 "command": "benchmarks/judge_cost.py " + " ".join(sys.argv[1:]), "rows": rows})

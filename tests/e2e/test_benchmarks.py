@@ -72,7 +72,7 @@ def test_judge_cost(bench, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"Name {thing}."}) + "\n"
                                for thing in ("a colour", "a tree", "a sea", "a number")))
     report = bench("judge_cost.py", "--model", "tiny-random-llama", "--samples", "2", "--max-new-tokens", "8",
-                   "--prompts", str(prompts))
+                   "--prompts", str(prompts), "--rollout-engine", "hf")
     rows = {row["mode"]: row for row in report["rows"]}
     assert list(rows) == [f"{mode} (probs), {engine} judge" for mode in ("pointwise", "pairwise + swap")
                           for engine in ("HF", "vLLM")]
