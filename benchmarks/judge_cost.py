@@ -6,6 +6,7 @@ adaptive) on the vLLM judge, with their request counts.
     .venv/bin/python benchmarks/judge_cost.py                       # SmolLM2-135M as policy and judge
     .venv/bin/python benchmarks/judge_cost.py --model tiny
     .venv/bin/python benchmarks/judge_cost.py --samples 8 --strategies
+    .venv/bin/python benchmarks/judge_cost.py --dtype bfloat16         # policy, judge and engines in bf16
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--rollout-engine", default="vllm", choices=["vllm", "hf"],
                         help="the policy's sampler (the judge's engine is each row's own); the e2e smoke takes hf, "
                              "which starts faster on the tiny model")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="model.dtype and rollout.dtype: the judge runs in the model's precision")
     parser.add_argument("--report", default="judge_cost", help="the JSON's name in the results folder")
     args = parser.parse_args()
     args.strategies = args.strategies or args.only_strategies
@@ -65,6 +68,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as out_dir:
                 run(config(["pipeline=label", f"model.path={args.model}", "data.prompts_per_step=4",
                             f"data.prompts={args.prompts}", f"rollout.engine={args.rollout_engine}",
+                            f"model.dtype={args.dtype}", f"rollout.dtype={args.dtype}",
                             f"rollout.samples_per_prompt={args.samples}", f"rollout.max_new_tokens={args.max_new_tokens}",
                             "feedback.judge.cache=false", "cluster.threads_per_worker=0", f"output.dir={out_dir}",
                             # cost, not quality: every verdict counts, also a weak judge's (the tiny model's)
@@ -116,7 +120,7 @@ def main() -> None:
                 + ([("requests_vs_all", "requests vs all", ".2f"), ("kendall_tau_vs_all", "tau vs all", ".2f")]
                    if args.strategies else []))
     write_report(args.report, {"model": args.model, "samples_per_prompt": args.samples,
-                                "rollout_engine": args.rollout_engine,
+                                "rollout_engine": args.rollout_engine, "dtype": args.dtype,
                                 "max_new_tokens": args.max_new_tokens,
                                 "prompts": "demo (17)" if args.prompts == "demo" else args.prompts,
                                 "command": "benchmarks/judge_cost.py " + " ".join(sys.argv[1:]), "rows": rows})
