@@ -5,7 +5,8 @@
 SPEC: {"kind": "grpo" | "dpo", "model": HF folder, "steps": N, "threads": T, "prompts": [[message, ...], ...],
        "pairs": [{"prompt"?, "chosen", "rejected"} as message lists, ...],
        "grpo": {...}, "dpo": {...}}. RESULT: the wall time of every optimizer step (the time between consecutive
-step ends, so generation, rewards, reference passes and the update are all in it) and the versions used.
+step ends, so generation, rewards, reference passes and the update are all in it), for GRPO the time of each
+step's `_generate_and_score_completions` (generation, rewards, log-probs), and the versions used.
 """
 from __future__ import annotations
 
@@ -72,10 +73,20 @@ def main(spec_path: str, result_path: str) -> None:
                              precompute_ref_log_probs=d["precompute_ref"])
         trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                  callbacks=[StepClock()])
+    generate_s: list[float] = []   # GRPO: each step's generation and scoring (the rest of the step is the update)
+    if spec["kind"] == "grpo":
+        generate = trainer._generate_and_score_completions
+
+        def timed(*a, **k):
+            began = time.perf_counter()
+            out = generate(*a, **k)
+            generate_s.append(time.perf_counter() - began)
+            return out
+        trainer._generate_and_score_completions = timed
     setup_s = time.perf_counter() - start
     trainer.train()
     step_s = [b - a for a, b in zip(ends, ends[1:])]
-    result = {"step_s": step_s, "setup_s": setup_s, "threads": torch.get_num_threads(),
+    result = {"step_s": step_s, "generate_s": generate_s, "setup_s": setup_s, "threads": torch.get_num_threads(),
               "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}}
     with open(result_path, "w") as handle:
         json.dump(result, handle)

@@ -146,7 +146,12 @@ def main() -> None:
             result = run_trl(python, kind, model_path, args.steps, extra, args.dtype)
             trl_versions = result["versions"]
             rows.append(summary(kind, side, result["step_s"], args.warmup) | {"wall_s": time.perf_counter() - start})
-            print(f"[vs_trl] {kind} {side}: median {rows[-1]['median_step_s']:.3f} s/step")
+            kept = list(zip(result["step_s"], result.get("generate_s", [])))[args.warmup:]
+            if kept:   # TRL's GRPO step: generation and scoring, then the rest (the update)
+                rows[-1]["phases_s"] = {"generate_and_score_s": statistics.median(g for _, g in kept),
+                                        "rest_s": statistics.median(s - g for s, g in kept)}
+            print(f"[vs_trl] {kind} {side}: median {rows[-1]['median_step_s']:.3f} s/step; "
+                  f"phases {rows[-1].get('phases_s', {})}")
         if kind == "grpo":
             engines = [(engine, 0) for engine in args.engines] + ([("vllm", 1)] if args.with_async else [])
         else:
