@@ -38,6 +38,7 @@ class RunInputs:
     eval: object | None = None         # evaluation.EvalInputs when eval.prompts is set
     user_sim_path: str | None = None   # env.user_sim.model, resolved: a local model plays simulated_user's user
     teacher_path: str | None = None    # teacher.model, resolved (on-policy distillation)
+    teacher_client: object | None = None   # or teacher.base_url's EndpointTeacher, probed
 
 
 @dataclass
@@ -113,10 +114,11 @@ def prepare_run(cfg: Config) -> RunInputs:
                           "data.max_prompt_tokens + " + ("env.max_total_tokens" if cfg.env.name
                                                          else "rollout.max_new_tokens"))
     tokenizer = load_tokenizer(model_path, cfg)
-    teacher_path = None
+    teacher_path = teacher_client = None
     if cfg.pipeline == "online_rl" and cfg.algorithm.distill_coef > 0:
         if cfg.teacher.base_url:   # an endpoint: is it up, and does it return prompt log-probs?
-            endpoint_teacher(cfg).probe()
+            teacher_client = endpoint_teacher(cfg)
+            teacher_client.probe()
         else:
             teacher_path = resolve_model_path(cfg.teacher.model, cache_dir(cfg.model), key="teacher.model")
             check_same_tokenizer(tokenizer, teacher_path)
@@ -141,7 +143,7 @@ def prepare_run(cfg: Config) -> RunInputs:
     colocated_plan(plan, cfg.cluster.colocate)   # unequal worker counts fail here, before Ray starts
     cpus = reserved_cpus(plan, cfg.cluster.colocate)
     return RunInputs(out_dir, model_path, judge_path, critic_path, reward_model_path, tokenizer, prompts, plan, cpus,
-                     evaluation, user_sim_path, teacher_path)
+                     evaluation, user_sim_path, teacher_path, teacher_client)
 
 
 def endpoint_teacher(cfg: Config):
@@ -297,11 +299,9 @@ def launch_roles(cfg: Config, run: RunInputs, shared: SharedPlacement | None, st
         user_sim, user_backend = start_user_sim(cfg, run.user_sim_path, threads("user_sim"), shared)
         keep(user_sim)
     wait_until_ready(started)
-    teacher_client = endpoint_teacher(cfg) if cfg.pipeline == "online_rl" and cfg.algorithm.distill_coef > 0 \
-        and cfg.teacher.base_url else None
     return Roles(actor, reference, rollout, feedback, judge, critic, reward_model, judge_client, shared,
                  eval=evaluation, user_sim=user_sim, user_backend=user_backend, teacher=teacher,
-                 teacher_client=teacher_client)
+                 teacher_client=run.teacher_client)
 
 
 def wait_until_ready(groups: list[WorkerGroup]) -> None:

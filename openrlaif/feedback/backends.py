@@ -178,6 +178,35 @@ def retry_after_seconds(value: str | None) -> float | None:
     return min(max(seconds, 0.0), 600.0)
 
 
+def post_json(url: str, body: bytes, api_key_env: str, timeout_s: float) -> tuple[bytes | None, Reply | None]:
+    """One POST to an OpenAI-compatible endpoint (the key, if any, from $api_key_env): the raw reply, or None and a
+    failed Reply saying why: `rate_limited` (with its Retry-After as `retry_after`), `endpoint_error`, `timeout`,
+    or `bad_response` for a transfer that broke. Never raises for what the network or the server does."""
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers),
+                                    timeout=timeout_s) as response:
+            return response.read(), None
+    except urllib.error.HTTPError as err:
+        if err.code == 429:
+            reply = Reply(failure="rate_limited", detail=f"HTTP 429 (Retry-After: {err.headers.get('Retry-After')})")
+            reply.retry_after = retry_after_seconds(err.headers.get("Retry-After"))
+            return None, reply
+        return None, Reply(failure="endpoint_error", detail=f"HTTP {err.code}")
+    except http.client.HTTPException as err:
+        # A body cut short of its Content-Length (IncompleteRead), a garbled status line (BadStatusLine): the
+        # transfer broke, not the server's answer, so it is retried like a cut JSON body. RemoteDisconnected is
+        # both an HTTPException and a ConnectionError; it is the same kind of break.
+        return None, Reply(failure="bad_response", detail=f"http: {type(err).__name__}: {str(err)[:120]}")
+    except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        kind = "timeout" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "endpoint_error"
+        return None, Reply(failure=kind, detail=str(reason)[:200])
+
+
 class HTTPBackend:
     """OpenAI-compatible chat completions over HTTP. Label probabilities come from `top_logprobs` of the first
     generated token (labels missing from the top list get 0)."""
@@ -218,12 +247,6 @@ class HTTPBackend:
                 f"${self._api_key_env} is wrong; a timeout, an endpoint that does not answer within "
                 "feedback.judge.timeout_s.")
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self._api_key_env, "") if self._api_key_env else ""
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
 
     def _body(self, request: JudgeRequest) -> bytes:
         body = {"model": self.model, "messages": request.messages, "temperature": request.temperature,
@@ -263,25 +286,9 @@ class HTTPBackend:
             time.sleep(self.backoff_s * 2 ** (attempt - 1))
 
     def _attempt(self, request: JudgeRequest) -> Reply:
-        http_request = urllib.request.Request(self.url, data=self._body(request), headers=self._headers())
-        try:
-            with urllib.request.urlopen(http_request, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:
-            if err.code == 429:
-                reply = Reply(failure="rate_limited", detail=f"HTTP 429 (Retry-After: {err.headers.get('Retry-After')})")
-                reply.retry_after = retry_after_seconds(err.headers.get("Retry-After"))
-                return reply
-            return Reply(failure="endpoint_error", detail=f"HTTP {err.code}")
-        except http.client.HTTPException as err:
-            # A body cut short of its Content-Length (IncompleteRead), a garbled status line (BadStatusLine): the
-            # transfer broke, not the judge, so it is retried like a cut JSON body. RemoteDisconnected is both an
-            # HTTPException and a ConnectionError; it is the same kind of break.
-            return Reply(failure="bad_response", detail=f"http: {type(err).__name__}: {str(err)[:120]}")
-        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            kind = "timeout" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else "endpoint_error"
-            return Reply(failure=kind, detail=str(reason)[:200])
+        raw, failed = post_json(self.url, self._body(request), self._api_key_env, self.timeout_s)
+        if failed is not None:
+            return failed
         try:
             payload = json.loads(raw)
             choice = payload["choices"][0]

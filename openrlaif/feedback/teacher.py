@@ -6,15 +6,13 @@ after its retries masks its sample (counted), it never stops the run."""
 from __future__ import annotations
 
 import json
-import os
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from openrlaif.batch import Batch
+from openrlaif.feedback.backends import post_json
 
 
 class EndpointTeacher:
@@ -24,34 +22,35 @@ class EndpointTeacher:
         self.model, self.api_key_env, self.timeout_s = model, api_key_env, timeout_s
         self.max_retries, self.concurrency, self.backoff_s = max_retries, concurrency, backoff_s
 
-    def _post(self, token_ids: list[int]) -> list:
+    def _attempt(self, token_ids: list[int]) -> tuple[list | None, str, float | None]:
+        """One request: the prompt's log-probs, or None, why, and how long the server asked to wait (HTTP 429)."""
         body = json.dumps({"model": self.model, "prompt": token_ids, "echo": True, "logprobs": 0, "max_tokens": 1,
                            "temperature": 0.0}).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers)
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            payload = json.loads(response.read())
-        logprobs = (payload.get("choices") or [{}])[0].get("logprobs") or {}
-        values = logprobs.get("token_logprobs")
+        raw, failed = post_json(self.url, body, self.api_key_env, self.timeout_s)
+        if failed is not None:
+            return None, f"{failed.failure}: {failed.detail}", getattr(failed, "retry_after", None)
+        try:
+            values = ((json.loads(raw).get("choices") or [{}])[0].get("logprobs") or {}).get("token_logprobs")
+        except (ValueError, AttributeError, IndexError, TypeError) as err:
+            return None, f"bad_response: json: {type(err).__name__}: {raw[:80]!r}", None
         if not isinstance(values, list) or len(values) < len(token_ids):
-            raise ValueError(f"{len(values) if isinstance(values, list) else 'no'} prompt log-probs for "
-                             f"{len(token_ids)} prompt tokens (does the endpoint echo the prompt's log-probs?)")
-        return values
+            return None, (f"bad_response: {len(values) if isinstance(values, list) else 'no'} prompt log-probs for "
+                          f"{len(token_ids)} prompt tokens (does the endpoint echo the prompt's log-probs?)"), None
+        return values, "", None
 
     def _row(self, token_ids: list[int], first: int, count: int) -> tuple[list[float] | None, str]:
-        """The log-probs of tokens first .. first + count - 1 of the row, or None and why, after the retries."""
+        """The log-probs of tokens first .. first + count - 1 of the row, or None and why, after the retries (an
+        HTTP 429 waits its Retry-After, else the backoff)."""
         error = ""
         for attempt in range(self.max_retries + 1):
-            try:
-                values = self._post(token_ids)
-                return [float(v) for v in values[first:first + count]], ""
-            except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
-                error = f"{type(err).__name__}: {str(getattr(err, 'reason', err))[:160]}"
-                if attempt < self.max_retries:
-                    time.sleep(self.backoff_s * 2 ** attempt)
+            values, error, retry_after = self._attempt(token_ids)
+            if values is not None:
+                try:
+                    return [float(v) for v in values[first:first + count]], ""
+                except (TypeError, ValueError) as err:   # a None or a non-number among the response's entries
+                    error = f"bad_response: {type(err).__name__}: {str(err)[:160]}"
+            if attempt < self.max_retries:
+                time.sleep(retry_after or self.backoff_s * 2 ** attempt)
         return None, error
 
     def logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, str]:
